@@ -1,0 +1,220 @@
+import { request as httpRequest } from 'node:http'
+
+import * as plugin from '../index'
+import { MetaFetch, PatternsConfig, PatternsGlobal } from '../index'
+import { captureLogger, makeEvent, makeSender, settle, testEnv } from './helpers/env'
+import { eventsIn, Reply, startServer, TestServer, WEBHOOK_TOKEN } from './helpers/server'
+
+let server: TestServer | undefined
+
+afterEach(async () => {
+    await server?.close()
+    server = undefined
+    jest.restoreAllMocks()
+})
+
+interface TestMeta {
+    config: PatternsConfig
+    global: Partial<PatternsGlobal>
+    fetch?: MetaFetch
+    logger?: ReturnType<typeof captureLogger>
+}
+
+// The hooks are typed for PostHog's full Meta; tests pass only what the hooks read.
+function setup(meta: TestMeta): void {
+    plugin.setupPlugin?.(meta as unknown as Parameters<NonNullable<typeof plugin.setupPlugin>>[0])
+}
+function onEvent(event: ReturnType<typeof makeEvent>, meta: TestMeta): Promise<void> {
+    const hook = plugin.onEvent
+    if (!hook) {
+        throw new Error('onEvent is not exported')
+    }
+    return Promise.resolve(hook(event, meta as unknown as Parameters<typeof hook>[1]))
+}
+
+/** The CDP executor's fetch, over a real socket: `{ status, headers, text(), json() }`, no `ok`, plain headers. */
+const cdpFetch: MetaFetch = (url, init) =>
+    new Promise((resolve, reject) => {
+        const req = httpRequest(url, { method: init.method, headers: init.headers, timeout: init.timeoutMs }, (res) => {
+            const chunks: Buffer[] = []
+            res.on('data', (c: Buffer) => chunks.push(c))
+            res.on('end', () => {
+                const text = Buffer.concat(chunks).toString('utf8')
+                const headers: Record<string, string> = {}
+                for (const [name, value] of Object.entries(res.headers)) {
+                    headers[name.toLowerCase()] = Array.isArray(value) ? value.join(', ') : String(value)
+                }
+                resolve({
+                    status: res.statusCode ?? 0,
+                    headers,
+                    text: () => Promise.resolve(text),
+                    json: () => Promise.resolve(JSON.parse(text) as unknown),
+                })
+            })
+        })
+        req.on('timeout', () => req.destroy(new Error('timeout')))
+        req.on('error', reject)
+        req.end(init.body)
+    })
+
+async function serve(replies: Reply[] | ((index: number) => Reply)): Promise<TestServer> {
+    server = await startServer((_request, index) =>
+        typeof replies === 'function' ? replies(index) : (replies[index] ?? { status: 200 })
+    )
+    return server
+}
+
+describe('exports', () => {
+    it('exports onEvent and neither exportEvents nor composeWebhook, which would double-send on old hosts', () => {
+        expect(typeof plugin.onEvent).toBe('function')
+        expect(typeof plugin.setupPlugin).toBe('function')
+        expect('exportEvents' in plugin).toBe(false)
+        expect('composeWebhook' in plugin).toBe(false)
+    })
+})
+
+describe('setupPlugin', () => {
+    it('parses the config once and keeps the sender on global', () => {
+        const meta: TestMeta = { config: { webhookUrl: `https://example.com/hook/${WEBHOOK_TOKEN}` }, global: {} }
+        jest.spyOn(console, 'info').mockImplementation(() => undefined)
+        setup(meta)
+        expect(meta.global.config?.webhookUrl).toBe(`https://example.com/hook/${WEBHOOK_TOKEN}`)
+        expect(meta.global.sender).toBeInstanceOf(plugin.Sender)
+        expect(meta.global.sender?.config).toBe(meta.global.config)
+    })
+
+    it('fails on bad config with a message naming the field and the fix', () => {
+        const meta: TestMeta = { config: { webhookUrl: `http://example.com/${WEBHOOK_TOKEN}` }, global: {} }
+        expect(() => setup(meta)).toThrow('Invalid config "webhookUrl": it uses http. Use https')
+        expect(() => setup(meta)).not.toThrow(WEBHOOK_TOKEN)
+    })
+
+    it('logs the redacted URL through meta.logger when the host provides one', () => {
+        const logger = captureLogger()
+        setup({ config: { webhookUrl: `https://example.com/hook/${WEBHOOK_TOKEN}` }, global: {}, logger })
+        expect(logger.lines).toEqual([
+            `info: Sending events to https://example.com/…${WEBHOOK_TOKEN.slice(-4)} in batches.`,
+        ])
+    })
+})
+
+describe('onEvent', () => {
+    it('delivers through the global fetch and batches calls started together', async () => {
+        const s = await serve(() => ({ status: 200 }))
+        const meta: TestMeta = { config: { webhookUrl: s.url }, global: {}, logger: captureLogger() }
+        setup(meta)
+        await Promise.all(Array.from({ length: 10 }, (_, i) => onEvent(makeEvent(i), meta)))
+        expect(s.received).toHaveLength(1)
+        expect(eventsIn(s.received[0])).toHaveLength(10)
+    })
+
+    it('creates the sender on first use when the host skipped setupPlugin', async () => {
+        const s = await serve(() => ({ status: 200 }))
+        const meta: TestMeta = { config: { webhookUrl: s.url }, global: {}, logger: captureLogger() }
+        await onEvent(makeEvent(1), meta)
+        expect(s.accepted).toHaveLength(1)
+        expect(meta.global.sender).toBeInstanceOf(plugin.Sender)
+    })
+
+    it('uses the CDP meta.fetch contract: no .ok, plain-object headers, timeoutMs', async () => {
+        const s = await serve([{ status: 429, headers: { 'Retry-After': '0' } }, { status: 202 }])
+        const calls: Parameters<MetaFetch>[1][] = []
+        const metaFetch: MetaFetch = (url, init) => {
+            calls.push(init)
+            return cdpFetch(url, init)
+        }
+        const fetchSpy = jest.spyOn(globalThis, 'fetch')
+        const logger = captureLogger()
+        const meta: TestMeta = { config: { webhookUrl: s.url }, global: {}, fetch: metaFetch, logger }
+        setup(meta)
+        await onEvent(makeEvent(1), meta)
+        expect(s.received).toHaveLength(2)
+        expect(fetchSpy).not.toHaveBeenCalled()
+        expect(calls[0]).toMatchObject({ method: 'POST', timeoutMs: 10_000 })
+        expect(calls[0]?.headers['Content-Type']).toBe('application/json')
+        expect(logger.lines).toContain(
+            'warn: Webhook http://127.0.0.1:' +
+                new URL(s.url).port +
+                `/…${WEBHOOK_TOKEN.slice(-4)} is failing: HTTP 429: the receiver is throttling requests.`
+        )
+    })
+
+    it('rejects with the webhook error, so the host counts the event as failed', async () => {
+        const s = await serve(() => ({ status: 404 }))
+        const meta: TestMeta = { config: { webhookUrl: s.url }, global: {}, logger: captureLogger() }
+        setup(meta)
+        await expect(onEvent(makeEvent(1), meta)).rejects.toThrow('HTTP 404: the webhook does not exist')
+        expect(s.received).toHaveLength(1)
+    })
+})
+
+describe('logging', () => {
+    it('logs one line per failure streak, and one when it recovers', async () => {
+        const s = await serve((index) => (index < 4 ? { status: 503 } : { status: 200 }))
+        const env = testEnv()
+        const sender = makeSender({ webhookUrl: s.url }, env)
+        await Promise.all([settle(sender.send(makeEvent(1))), settle(sender.send(makeEvent(2)))])
+        await sender.send(makeEvent(3))
+        const tail = `http://127.0.0.1:${new URL(s.url).port}/…${WEBHOOK_TOKEN.slice(-4)}`
+        expect(env.logger.lines).toEqual([
+            `warn: Webhook ${tail} is failing: HTTP 503: the receiver had a temporary failure.`,
+            `info: Webhook ${tail} recovered after 4 failed request(s).`,
+        ])
+    })
+})
+
+describe('secrets', () => {
+    it('never puts the URL token, a header value or the signing secret in a log line or an error', async () => {
+        const headerValue = 'Bearer hdr-S3cret-Value-77'
+        const signingSecret = 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw'
+        const replies: Reply[] = [
+            // A receiver that echoes the request back in its error bodies.
+            { status: 500, body: `failed POST to ${'URL'} with ${headerValue}` },
+            'reset',
+            { status: 404, body: 'no webhook here' },
+            { status: 401, body: headerValue },
+            { status: 301, headers: { Location: `/moved/${WEBHOOK_TOKEN}` } },
+            { status: 400, body: signingSecret },
+            { status: 413 },
+        ]
+        server = await startServer((request, index) => {
+            const reply = replies[index % replies.length] ?? { status: 200 }
+            if (typeof reply === 'object' && reply.body?.includes('URL')) {
+                return { ...reply, body: reply.body.replace('URL', `http://127.0.0.1${request.path}`) }
+            }
+            return reply
+        })
+        const s = server
+        const logged: string[] = []
+        const consoleSpies = (['log', 'info', 'warn', 'error', 'debug'] as const).map((level) =>
+            jest.spyOn(console, level).mockImplementation((...args: unknown[]) => {
+                logged.push(args.map(String).join(' '))
+            })
+        )
+        const messages: string[] = []
+        for (const timers of [true, false]) {
+            const env = { ...testEnv({ timers }), logger: plugin.toLogger(console) }
+            const sender = makeSender(
+                { webhookUrl: s.url, customHeaders: JSON.stringify({ Authorization: headerValue }), signingSecret },
+                env,
+                { requestTimeoutMs: 500, deadlineMs: 3_000 }
+            )
+            for (let i = 0; i < replies.length; i++) {
+                const result = await settle(sender.send(makeEvent(i)))
+                if (!result.ok) {
+                    messages.push(result.error.message, String(result.error))
+                }
+            }
+        }
+        const meta: TestMeta = { config: { webhookUrl: `http://nowhere.example/${WEBHOOK_TOKEN}` }, global: {} }
+        const setupResult = await settle(Promise.resolve().then(() => setup(meta)))
+        messages.push(setupResult.ok ? '' : setupResult.error.message)
+        expect(consoleSpies.some((spy) => spy.mock.calls.length > 0)).toBe(true)
+        expect(messages.length).toBeGreaterThan(5)
+        const everything = [...logged, ...messages].join('\n')
+        expect(everything).toContain('[redacted]')
+        for (const secret of [WEBHOOK_TOKEN, headerValue, 'hdr-S3cret-Value-77', signingSecret, 'MfKQ9r8GKYqrTwjU']) {
+            expect(everything).not.toContain(secret)
+        }
+    })
+})

@@ -1,0 +1,1033 @@
+/**
+ * Patterns Connector: a classic PostHog plugin that sends events to a Patterns webhook, or any JSON webhook,
+ * in batches, and never drops an event silently.
+ *
+ * The whole plugin is this one file because PostHog loads exactly one file and refuses relative imports.
+ * It imports only modules every PostHog era whitelists (`@posthog/plugin-scaffold`, `crypto`), and it
+ * feature-detects timers and `AbortController`, which the classic sandbox does not have.
+ *
+ * Layout: constants, types, config parsing, pure policy functions, the one I/O function (`postOnce`),
+ * delivery with retries, the batching sender, and finally the PostHog hooks.
+ */
+import type { Meta, Plugin, PluginEvent, ProcessedPluginEvent } from '@posthog/plugin-scaffold'
+import { RetryError } from '@posthog/plugin-scaffold'
+import { createHmac, randomBytes } from 'crypto'
+
+// ---------------------------------------------------------------------------------------------------------------
+// Constants: quoted by plugin.json hints, the README and the tests.
+// ---------------------------------------------------------------------------------------------------------------
+
+export const CONNECTOR_VERSION = '1.0.0'
+export const USER_AGENT = `patterns-connector/${CONNECTOR_VERSION} (PostHog plugin)`
+
+/** Per-request timeout. Hosts kill a call at 30 s, so a single request must be well below that. */
+export const DEFAULT_REQUEST_TIMEOUT_MS = 10_000
+/** Every onEvent call settles within this long of being called: the host's guard kills it at 30 s. */
+export const CALL_DEADLINE_MS = 25_000
+/** Don't start an attempt with less time than this left: it could not finish anyway. */
+export const MIN_ATTEMPT_MS = 1_000
+/** Upper bounds for one POST. A burst larger than this goes out as several POSTs in a row. */
+export const DEFAULT_MAX_BATCH_EVENTS = 500
+export const DEFAULT_MAX_BATCH_BYTES = 1_000_000
+/** Backoff with full jitter where timers exist: random(0, min(cap, base * 2^attempt)). */
+export const BACKOFF_BASE_MS = 250
+export const BACKOFF_CAP_MS = 5_000
+/** A Retry-After longer than this is treated as "not within this call". */
+export const RETRY_AFTER_CAP_MS = 20_000
+/** Where timers exist, attempts are bounded by the deadline and by this, so a fast-failing webhook isn't hammered. */
+export const MAX_ATTEMPTS_WITH_TIMERS = 12
+/**
+ * Where there are no timers (the classic sandbox) retries can only be immediate. Five attempts turn a 19%
+ * per-request fault rate into a 0.025% batch loss rate, while a webhook that is down sees only 5 requests per batch.
+ */
+export const MAX_ATTEMPTS_WITHOUT_TIMERS = 5
+/** Microtask turns to wait before the first POST when there is no setImmediate: lets a burst of calls gather. */
+export const BURST_GATHER_MICROTASKS = 50
+/** Error bodies are quoted, redacted and cut to this length, so a receiver's explanation reaches the user. */
+export const ERROR_BODY_SNIPPET_CHARS = 200
+/** Headers the connector sets itself; a custom header may not replace them. */
+export const RESERVED_HEADERS = [
+    'content-type',
+    'content-length',
+    'host',
+    'user-agent',
+    'webhook-id',
+    'webhook-timestamp',
+    'webhook-signature',
+]
+/** Loopback hosts, the only ones allowed over plain http (for local receivers and tests). */
+const LOOPBACK_HOSTS = new Set(['localhost', '127.0.0.1', '[::1]', '::1'])
+/** Error codes that mean the request never got a definite answer: safe and useful to retry. */
+const NETWORK_ERROR_CODES = new Set([
+    'ECONNRESET',
+    'ECONNREFUSED',
+    'ECONNABORTED',
+    'EPIPE',
+    'ETIMEDOUT',
+    'ENOTFOUND',
+    'EAI_AGAIN',
+    'EHOSTUNREACH',
+    'ENETUNREACH',
+    'ENETDOWN',
+    'UND_ERR_SOCKET',
+    'UND_ERR_CONNECT_TIMEOUT',
+    'UND_ERR_HEADERS_TIMEOUT',
+    'UND_ERR_BODY_TIMEOUT',
+    'UND_ERR_CLOSED',
+])
+
+// ---------------------------------------------------------------------------------------------------------------
+// Types
+// ---------------------------------------------------------------------------------------------------------------
+
+/** Config as PostHog passes it: strings exactly as typed; an empty optional field may be '' or missing. */
+export interface PatternsConfig {
+    webhookUrl: string
+    allowedEventTypes?: string
+    excludedEventTypes?: string
+    excludedProperties?: string
+    customHeaders?: string
+    signingSecret?: string
+}
+
+/** Config after `parseConfig`: validated, normalised, ready to use on every event without re-parsing. */
+export interface ParsedConfig {
+    webhookUrl: string
+    /** Safe to log: scheme, host and the last 4 characters. */
+    redactedUrl: string
+    /** null means every event type is allowed. */
+    allowedEvents: Set<string> | null
+    excludedEvents: Set<string>
+    excludedProperties: string[]
+    customHeaders: Record<string, string>
+    /** The raw HMAC key decoded from a `whsec_` secret, or null when requests are not signed. */
+    signingKey: Buffer | null
+    requestTimeoutMs: number
+    deadlineMs: number
+    maxBatchEvents: number
+    maxBatchBytes: number
+    /** Every string that must never reach a log line or an error message. */
+    secrets: string[]
+}
+
+export type AnyEvent = ProcessedPluginEvent | PluginEvent
+
+export interface Logger {
+    info: (message: string) => void
+    warn: (message: string) => void
+    error: (message: string) => void
+}
+
+/** The response surface every host's fetch shares: status, a header by lowercase name, and text(). */
+export interface TransportResponse {
+    status: number
+    header: (lowercaseName: string) => string | null
+    text: () => Promise<string>
+}
+
+export interface TransportRequest {
+    url: string
+    headers: Record<string, string>
+    body: string
+    timeoutMs: number
+}
+
+export type Transport = (request: TransportRequest) => Promise<TransportResponse>
+
+/** A fetch as the classic hosts provide it (node-fetch v2 or undici). */
+export type FetchLike = (url: string, init: Record<string, unknown>) => Promise<FetchLikeResponse>
+export interface FetchLikeResponse {
+    status: number
+    headers: unknown
+    text: () => Promise<string>
+}
+/** PostHog's CDP executor fetch: `meta.fetch(url, { method, headers, body, timeoutMs })`, no `.ok`, plain headers. */
+export type MetaFetch = (
+    url: string,
+    init: { method: string; headers: Record<string, string>; body: string; timeoutMs: number }
+) => Promise<FetchLikeResponse & { json?: () => Promise<unknown> }>
+
+/** What a response or a thrown fetch error means for the batch. */
+export type Outcome =
+    | { kind: 'delivered' }
+    | { kind: 'retry'; reason: string; throttled: boolean; retryAfterMs: number | null }
+    | { kind: 'split'; reason: string }
+    | { kind: 'permanent'; reason: string }
+
+export type RetryPlan = { retry: true; delayMs: number } | { retry: false; why: string }
+
+/** The environment the sender runs in. Everything effectful is injectable so tests can hide timers or capture delays. */
+export interface SenderEnv {
+    transport: Transport
+    /** False when the transport cannot enforce a timeout itself (no AbortController, no timeoutMs). */
+    timeoutEnforced: boolean
+    logger: Logger
+    now: () => number
+    /** null where the host has no timers: retries are then immediate only. */
+    sleep: ((ms: number) => Promise<void>) | null
+    random: () => number
+    /** Lets a burst of overlapping calls gather before the first POST. */
+    yieldTurn: () => Promise<void>
+}
+
+export interface SenderStats {
+    events: number
+    filtered: number
+    delivered: number
+    failed: number
+    requests: number
+    retries: number
+    splits: number
+    failuresByCause: Record<string, number>
+}
+
+/** One event on its way: its serialised form and who to tell how it went. */
+export interface QueuedEvent {
+    uuid: string
+    json: string
+    bytes: number
+    deadline: number
+    resolve: () => void
+    reject: (error: Error) => void
+}
+
+export interface PatternsGlobal {
+    config: ParsedConfig
+    sender: Sender
+}
+
+export type PatternsPlugin = Plugin<{ config: PatternsConfig; global: PatternsGlobal }>
+type PatternsMeta = Meta<{ config: PatternsConfig; global: PatternsGlobal }>
+
+// ---------------------------------------------------------------------------------------------------------------
+// Config parsing: once, in setupPlugin. Every error names the field and the fix.
+// ---------------------------------------------------------------------------------------------------------------
+
+export class ConfigError extends Error {
+    constructor(
+        public readonly field: string,
+        message: string
+    ) {
+        super(`Invalid config "${field}": ${message}`)
+        this.name = 'ConfigError'
+    }
+}
+
+/** Comma-separated list: trimmed, empties dropped. */
+export function parseList(value: unknown): string[] {
+    if (typeof value !== 'string') {
+        return []
+    }
+    return value
+        .split(',')
+        .map((item) => item.trim())
+        .filter((item) => item.length > 0)
+}
+
+export function parseWebhookUrl(value: unknown): URL {
+    const field = 'webhookUrl'
+    const text = typeof value === 'string' ? value.trim() : ''
+    if (!text) {
+        throw new ConfigError(field, 'it is required. Paste the webhook URL from your Patterns webhook node.')
+    }
+    let url: URL
+    try {
+        url = new URL(text)
+    } catch {
+        // The value itself is a secret, so it is not repeated in the message.
+        throw new ConfigError(field, 'it is not an absolute URL. Paste the full URL, starting with https://.')
+    }
+    if (url.username || url.password) {
+        throw new ConfigError(
+            field,
+            'it contains credentials (user:password@). Remove them and send credentials with customHeaders instead.'
+        )
+    }
+    if (url.protocol === 'http:' && !LOOPBACK_HOSTS.has(url.hostname)) {
+        throw new ConfigError(field, 'it uses http. Use https; plain http is allowed only for localhost.')
+    }
+    if (url.protocol !== 'https:' && url.protocol !== 'http:') {
+        throw new ConfigError(field, `it uses ${url.protocol}. Use an https:// URL.`)
+    }
+    return url
+}
+
+export function parseCustomHeaders(value: unknown): Record<string, string> {
+    const field = 'customHeaders'
+    if (value === undefined || value === null || (typeof value === 'string' && value.trim() === '')) {
+        return {}
+    }
+    let parsed: unknown = value
+    if (typeof value === 'string') {
+        try {
+            parsed = JSON.parse(value)
+        } catch {
+            throw new ConfigError(field, 'it is not valid JSON. Use an object like {"Authorization": "Bearer ..."}.')
+        }
+    }
+    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
+        throw new ConfigError(field, 'it must be a JSON object like {"Authorization": "Bearer ..."}.')
+    }
+    const headers: Record<string, string> = {}
+    for (const [name, headerValue] of Object.entries(parsed as Record<string, unknown>)) {
+        if (!/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(name)) {
+            throw new ConfigError(field, `"${name}" is not a valid header name. Use letters, digits and dashes.`)
+        }
+        if (RESERVED_HEADERS.includes(name.toLowerCase())) {
+            throw new ConfigError(field, `"${name}" is set by the connector itself. Remove it from customHeaders.`)
+        }
+        // Values are secrets: the message names the header, never its value.
+        if (typeof headerValue !== 'string') {
+            throw new ConfigError(field, `the value of "${name}" must be a string. Put it in double quotes.`)
+        }
+        if (/[\r\n]/.test(headerValue)) {
+            throw new ConfigError(field, `the value of "${name}" contains a line break. Remove it.`)
+        }
+        headers[name] = headerValue
+    }
+    return headers
+}
+
+/** Standard Webhooks secret: `whsec_` followed by the base64 key. */
+export function parseSigningSecret(value: unknown): Buffer | null {
+    const field = 'signingSecret'
+    const text = typeof value === 'string' ? value.trim() : ''
+    if (!text) {
+        return null
+    }
+    const match = /^whsec_([A-Za-z0-9+/]+={0,2})$/.exec(text)
+    const key = match?.[1] ? Buffer.from(match[1], 'base64') : null
+    if (!key || key.length < 16) {
+        throw new ConfigError(
+            field,
+            'it must be a Standard Webhooks secret: "whsec_" followed by at least 16 base64-encoded bytes (see the README to generate one).'
+        )
+    }
+    return key
+}
+
+export interface ConfigOverrides {
+    requestTimeoutMs?: number
+    deadlineMs?: number
+    maxBatchEvents?: number
+    maxBatchBytes?: number
+}
+
+export function parseConfig(raw: Partial<PatternsConfig> | undefined, overrides: ConfigOverrides = {}): ParsedConfig {
+    const config = raw ?? {}
+    const url = parseWebhookUrl(config.webhookUrl)
+    const customHeaders = parseCustomHeaders(config.customHeaders)
+    const signingKey = parseSigningSecret(config.signingSecret)
+    const allowed = parseList(config.allowedEventTypes)
+    const webhookUrl = url.toString()
+    const secrets = [webhookUrl, url.pathname + url.search, ...Object.values(customHeaders)]
+    if (typeof config.signingSecret === 'string' && signingKey) {
+        secrets.push(config.signingSecret.trim(), config.signingSecret.trim().slice('whsec_'.length))
+    }
+    // Longest first, so a secret that contains another is removed whole.
+    const usableSecrets = secrets.filter((s) => s.length >= 4 && s !== '/').sort((a, b) => b.length - a.length)
+    return {
+        webhookUrl,
+        redactedUrl: redactUrl(webhookUrl),
+        allowedEvents: allowed.length > 0 ? new Set(allowed) : null,
+        excludedEvents: new Set(parseList(config.excludedEventTypes)),
+        excludedProperties: parseList(config.excludedProperties),
+        customHeaders,
+        signingKey,
+        requestTimeoutMs: positiveOr(overrides.requestTimeoutMs, DEFAULT_REQUEST_TIMEOUT_MS, 'requestTimeoutMs'),
+        deadlineMs: positiveOr(overrides.deadlineMs, CALL_DEADLINE_MS, 'deadlineMs'),
+        maxBatchEvents: positiveOr(overrides.maxBatchEvents, DEFAULT_MAX_BATCH_EVENTS, 'maxBatchEvents'),
+        maxBatchBytes: positiveOr(overrides.maxBatchBytes, DEFAULT_MAX_BATCH_BYTES, 'maxBatchBytes'),
+        secrets: usableSecrets,
+    }
+}
+
+function positiveOr(value: number | undefined, fallback: number, field: string): number {
+    if (value === undefined) {
+        return fallback
+    }
+    if (!Number.isFinite(value) || value <= 0) {
+        throw new ConfigError(field, `it must be a positive number, got ${String(value)}.`)
+    }
+    return value
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Pure policy: redaction, filtering, shaping, batching, response classification, retry planning, signing.
+// ---------------------------------------------------------------------------------------------------------------
+
+/** The webhook URL's path is its credential: log only scheme, host and the last 4 characters. */
+export function redactUrl(url: string): string {
+    try {
+        const parsed = new URL(url)
+        const rest = parsed.pathname + parsed.search
+        const tail = rest.length > 8 ? rest.slice(-4) : ''
+        return `${parsed.protocol}//${parsed.host}/…${tail}`
+    } catch {
+        return '[unparseable URL]'
+    }
+}
+
+/** Removes every known secret from a text. A safety net under messages that are built without secrets anyway. */
+export function redactText(text: string, secrets: readonly string[]): string {
+    let result = text
+    for (const secret of secrets) {
+        if (secret && result.includes(secret)) {
+            result = result.split(secret).join('[redacted]')
+        }
+    }
+    return result
+}
+
+export function shouldSend(eventName: string, config: Pick<ParsedConfig, 'allowedEvents' | 'excludedEvents'>): boolean {
+    if (config.allowedEvents && !config.allowedEvents.has(eventName)) {
+        return false
+    }
+    return !config.excludedEvents.has(eventName)
+}
+
+/** The event as received, minus the excluded properties (also from person updates). The input is not modified. */
+export function shapeEvent<E extends object>(event: E, excludedProperties: readonly string[]): E {
+    if (excludedProperties.length === 0) {
+        return event
+    }
+    const strip = (bag: unknown): unknown => {
+        if (typeof bag !== 'object' || bag === null || Array.isArray(bag)) {
+            return bag
+        }
+        const copy: Record<string, unknown> = { ...(bag as Record<string, unknown>) }
+        for (const key of excludedProperties) {
+            delete copy[key]
+        }
+        for (const nested of ['$set', '$set_once']) {
+            if (nested in copy) {
+                copy[nested] = strip(copy[nested])
+            }
+        }
+        return copy
+    }
+    const shaped: Record<string, unknown> = { ...(event as Record<string, unknown>) }
+    for (const key of ['properties', '$set', '$set_once']) {
+        if (key in shaped) {
+            shaped[key] = strip(shaped[key])
+        }
+    }
+    return shaped as E
+}
+
+/** How many items from the front of the queue fit in one POST. Always at least one, so an oversized event still goes. */
+export function takeCount(sizes: readonly number[], maxEvents: number, maxBytes: number): number {
+    let bytes = 2 // the array brackets
+    let count = 0
+    for (const size of sizes) {
+        const added = size + (count > 0 ? 1 : 0)
+        if (count >= maxEvents || (count > 0 && bytes + added > maxBytes)) {
+            break
+        }
+        bytes += added
+        count++
+    }
+    return count
+}
+
+/** Splits a batch the receiver refused as too large (413) into two halves. */
+export function splitInHalves<T>(items: readonly T[]): [T[], T[]] {
+    const middle = Math.ceil(items.length / 2)
+    return [items.slice(0, middle), items.slice(middle)]
+}
+
+/** Retry-After is delta-seconds or an HTTP-date. Returns milliseconds from now, or null if absent or unreadable. */
+export function parseRetryAfter(value: string | null | undefined, nowMs: number): number | null {
+    if (!value) {
+        return null
+    }
+    const text = value.trim()
+    if (/^\d+$/.test(text)) {
+        return Number(text) * 1000
+    }
+    const date = Date.parse(text)
+    if (Number.isNaN(date)) {
+        return null
+    }
+    return Math.max(0, date - nowMs)
+}
+
+/**
+ * The outcome ladder: what one HTTP status means for the batch that got it.
+ * `location` is the redirect target, already redacted by the caller.
+ */
+export function classifyResponse(
+    status: number,
+    retryAfter: string | null,
+    location: string | null,
+    nowMs: number
+): Outcome {
+    // Any 2xx: the receiver has the events. Patterns answers with an empty body, so the body is never parsed.
+    if (status >= 200 && status < 300) {
+        return { kind: 'delivered' }
+    }
+    // 3xx: redirects are not followed (several hosts refuse to), and a moved webhook needs a config change.
+    if (status >= 300 && status < 400) {
+        const where = location ? ` to ${location}` : ''
+        return {
+            kind: 'permanent',
+            reason: `HTTP ${status}: the webhook redirected${where}; redirects are not followed, so set webhookUrl to the final URL`,
+        }
+    }
+    // 413: the batch is too big for the receiver; halves may fit.
+    if (status === 413) {
+        return { kind: 'split', reason: 'HTTP 413: the receiver refused the request as too large' }
+    }
+    // 429 and 425: the receiver asks us to slow down; wait as long as it says when we can.
+    if (status === 429 || status === 425) {
+        return {
+            kind: 'retry',
+            reason: `HTTP ${status}: the receiver is throttling requests`,
+            throttled: true,
+            retryAfterMs: parseRetryAfter(retryAfter, nowMs),
+        }
+    }
+    // 408 and the transient 5xx: the receiver or a proxy in front of it had a passing problem.
+    if (status === 408 || status === 500 || status === 502 || status === 503 || status === 504) {
+        return {
+            kind: 'retry',
+            reason: `HTTP ${status}: the receiver had a temporary failure`,
+            throttled: false,
+            retryAfterMs: parseRetryAfter(retryAfter, nowMs),
+        }
+    }
+    // 401/403: retrying the same credentials cannot help.
+    if (status === 401 || status === 403) {
+        return {
+            kind: 'permanent',
+            reason: `HTTP ${status}: the receiver rejected the credentials or headers; check customHeaders and signingSecret`,
+        }
+    }
+    // 404/410: the URL is wrong or the webhook is gone; retrying only adds load.
+    if (status === 404 || status === 410) {
+        return {
+            kind: 'permanent',
+            reason: `HTTP ${status}: the webhook does not exist; perhaps the Patterns webhook node was deleted. Check webhookUrl`,
+        }
+    }
+    // 501 and every other 4xx: the receiver will refuse the same request again.
+    if (status >= 400 && status < 600) {
+        return { kind: 'permanent', reason: `HTTP ${status}: the receiver refused the events` }
+    }
+    // Anything else (1xx, nonsense) is not an acceptance, and nothing suggests a retry would differ.
+    return { kind: 'permanent', reason: `HTTP ${status}: unexpected status from the receiver` }
+}
+
+/** What a thrown fetch error means: network failures and timeouts are retryable; anything else is a bug, never retried. */
+export function classifyError(error: unknown): Outcome {
+    const description = describeNetworkError(error)
+    if (description) {
+        return { kind: 'retry', reason: description, throttled: false, retryAfterMs: null }
+    }
+    const name = error instanceof Error ? error.name : typeof error
+    return { kind: 'permanent', reason: `unexpected ${name} while sending` }
+}
+
+/** A short, secret-free description of a network failure, or null if the error is not one. */
+export function describeNetworkError(error: unknown): string | null {
+    if (typeof error !== 'object' || error === null) {
+        return null
+    }
+    const e = error as { name?: unknown; code?: unknown; type?: unknown; message?: unknown; cause?: unknown }
+    const cause = (typeof e.cause === 'object' && e.cause !== null ? e.cause : {}) as { code?: unknown; name?: unknown }
+    const code = typeof e.code === 'string' ? e.code : typeof cause.code === 'string' ? cause.code : null
+    if (e.name === 'AbortError' || e.name === 'TimeoutError' || cause.name === 'TimeoutError') {
+        return 'the request timed out'
+    }
+    // node-fetch v2 (the classic hosts' fetch) marks its own timeout with type 'request-timeout'.
+    if (e.name === 'FetchError' && e.type === 'request-timeout') {
+        return 'the request timed out'
+    }
+    if (code && NETWORK_ERROR_CODES.has(code)) {
+        return `network error ${code}`
+    }
+    if (e.name === 'FetchError' || (e.name === 'TypeError' && e.message === 'fetch failed')) {
+        return `network error${code ? ` ${code}` : ''}`
+    }
+    if (typeof e.message === 'string' && /socket hang up|network|timed? ?out/i.test(e.message)) {
+        return 'network error'
+    }
+    return null
+}
+
+/** Full-jitter exponential backoff: random(0, min(cap, base * 2^attempt)). `attempt` counts from 0. */
+export function backoffDelay(attempt: number, random: () => number): number {
+    const ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** attempt)
+    return Math.floor(random() * ceiling)
+}
+
+export interface RetryPlanInput {
+    /** Attempts already made for this batch (1 after the first failure). */
+    attempts: number
+    outcome: Extract<Outcome, { kind: 'retry' }>
+    remainingMs: number
+    timers: boolean
+    /** How long the last attempt took: where the timeout can't be enforced, another may take as long. */
+    lastAttemptMs: number
+    timeoutEnforced: boolean
+    random: () => number
+}
+
+/** Whether and when to try a batch again. Pure, so the whole schedule can be asserted without waiting. */
+export function planRetry(input: RetryPlanInput): RetryPlan {
+    const { attempts, outcome, remainingMs, timers } = input
+    const neededForAttempt = input.timeoutEnforced ? MIN_ATTEMPT_MS : Math.max(MIN_ATTEMPT_MS, input.lastAttemptMs)
+    if (!timers) {
+        // Without timers a throttled receiver can't be given time, and hammering it would make things worse.
+        if (outcome.throttled) {
+            return { retry: false, why: 'the host has no timers to wait before retrying' }
+        }
+        if (attempts >= MAX_ATTEMPTS_WITHOUT_TIMERS) {
+            return { retry: false, why: 'out of immediate retries' }
+        }
+        if (remainingMs < neededForAttempt) {
+            return { retry: false, why: 'no time left before the host deadline' }
+        }
+        return { retry: true, delayMs: 0 }
+    }
+    if (attempts >= MAX_ATTEMPTS_WITH_TIMERS) {
+        return { retry: false, why: 'out of retries' }
+    }
+    if (outcome.retryAfterMs !== null) {
+        // Honour Retry-After exactly (no jitter) when it fits; a shorter wait would only be refused again.
+        if (outcome.retryAfterMs > RETRY_AFTER_CAP_MS || outcome.retryAfterMs + neededForAttempt > remainingMs) {
+            return {
+                retry: false,
+                why: `the receiver asked to wait ${Math.ceil(outcome.retryAfterMs / 1000)} s, longer than the time left`,
+            }
+        }
+        return { retry: true, delayMs: outcome.retryAfterMs }
+    }
+    const delayMs = backoffDelay(attempts - 1, input.random)
+    if (delayMs + neededForAttempt > remainingMs) {
+        return { retry: false, why: 'no time left before the host deadline' }
+    }
+    return { retry: true, delayMs }
+}
+
+/** Standard Webhooks signature: `v1,` + base64 HMAC-SHA256 of `id.timestamp.body`. */
+export function signPayload(key: Buffer, id: string, timestampSeconds: number, body: string): string {
+    const digest = createHmac('sha256', key).update(`${id}.${timestampSeconds}.${body}`).digest('base64')
+    return `v1,${digest}`
+}
+
+export function buildHeaders(
+    config: Pick<ParsedConfig, 'customHeaders' | 'signingKey'>,
+    body: string,
+    webhookId: string,
+    nowMs: number
+): Record<string, string> {
+    const headers: Record<string, string> = {
+        ...config.customHeaders,
+        'Content-Type': 'application/json',
+        'User-Agent': USER_AGENT,
+    }
+    if (config.signingKey) {
+        const timestamp = Math.floor(nowMs / 1000)
+        headers['webhook-id'] = webhookId
+        headers['webhook-timestamp'] = String(timestamp)
+        headers['webhook-signature'] = signPayload(config.signingKey, webhookId, timestamp, body)
+    }
+    return headers
+}
+
+export function newWebhookId(): string {
+    return `msg_${randomBytes(16).toString('hex')}`
+}
+
+export function batchBody(items: readonly { json: string }[]): string {
+    return `[${items.map((item) => item.json).join(',')}]`
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Transport: adapts each host's fetch to the same small surface.
+// ---------------------------------------------------------------------------------------------------------------
+
+/** Reads a header by lowercase name from a `Headers`-like object or a plain object (the CDP executor's). */
+export function readHeader(headers: unknown, lowercaseName: string): string | null {
+    if (typeof headers !== 'object' || headers === null) {
+        return null
+    }
+    const withGet = headers as { get?: unknown }
+    if (typeof withGet.get === 'function') {
+        const value: unknown = (withGet.get as (name: string) => unknown).call(headers, lowercaseName)
+        return typeof value === 'string' ? value : null
+    }
+    for (const [name, value] of Object.entries(headers as Record<string, unknown>)) {
+        if (name.toLowerCase() === lowercaseName) {
+            return Array.isArray(value) ? String(value[0]) : typeof value === 'string' ? value : null
+        }
+    }
+    return null
+}
+
+function wrapResponse(response: FetchLikeResponse): TransportResponse {
+    return {
+        status: response.status,
+        header: (name) => readHeader(response.headers, name),
+        text: () => response.text(),
+    }
+}
+
+/** A transport over the CDP executor's `meta.fetch`, which takes the timeout itself. */
+export function metaFetchTransport(metaFetch: MetaFetch): Transport {
+    return async ({ url, headers, body, timeoutMs }) =>
+        wrapResponse(await metaFetch(url, { method: 'POST', headers, body, timeoutMs }))
+}
+
+/**
+ * A transport over a classic fetch. The timeout is enforced with AbortController where it exists; node-fetch v2
+ * (the classic hosts' fetch) also takes a `timeout` option, which is how it is bounded in the timerless sandbox.
+ */
+export function fetchTransport(fetchFn: FetchLike): Transport {
+    return async ({ url, headers, body, timeoutMs }) => {
+        const init: Record<string, unknown> = { method: 'POST', headers, body, redirect: 'manual', timeout: timeoutMs }
+        const canAbort = typeof AbortController === 'function' && typeof setTimeout === 'function'
+        if (!canAbort) {
+            return wrapResponse(await fetchFn(url, init))
+        }
+        const controller = new AbortController()
+        const timer = setTimeout(() => controller.abort(), timeoutMs)
+        init.signal = controller.signal
+        try {
+            return wrapResponse(await fetchFn(url, init))
+        } finally {
+            clearTimeout(timer)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Delivery: one POST (the I/O), and the retry loop around it.
+// ---------------------------------------------------------------------------------------------------------------
+
+/** The one I/O function: POSTs a body once and says what came of it. Never throws. */
+export async function postOnce(
+    config: ParsedConfig,
+    env: SenderEnv,
+    body: string,
+    webhookId: string,
+    timeoutMs: number
+): Promise<Outcome> {
+    let response: TransportResponse
+    try {
+        const headers = buildHeaders(config, body, webhookId, env.now())
+        response = await env.transport({ url: config.webhookUrl, headers, body, timeoutMs })
+    } catch (error) {
+        return classifyError(error)
+    }
+    const location = response.header('location')
+    const outcome = classifyResponse(
+        response.status,
+        response.header('retry-after'),
+        location ? redactUrl(new URL(location, config.webhookUrl).toString()) : null,
+        env.now()
+    )
+    if (outcome.kind === 'delivered' || outcome.kind === 'split') {
+        return outcome
+    }
+    // Quote the start of an error body: receivers often explain themselves there. It is never parsed as JSON.
+    let snippet = ''
+    try {
+        snippet = (await response.text()).replace(/\s+/g, ' ').trim().slice(0, ERROR_BODY_SNIPPET_CHARS)
+    } catch {
+        // An unreadable error body changes nothing about the outcome.
+    }
+    return snippet ? { ...outcome, reason: `${outcome.reason} (body: ${snippet})` } : outcome
+}
+
+/** The fate of a group of items after delivery: `error` is null when the receiver accepted them. */
+export interface DeliveryResult<T> {
+    items: T[]
+    error: Error | null
+}
+
+export interface DeliveryHooks {
+    onAttempt?: (outcome: Outcome) => void
+}
+
+function attemptsText(attempts: number): string {
+    return `${attempts} attempt${attempts === 1 ? '' : 's'}`
+}
+
+/**
+ * Delivers items as one POST, retrying within the deadline and splitting on 413.
+ * Never throws: each group of items comes back with its error, a plain Error when permanent, a RetryError otherwise.
+ */
+export async function deliver<T extends { json: string; uuid: string }>(
+    items: T[],
+    config: ParsedConfig,
+    env: SenderEnv,
+    deadline: number,
+    hooks: DeliveryHooks = {}
+): Promise<DeliveryResult<T>[]> {
+    const body = batchBody(items)
+    // The same id on every retry of this body lets receivers deduplicate.
+    const webhookId = newWebhookId()
+    const what = items.length === 1 ? `event ${items[0]?.uuid ?? ''}` : `batch of ${items.length} events`
+    const fail = (message: string, retryable: boolean): DeliveryResult<T>[] => {
+        const text = redactText(`${what} to ${config.redactedUrl}: ${message}`, config.secrets)
+        return [{ items, error: retryable ? new RetryError(text) : new Error(text) }]
+    }
+    let attempts = 0
+    for (;;) {
+        const remaining = deadline - env.now()
+        if (remaining < MIN_ATTEMPT_MS) {
+            return fail(`not sent, the ${Math.round(config.deadlineMs / 1000)} s deadline ran out first`, true)
+        }
+        const started = env.now()
+        const outcome = await postOnce(config, env, body, webhookId, Math.min(config.requestTimeoutMs, remaining))
+        attempts++
+        hooks.onAttempt?.(outcome)
+        if (outcome.kind === 'delivered') {
+            return [{ items, error: null }]
+        }
+        if (outcome.kind === 'permanent') {
+            return fail(`${outcome.reason}; gave up after ${attemptsText(attempts)}`, false)
+        }
+        if (outcome.kind === 'split') {
+            if (items.length === 1) {
+                return fail(`${outcome.reason} even as a single event; gave up after ${attemptsText(attempts)}`, false)
+            }
+            const [first, second] = splitInHalves(items)
+            const firstResults = await deliver(first, config, env, deadline, hooks)
+            const secondResults = await deliver(second, config, env, deadline, hooks)
+            return [...firstResults, ...secondResults]
+        }
+        const plan = planRetry({
+            attempts,
+            outcome,
+            remainingMs: deadline - env.now(),
+            timers: env.sleep !== null,
+            lastAttemptMs: env.now() - started,
+            timeoutEnforced: env.timeoutEnforced,
+            random: env.random,
+        })
+        if (!plan.retry) {
+            return fail(`${outcome.reason}; gave up after ${attemptsText(attempts)}: ${plan.why}`, true)
+        }
+        if (plan.delayMs > 0 && env.sleep) {
+            await env.sleep(plan.delayMs)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The sender: natural batching of overlapping onEvent calls, one POST in flight at a time.
+// ---------------------------------------------------------------------------------------------------------------
+
+export class Sender {
+    readonly stats: SenderStats = {
+        events: 0,
+        filtered: 0,
+        delivered: 0,
+        failed: 0,
+        requests: 0,
+        retries: 0,
+        splits: 0,
+        failuresByCause: {},
+    }
+    private readonly queue: QueuedEvent[] = []
+    private running = false
+    private failedRequestsInStreak = 0
+
+    constructor(
+        readonly config: ParsedConfig,
+        readonly env: SenderEnv
+    ) {}
+
+    /**
+     * Resolves once the webhook accepted this event (or the event was filtered out); rejects if it was not accepted.
+     * The event is queued synchronously, so a burst of calls made together goes out together.
+     */
+    send(event: AnyEvent): Promise<void> {
+        this.stats.events++
+        if (!shouldSend(event.event, this.config)) {
+            this.stats.filtered++
+            return Promise.resolve()
+        }
+        let json: string
+        try {
+            json = JSON.stringify(shapeEvent(event, this.config.excludedProperties))
+        } catch (error) {
+            const name = error instanceof Error ? error.name : 'error'
+            return Promise.reject(new Error(`event ${event.uuid} could not be serialised as JSON (${name})`))
+        }
+        const promise = new Promise<void>((resolve, reject) => {
+            this.queue.push({
+                uuid: event.uuid,
+                json,
+                bytes: Buffer.byteLength(json),
+                deadline: this.env.now() + this.config.deadlineMs,
+                resolve,
+                reject,
+            })
+        })
+        if (!this.running) {
+            this.running = true
+            void this.drain()
+        }
+        return promise
+    }
+
+    /** Events waiting for a POST, for tools that show progress. */
+    get queued(): number {
+        return this.queue.length
+    }
+
+    private async drain(): Promise<void> {
+        try {
+            // Let the rest of the burst arrive, so 10 calls started together become one POST and not 1 + 9.
+            await this.env.yieldTurn()
+            while (this.queue.length > 0) {
+                const count = takeCount(
+                    this.queue.map((item) => item.bytes),
+                    this.config.maxBatchEvents,
+                    this.config.maxBatchBytes
+                )
+                const batch = this.queue.splice(0, count)
+                // FIFO: the first item has the earliest deadline, so the batch must finish by then.
+                const deadline = batch[0]?.deadline ?? this.env.now()
+                const results = await deliver(batch, this.config, this.env, deadline, {
+                    onAttempt: (outcome) => this.recordAttempt(outcome),
+                })
+                this.settle(results)
+            }
+        } catch (error) {
+            // Only a bug gets here; still, no queued call may be left hanging.
+            const reason = error instanceof Error ? error.name : 'error'
+            const failure = new Error(`the connector failed unexpectedly (${reason}); the event was not sent`)
+            for (const item of this.queue.splice(0)) {
+                item.reject(failure)
+            }
+        } finally {
+            this.running = false
+        }
+    }
+
+    private recordAttempt(outcome: Outcome): void {
+        this.stats.requests++
+        if (outcome.kind === 'delivered') {
+            if (this.failedRequestsInStreak > 0) {
+                this.env.logger.info(
+                    `Webhook ${this.config.redactedUrl} recovered after ${this.failedRequestsInStreak} failed request(s).`
+                )
+            }
+            this.failedRequestsInStreak = 0
+            return
+        }
+        if (outcome.kind === 'split') {
+            this.stats.splits++
+        }
+        if (outcome.kind === 'retry') {
+            this.stats.retries++
+        }
+        // One log line per failure streak, not one per event or request: a down webhook must not flood the log.
+        if (this.failedRequestsInStreak === 0) {
+            this.env.logger.warn(
+                redactText(`Webhook ${this.config.redactedUrl} is failing: ${outcome.reason}.`, this.config.secrets)
+            )
+        }
+        this.failedRequestsInStreak++
+    }
+
+    private settle(results: DeliveryResult<QueuedEvent>[]): void {
+        for (const { items, error } of results) {
+            for (const item of items) {
+                if (error) {
+                    this.stats.failed++
+                    const cause = error.name === 'RetryError' ? 'retryable' : 'permanent'
+                    this.stats.failuresByCause[cause] = (this.stats.failuresByCause[cause] ?? 0) + 1
+                    item.reject(error)
+                } else {
+                    this.stats.delivered++
+                    item.resolve()
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Host adaptation: pick the fetch, the logger and the scheduling primitives that this host has.
+// ---------------------------------------------------------------------------------------------------------------
+
+/** Turns `console` or the CDP executor's `meta.logger` into a Logger, whichever methods it has. */
+export function toLogger(sink: unknown): Logger {
+    const target = (typeof sink === 'object' && sink !== null ? sink : {}) as Record<string, unknown>
+    const pick = (...names: string[]): ((message: string) => void) => {
+        for (const name of names) {
+            const fn = target[name]
+            if (typeof fn === 'function') {
+                return (message) => (fn as (m: string) => void).call(sink, message)
+            }
+        }
+        return () => undefined
+    }
+    return { info: pick('info', 'log'), warn: pick('warn', 'log'), error: pick('error', 'log') }
+}
+
+async function microtaskTurns(count: number): Promise<void> {
+    for (let i = 0; i < count; i++) {
+        await Promise.resolve()
+    }
+}
+
+/** Builds the environment from what this host provides. `meta.fetch` and `meta.logger` exist only in the CDP executor. */
+export function hostEnv(meta: { fetch?: unknown; logger?: unknown }): SenderEnv {
+    const hasTimers = typeof setTimeout === 'function'
+    let transport: Transport
+    let timeoutEnforced: boolean
+    if (typeof meta.fetch === 'function') {
+        transport = metaFetchTransport(meta.fetch as MetaFetch)
+        timeoutEnforced = true
+    } else if (typeof fetch === 'function') {
+        transport = fetchTransport(fetch as unknown as FetchLike)
+        timeoutEnforced = typeof AbortController === 'function' && hasTimers
+    } else {
+        throw new Error('This PostHog host provides no fetch, so the connector cannot send events.')
+    }
+    return {
+        transport,
+        timeoutEnforced,
+        logger: toLogger(meta.logger ?? console),
+        now: () => Date.now(),
+        sleep: hasTimers ? (ms) => new Promise((resolve) => setTimeout(resolve, ms)) : null,
+        random: Math.random,
+        yieldTurn:
+            typeof setImmediate === 'function'
+                ? () => new Promise((resolve) => setImmediate(resolve))
+                : () => microtaskTurns(BURST_GATHER_MICROTASKS),
+    }
+}
+
+function createSender(meta: PatternsMeta): Sender {
+    const config = parseConfig(meta.config)
+    return new Sender(config, hostEnv(meta as { fetch?: unknown; logger?: unknown }))
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// PostHog hooks. Only onEvent: exporting exportEvents too made 2021–2023 hosts deliver every event twice.
+// ---------------------------------------------------------------------------------------------------------------
+
+export const setupPlugin: PatternsPlugin['setupPlugin'] = (meta) => {
+    // Parsing here makes bad config fail at install time, with a message naming the field.
+    const sender = createSender(meta)
+    meta.global.config = sender.config
+    meta.global.sender = sender
+    sender.env.logger.info(`Sending events to ${sender.config.redactedUrl} in batches.`)
+}
+
+export const onEvent: PatternsPlugin['onEvent'] = async (event, meta) => {
+    // A host that skipped setupPlugin still gets a working sender; bad config then fails here, just as clearly.
+    if (!meta.global.sender) {
+        meta.global.sender = createSender(meta)
+        meta.global.config = meta.global.sender.config
+    }
+    await meta.global.sender.send(event)
+}
