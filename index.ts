@@ -524,8 +524,14 @@ export function classifyError(error: unknown): Outcome {
     if (description) {
         return { kind: 'retry', reason: description, throttled: false, retryAfterMs: null }
     }
-    const name = error instanceof Error ? error.name : typeof error
+    const name = errorName(error)
     return { kind: 'permanent', reason: `unexpected ${name} while sending` }
+}
+
+/** An error's name without trusting `instanceof`: errors from the host's fetch come from another realm in the sandbox. */
+export function errorName(error: unknown): string {
+    const name = typeof error === 'object' && error !== null ? (error as { name?: unknown }).name : undefined
+    return typeof name === 'string' && name ? name : typeof error
 }
 
 /** A short, secret-free description of a network failure, or null if the error is not one. */
@@ -855,7 +861,7 @@ export class Sender {
         try {
             json = JSON.stringify(shapeEvent(event, this.config.excludedProperties))
         } catch (error) {
-            const name = error instanceof Error ? error.name : 'error'
+            const name = errorName(error)
             return Promise.reject(new Error(`event ${event.uuid} could not be serialised as JSON (${name})`))
         }
         const promise = new Promise<void>((resolve, reject) => {
@@ -900,7 +906,7 @@ export class Sender {
             }
         } catch (error) {
             // Only a bug gets here; still, no queued call may be left hanging.
-            const reason = error instanceof Error ? error.name : 'error'
+            const reason = errorName(error)
             const failure = new Error(`the connector failed unexpectedly (${reason}); the event was not sent`)
             for (const item of this.queue.splice(0)) {
                 item.reject(failure)

@@ -1,0 +1,251 @@
+/**
+ * `npm start`: the whole job on one machine. Starts the embedded receiver, loads index.ts through the host
+ * emulator, streams events through onEvent at the era's concurrency, and prints a summary.
+ */
+import { createReadStream } from 'node:fs'
+import { join } from 'node:path'
+import { createInterface } from 'node:readline'
+import { parseArgs } from 'node:util'
+
+import type { ProcessedPluginEvent } from '@posthog/plugin-scaffold'
+
+import { FAULT_PRESETS, Receiver, resolveFaults, startReceiver } from '../receiver/receiver'
+import { ERA_NAMES, getEra } from './eras'
+import { PluginLoadError, PROJECT_PLUGIN_DIR } from './loader'
+import { JobResult, runJob } from './run'
+import { sampleEvents } from './sample-events'
+
+const DEFAULT_COUNT = 1_000
+/** Each run gets its own folder, so its summary counts only its own rows. */
+const DEFAULT_DATA_DIR = join(PROJECT_PLUGIN_DIR, '.data', 'runs', new Date().toISOString().replace(/[:.]/g, '-'))
+
+const HELP = `Usage: npm start -- [options]
+
+Runs the connector (index.ts) inside an emulated PostHog plugin host and sends events to an
+embedded webhook receiver that stores rows like a Patterns webhook node. Prints a summary.
+
+Options:
+  --era NAME           PostHog host era: ${ERA_NAMES.join(', ')} (default: vm2024)
+  --count N            number of sample events to generate (default: ${DEFAULT_COUNT})
+  --events FILE        send the events in FILE (JSON Lines, one event per line) instead
+  --webhook-url URL    send to a real webhook instead; no receiver is started
+                       (also read from PATTERNS_WEBHOOK_URL; never printed)
+  --faults PRESET      inject receiver faults: ${Object.keys(FAULT_PRESETS).join(', ')}
+  --data-dir DIR       where the receiver stores rows (default: a new folder under .data/runs)
+  --seed N             seed for sample events and fault dice (default: 42)
+  --quiet              do not print the plugin's log lines
+  -h, --help           show this help
+
+Examples:
+  npm start
+  npm start -- --era vm2021 --faults default-no429 --count 5000
+  npm start -- --era cdp2025 --faults default
+`
+
+export class UsageError extends Error {}
+
+export interface CliOptions {
+    era: string
+    count: number
+    eventsFile: string | null
+    webhookUrl: string | null
+    faults: string
+    dataDir: string
+    seed: number
+    quiet: boolean
+    help: boolean
+}
+
+export function parseCli(argv: string[], env: Record<string, string | undefined> = {}): CliOptions {
+    let values
+    try {
+        values = parseArgs({
+            args: argv,
+            options: {
+                era: { type: 'string', default: 'vm2024' },
+                count: { type: 'string' },
+                events: { type: 'string' },
+                'webhook-url': { type: 'string' },
+                faults: { type: 'string', default: 'none' },
+                'data-dir': { type: 'string', default: DEFAULT_DATA_DIR },
+                seed: { type: 'string', default: '42' },
+                quiet: { type: 'boolean', default: false },
+                help: { type: 'boolean', short: 'h', default: false },
+            },
+            strict: true,
+            allowPositionals: false,
+        }).values
+    } catch (error) {
+        throw new UsageError(`${(error as Error).message}. Run with --help for the options.`)
+    }
+    getEraOrUsage(values.era)
+    if (!(values.faults in FAULT_PRESETS)) {
+        throw new UsageError(
+            `--faults: unknown preset "${values.faults}". Choose one of: ${Object.keys(FAULT_PRESETS).join(', ')}.`
+        )
+    }
+    const count = values.count === undefined ? DEFAULT_COUNT : Number(values.count)
+    if (!Number.isInteger(count) || count < 1) {
+        throw new UsageError(`--count: expected a whole number of at least 1, got "${values.count}".`)
+    }
+    if (values.count !== undefined && values.events) {
+        throw new UsageError('--count and --events cannot be used together: the file decides the count.')
+    }
+    const seed = Number(values.seed)
+    if (!Number.isInteger(seed)) {
+        throw new UsageError(`--seed: expected a whole number, got "${values.seed}".`)
+    }
+    const webhookUrl = values['webhook-url'] ?? env.PATTERNS_WEBHOOK_URL ?? null
+    if (webhookUrl && values.faults !== 'none') {
+        throw new UsageError('--faults needs the embedded receiver; it cannot be used with --webhook-url.')
+    }
+    return {
+        era: values.era,
+        count,
+        eventsFile: values.events ?? null,
+        webhookUrl,
+        faults: values.faults,
+        dataDir: values['data-dir'],
+        seed,
+        quiet: values.quiet,
+        help: values.help,
+    }
+}
+
+function getEraOrUsage(name: string): void {
+    try {
+        getEra(name)
+    } catch (error) {
+        throw new UsageError(`--era: ${(error as Error).message}.`)
+    }
+}
+
+/** Streams events from a JSON Lines file. A malformed line stops the run with its line number. */
+export async function* readEventsFile(path: string): AsyncGenerator<ProcessedPluginEvent> {
+    const stream = createReadStream(path, { encoding: 'utf8' })
+    const opened = new Promise<void>((resolve, reject) => {
+        stream.once('open', () => resolve())
+        stream.once('error', reject)
+    })
+    try {
+        await opened
+    } catch (error) {
+        throw new UsageError(`--events: cannot read ${path}: ${(error as NodeJS.ErrnoException).code ?? 'error'}.`)
+    }
+    let lineNumber = 0
+    for await (const line of createInterface({ input: stream, crlfDelay: Infinity })) {
+        lineNumber++
+        if (!line.trim()) {
+            continue
+        }
+        let event: unknown
+        try {
+            event = JSON.parse(line)
+        } catch {
+            throw new UsageError(`--events: line ${lineNumber} of ${path} is not valid JSON.`)
+        }
+        if (typeof event !== 'object' || event === null || typeof (event as { event?: unknown }).event !== 'string') {
+            throw new UsageError(`--events: line ${lineNumber} of ${path} is not a PostHog event (no "event" name).`)
+        }
+        yield event as ProcessedPluginEvent
+    }
+}
+
+export function formatSummary(result: JobResult, receiver: ReturnType<Receiver['summary']> | null): string {
+    const stats = result.sender
+    const delivered = stats?.delivered ?? result.resolved
+    const requests = stats?.requests ?? 0
+    const causes = Object.entries(result.failuresByCause)
+    const rows: Array<[string, string]> = [
+        ['era', result.era],
+        ['events', String(result.events)],
+        ['delivered', `${delivered}${stats?.filtered ? ` (+${stats.filtered} filtered out)` : ''}`],
+        ['failed (thrown to host)', String(result.failed)],
+        [
+            'rows stored',
+            receiver ? `${receiver.rows} (${receiver.duplicateRows} duplicates)` : 'n/a (external webhook)',
+        ],
+        ['requests', String(requests)],
+        ['events per request', requests ? (delivered / requests).toFixed(1) : '-'],
+        ['retries (plugin / host)', `${stats?.retries ?? 0} / ${result.hostRetries}`],
+        ['failures by cause', causes.length ? causes.map(([c, n]) => `${c} ×${n}`).join('; ') : 'none'],
+        ['delivery latency p50 / p95', `${result.latencyP50Ms} ms / ${result.latencyP95Ms} ms`],
+        ['duration', `${(result.durationMs / 1000).toFixed(1)} s`],
+        ['rows are in', receiver ? receiver.rowsFile : 'the external webhook'],
+    ]
+    const width = Math.max(...rows.map(([k]) => k.length))
+    return rows.map(([k, v]) => `  ${k.padEnd(width)}  ${v}`).join('\n')
+}
+
+async function main(): Promise<number> {
+    let options: CliOptions
+    try {
+        options = parseCli(process.argv.slice(2), process.env)
+    } catch (error) {
+        process.stderr.write(`error: ${(error as Error).message}\n`)
+        return 2
+    }
+    if (options.help) {
+        process.stdout.write(HELP)
+        return 0
+    }
+    let receiver: Receiver | null = null
+    try {
+        if (!options.webhookUrl) {
+            receiver = await startReceiver({
+                dataDir: options.dataDir,
+                faults: resolveFaults(options.faults),
+                seed: options.seed,
+            })
+        }
+        const webhookUrl = options.webhookUrl ?? receiver?.url ?? ''
+        const era = getEra(options.era)
+        process.stdout.write(`Host era ${era.name}: ${era.description}\n`)
+        process.stdout.write(
+            receiver
+                ? `Embedded receiver on ${new URL(webhookUrl).origin}, faults: ${options.faults}, rows in ${receiver.rowsFile}\n`
+                : 'Sending to the webhook given by --webhook-url\n'
+        )
+        const events = options.eventsFile
+            ? readEventsFile(options.eventsFile)
+            : sampleEvents(options.count, options.seed)
+        const total = options.eventsFile ? null : options.count
+        let lastProgress = Date.now()
+        const result = await runJob({
+            era: options.era,
+            webhookUrl,
+            events,
+            pluginDir: PROJECT_PLUGIN_DIR,
+            echoLogs: !options.quiet,
+            onProgress: ({ done, failed }) => {
+                if (Date.now() - lastProgress < 1_000) {
+                    return
+                }
+                lastProgress = Date.now()
+                const of = total ? `/${total}` : ''
+                const line = `  progress: ${done}${of} events, ${failed} failed`
+                process.stderr.write(process.stderr.isTTY ? `\r${line}` : `${line}\n`)
+            },
+        })
+        if (process.stderr.isTTY) {
+            process.stderr.write('\r\x1b[K')
+        }
+        process.stdout.write(`\nSummary\n${formatSummary(result, receiver?.summary() ?? null)}\n`)
+        return result.failed > 0 ? 1 : 0
+    } catch (error) {
+        if (error instanceof PluginLoadError) {
+            process.stderr.write(`error: the plugin failed to load: ${error.message}\n`)
+        } else if (error instanceof UsageError) {
+            process.stderr.write(`error: ${error.message}\n`)
+        } else {
+            process.stderr.write(`error: ${(error as Error).message}\n`)
+        }
+        return 1
+    } finally {
+        await receiver?.close()
+    }
+}
+
+if (require.main === module) {
+    void main().then((code) => process.exit(code))
+}
