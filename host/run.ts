@@ -30,6 +30,8 @@ export interface JobResult {
     failed: number
     hostRetries: number
     failuresByCause: Record<string, number>
+    /** uuids of the events whose onEvent call threw in the end. */
+    failedUuids: string[]
     /** Every message of every error that reached the host, and every log line: for secret scans. */
     errorMessages: string[]
     logs: string[]
@@ -128,6 +130,7 @@ export async function runJob(options: JobOptions): Promise<JobResult> {
         failed: 0,
         hostRetries: 0,
         failuresByCause: {},
+        failedUuids: [],
         errorMessages: [],
         logs,
         sender: null,
@@ -156,6 +159,7 @@ export async function runJob(options: JobOptions): Promise<JobResult> {
                     continue
                 }
                 result.failed++
+                result.failedUuids.push(event.uuid)
                 result.errorMessages.push(`${e.name ?? 'Error'}: ${e.message ?? String(error)}`)
                 const cause = failureCause(e)
                 result.failuresByCause[cause] = (result.failuresByCause[cause] ?? 0) + 1

@@ -73,6 +73,8 @@ export interface ReceiverSummary {
     /** Distinct event uuids stored, and how many rows repeated an earlier uuid. */
     uniqueUuids: number
     duplicateRows: number
+    /** Rows stored by requests that were then reset: the only rows a correct sender may duplicate. */
+    acceptResetRows: number
     rowsFile: string
 }
 
@@ -139,6 +141,7 @@ export async function startReceiver(options: ReceiverOptions): Promise<Receiver>
     let nextId = 1
     let rowCount = 0
     let duplicateRows = 0
+    let acceptResetRows = 0
     // Rows from an earlier run carry on: ids keep increasing and the counts include them.
     try {
         for (const line of readFileSync(rowsFile, 'utf8').split('\n')) {
@@ -236,8 +239,9 @@ export async function startReceiver(options: ReceiverOptions): Promise<Receiver>
         if (typeof parsed !== 'object' || parsed === null) {
             return answer(res, 'bad-json', 400)
         }
-        store(parsed)
+        const stored = store(parsed)
         if (fate === 'accept-reset') {
+            acceptResetRows += stored
             byOutcome['accept-reset'] = (byOutcome['accept-reset'] ?? 0) + 1
             req.socket.destroy()
             return
@@ -252,6 +256,7 @@ export async function startReceiver(options: ReceiverOptions): Promise<Receiver>
             byOutcome: { ...byOutcome },
             uniqueUuids: uuidCounts.size,
             duplicateRows,
+            acceptResetRows,
             rowsFile,
         }
     }

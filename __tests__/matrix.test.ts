@@ -1,0 +1,172 @@
+/**
+ * The acceptance matrix: the real index.ts, loaded by the host emulator in every era, against the embedded
+ * receiver, with and without faults.
+ */
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+
+import { ERA_NAMES } from '../host/eras'
+import { PluginLoadError, PROJECT_PLUGIN_DIR } from '../host/loader'
+import { JobResult, loadForEra, runJob } from '../host/run'
+import { sampleEvents } from '../host/sample-events'
+import { FAULT_PRESETS, Receiver, startReceiver } from '../receiver/receiver'
+
+const EVENTS = 1_000
+const TOKEN = 'mtx_T0ken_4c1d2e9a7b'
+const HEADER_VALUE = 'Bearer mtx-Header-Secret-31'
+const SIGNING_SECRET = 'whsec_bXR4LXNpZ25pbmcta2V5LTEyMzQ1Njc4'
+
+let dataDir: string
+let receiver: Receiver | undefined
+
+beforeEach(() => {
+    dataDir = mkdtempSync(join(tmpdir(), 'matrix-'))
+})
+
+afterEach(async () => {
+    await receiver?.close()
+    receiver = undefined
+    rmSync(dataDir, { recursive: true, force: true })
+})
+
+async function run(era: string, preset: string, count = EVENTS, seed = 11): Promise<{ result: JobResult; rx: Receiver }> {
+    const rx = await startReceiver({ dataDir, path: `/api/v1/webhooks/${TOKEN}`, faults: FAULT_PRESETS[preset], seed })
+    receiver = rx
+    const result = await runJob({
+        era,
+        webhookUrl: rx.url,
+        config: { customHeaders: JSON.stringify({ Authorization: HEADER_VALUE }), signingSecret: SIGNING_SECRET },
+        events: sampleEvents(count, seed),
+        pluginDir: PROJECT_PLUGIN_DIR,
+        hostRetryScale: 0.02,
+    })
+    return { result, rx }
+}
+
+/** Every event the receiver does not hold was reported to the host as a thrown error. */
+function expectNothingLostSilently(result: JobResult, rx: Receiver, seed = 11): void {
+    const stored = rx.uuidCounts()
+    const failed = new Set(result.failedUuids)
+    const missing = [...sampleEvents(result.events, seed)].map((e) => e.uuid).filter((uuid) => !stored.has(uuid))
+    expect(missing.filter((uuid) => !failed.has(uuid))).toEqual([])
+    expect(result.resolved + result.failed).toBe(result.events)
+}
+
+function expectNoSecrets(result: JobResult): void {
+    const everything = [...result.logs, ...result.errorMessages].join('\n')
+    for (const secret of [TOKEN, HEADER_VALUE, 'mtx-Header-Secret', SIGNING_SECRET, 'bXR4LXNpZ25pbmcta2V5']) {
+        expect(everything).not.toContain(secret)
+    }
+}
+
+describe.each(ERA_NAMES)('era %s', (era) => {
+    it('loads index.ts with only onEvent and setupPlugin', () => {
+        const { methods } = loadForEra({ era, pluginDir: PROJECT_PLUGIN_DIR }, [])
+        expect(Object.keys(methods).sort()).toEqual(['onEvent', 'setupPlugin'])
+    })
+
+    it(`delivers all ${EVENTS} events in batches with no faults`, async () => {
+        const { result, rx } = await run(era, 'none')
+        expect(result.failed).toBe(0)
+        expect(rx.summary()).toMatchObject({ rows: EVENTS, uniqueUuids: EVENTS, duplicateRows: 0 })
+        // At least the host's concurrency per request: 10 in the classic eras, hundreds in CDP.
+        expect(rx.summary().requests).toBeLessThanOrEqual(era === 'cdp2025' ? 4 : EVENTS / 10)
+        expectNoSecrets(result)
+    })
+
+    it('survives the default fault mix without losing an event silently', async () => {
+        const { result, rx } = await run(era, 'default')
+        const summary = rx.summary()
+        expectNothingLostSilently(result, rx)
+        expect(summary.duplicateRows).toBeLessThanOrEqual(summary.acceptResetRows)
+        expectNoSecrets(result)
+        if (era === 'cdp2025' || era === 'vm2022') {
+            // The plugin can wait (timers) or the host retries: at least 99.9% delivered.
+            expect(summary.uniqueUuids).toBeGreaterThanOrEqual(EVENTS * 0.999)
+        } else {
+            // No timers and no host retry: 429s cannot be waited out, but each surfaces as a RetryError.
+            const errorNames = new Set(result.errorMessages.map((m) => m.split(':')[0]))
+            expect([...errorNames].filter((name) => name !== 'RetryError')).toEqual([])
+        }
+    })
+
+    if (era === 'vm2021' || era === 'vm2024') {
+        it('delivers at least 99% under the default mix without 429s', async () => {
+            const { result, rx } = await run(era, 'default-no429')
+            const summary = rx.summary()
+            expect(summary.uniqueUuids).toBeGreaterThanOrEqual(EVENTS * 0.99)
+            expect(summary.duplicateRows).toBeLessThanOrEqual(summary.acceptResetRows)
+            expectNothingLostSilently(result, rx)
+        })
+    }
+
+    it('fails clearly on a 404 webhook without a retry storm', async () => {
+        const { result, rx } = await run(era, 'gone', 100)
+        expect(result.failed).toBe(100)
+        expect(result.errorMessages.every((m) => m.startsWith('Error: ') && m.includes('HTTP 404'))).toBe(true)
+        expect(result.errorMessages[0]).toContain('perhaps the Patterns webhook node was deleted')
+        // One request per batch, never a retry.
+        expect(rx.summary().requests).toBeLessThanOrEqual(era === 'cdp2025' ? 1 : 10)
+        expect(result.sender?.retries).toBe(0)
+        expectNoSecrets(result)
+    })
+})
+
+describe('broken plugins', () => {
+    it('refuses a relative import with PostHog’s error text', () => {
+        const source = "import { helper } from './helper'\nexport const onEvent = () => helper()\n"
+        expect(() => loadForEra({ era: 'vm2024', pluginDir: PROJECT_PLUGIN_DIR, source }, [])).toThrow(
+            new PluginLoadError("Cannot import './helper'! This package is not provided by PostHog in plugins.")
+        )
+    })
+
+    it('refuses a module outside the whitelist', () => {
+        const source = "import zlib from 'zlib'\nexport const onEvent = () => zlib\n"
+        expect(() => loadForEra({ era: 'vm2021', pluginDir: PROJECT_PLUGIN_DIR, source }, [])).toThrow(
+            "Cannot import 'zlib'! This package is not provided by PostHog in plugins."
+        )
+    })
+
+    it('fails to load a plugin that calls setTimeout at top level', () => {
+        const source = 'setTimeout(() => undefined, 10)\nexport const onEvent = () => undefined\n'
+        expect(() => loadForEra({ era: 'vm2022', pluginDir: PROJECT_PLUGIN_DIR, source }, [])).toThrow(
+            'ReferenceError: setTimeout is not defined'
+        )
+    })
+
+    it('guards loops at 30 s and awaits through __asyncGuard', async () => {
+        const { transpile } = await import('../host/loader')
+        const code = transpile('export async function f() { while (true) { await g() } }\nasync function g() {}\n')
+        expect(code).toContain('Script execution timed out after looping for 30 seconds')
+        expect(code).toContain('await __asyncGuard(g())')
+    })
+})
+
+describe('receiver', () => {
+    it('keeps rows across a restart, with patterns_id still increasing', async () => {
+        const first = await startReceiver({ dataDir, path: '/hook' })
+        await fetch(first.url, { method: 'POST', body: JSON.stringify([{ uuid: 'a' }, { uuid: 'b' }]) })
+        await first.close()
+        const second = await startReceiver({ dataDir, path: '/hook' })
+        receiver = second
+        await fetch(second.url, { method: 'POST', body: JSON.stringify({ uuid: 'c' }) })
+        expect(second.rows().map((r) => [r.uuid, r.patterns_id])).toEqual([
+            ['a', 1],
+            ['b', 2],
+            ['c', 3],
+        ])
+        const summary = (await (await fetch(new URL('/summary', second.url))).json()) as { rows: number }
+        expect(summary.rows).toBe(3)
+    })
+
+    it('answers 413 above the size limit and 429 with Retry-After', async () => {
+        const rx = await startReceiver({ dataDir, path: '/hook', faults: { maxBodyBytes: 10 } })
+        receiver = rx
+        expect((await fetch(rx.url, { method: 'POST', body: JSON.stringify([{ uuid: 'long-uuid' }]) })).status).toBe(413)
+        rx.setFaults({ p429: 1, retryAfterSeconds: 7 })
+        const throttled = await fetch(rx.url, { method: 'POST', body: '[]' })
+        expect(throttled.status).toBe(429)
+        expect(throttled.headers.get('retry-after')).toBe('7')
+    })
+})
