@@ -30,7 +30,12 @@ afterEach(async () => {
     rmSync(dataDir, { recursive: true, force: true })
 })
 
-async function run(era: string, preset: string, count = EVENTS, seed = 11): Promise<{ result: JobResult; rx: Receiver }> {
+async function run(
+    era: string,
+    preset: string,
+    count = EVENTS,
+    seed = 11
+): Promise<{ result: JobResult; rx: Receiver }> {
     const rx = await startReceiver({ dataDir, path: `/api/v1/webhooks/${TOKEN}`, faults: FAULT_PRESETS[preset], seed })
     receiver = rx
     const result = await runJob({
@@ -163,7 +168,9 @@ describe('receiver', () => {
     it('answers 413 above the size limit and 429 with Retry-After', async () => {
         const rx = await startReceiver({ dataDir, path: '/hook', faults: { maxBodyBytes: 10 } })
         receiver = rx
-        expect((await fetch(rx.url, { method: 'POST', body: JSON.stringify([{ uuid: 'long-uuid' }]) })).status).toBe(413)
+        expect((await fetch(rx.url, { method: 'POST', body: JSON.stringify([{ uuid: 'long-uuid' }]) })).status).toBe(
+            413
+        )
         rx.setFaults({ p429: 1, retryAfterSeconds: 7 })
         const throttled = await fetch(rx.url, { method: 'POST', body: '[]' })
         expect(throttled.status).toBe(429)

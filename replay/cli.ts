@@ -1,0 +1,253 @@
+/** `patterns-connector replay <file | -> --webhook-url URL [options]`: backfill exported events into the webhook. */
+import { createReadStream, statSync } from 'node:fs'
+import { Readable } from 'node:stream'
+import { parseArgs } from 'node:util'
+
+import {
+    BURST_GATHER_MICROTASKS,
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_BATCH_EVENTS,
+    DEFAULT_REQUEST_TIMEOUT_MS,
+    FetchLike,
+    fetchTransport,
+    parseConfig,
+    SenderEnv,
+    toLogger,
+} from '../index'
+import { INPUT_FORMATS, InputFormat } from './input'
+import { DEFAULT_CONCURRENCY, replay, REPLAY_BATCH_DEADLINE_MS, ReplayProgress, ReplayReport } from './replay'
+
+export const HELP = `Usage: patterns-connector replay <file | -> --webhook-url URL [options]
+
+Sends exported PostHog events to the webhook with the plugin's own filters, property removal,
+signing, retries and 413 splitting. Reads JSON Lines, a JSON array, or PostHog API pages
+({"results": [...]}, one per line or concatenated), streaming, in constant memory.
+
+Options (secrets can come from the environment instead, so they stay out of shell history):
+  --webhook-url URL            or PATTERNS_WEBHOOK_URL. Never printed.
+  --allowed-events LIST        comma-separated event names to send (default: all)
+  --excluded-events LIST       comma-separated event names to skip
+  --excluded-properties LIST   property names to remove, e.g. "$ip,email"
+  --custom-headers JSON        or PATTERNS_CUSTOM_HEADERS, e.g. '{"Authorization":"Bearer ..."}'
+  --signing-secret SECRET      or PATTERNS_SIGNING_SECRET (whsec_...)
+  --concurrency K              requests in flight (default: ${DEFAULT_CONCURRENCY})
+  --batch-events N             events per request at most (default: ${DEFAULT_MAX_BATCH_EVENTS})
+  --batch-bytes N              bytes per request at most (default: ${DEFAULT_MAX_BATCH_BYTES})
+  --timeout SECONDS            per-request timeout (default: ${DEFAULT_REQUEST_TIMEOUT_MS / 1000})
+  --format FORMAT              auto, ${INPUT_FORMATS.join(', ')} (default: auto, from the first bytes)
+  --checkpoint FILE            resume from FILE and keep it up to date; the same command resumes
+  --dead-letter FILE           append refused events and unreadable lines here (JSON Lines)
+  --dry-run                    read, filter and batch, report what would be sent, send nothing
+  -h, --help                   show this help
+
+Exit codes: 0 every event was delivered or deliberately filtered; 1 anything else (see the summary);
+2 bad usage. Ctrl-C finishes the requests in flight, writes the checkpoint and exits.
+`
+
+export class UsageError extends Error {}
+
+function positiveInt(name: string, value: string | undefined, fallback: number): number {
+    if (value === undefined) {
+        return fallback
+    }
+    const number = Number(value)
+    if (!Number.isInteger(number) || number < 1) {
+        throw new UsageError(`--${name}: expected a whole number of at least 1, got "${value}"`)
+    }
+    return number
+}
+
+export function parseReplayArgs(argv: string[], env: Record<string, string | undefined>) {
+    let parsed
+    try {
+        parsed = parseArgs({
+            args: argv,
+            allowPositionals: true,
+            strict: true,
+            options: {
+                'webhook-url': { type: 'string' },
+                'allowed-events': { type: 'string' },
+                'excluded-events': { type: 'string' },
+                'excluded-properties': { type: 'string' },
+                'custom-headers': { type: 'string' },
+                'signing-secret': { type: 'string' },
+                concurrency: { type: 'string' },
+                'batch-events': { type: 'string' },
+                'batch-bytes': { type: 'string' },
+                timeout: { type: 'string' },
+                format: { type: 'string', default: 'auto' },
+                checkpoint: { type: 'string' },
+                'dead-letter': { type: 'string' },
+                'dry-run': { type: 'boolean', default: false },
+                help: { type: 'boolean', short: 'h', default: false },
+            },
+        })
+    } catch (error) {
+        throw new UsageError(`${(error as Error).message}. Run with --help for the options.`)
+    }
+    const { values, positionals } = parsed
+    if (values.help) {
+        return null
+    }
+    if (positionals.length !== 1) {
+        throw new UsageError('give exactly one input: a file path, or - for standard input')
+    }
+    const format = values.format
+    if (format !== 'auto' && !(INPUT_FORMATS as readonly string[]).includes(format)) {
+        throw new UsageError(`--format: expected auto, ${INPUT_FORMATS.join(', ')}; got "${format}"`)
+    }
+    const webhookUrl = values['webhook-url'] ?? env.PATTERNS_WEBHOOK_URL
+    if (!webhookUrl && !values['dry-run']) {
+        throw new UsageError('--webhook-url (or PATTERNS_WEBHOOK_URL) is required')
+    }
+    let config
+    try {
+        config = parseConfig(
+            {
+                webhookUrl: webhookUrl ?? 'https://dry-run.invalid/',
+                allowedEventTypes: values['allowed-events'],
+                excludedEventTypes: values['excluded-events'],
+                excludedProperties: values['excluded-properties'],
+                customHeaders: values['custom-headers'] ?? env.PATTERNS_CUSTOM_HEADERS,
+                signingSecret: values['signing-secret'] ?? env.PATTERNS_SIGNING_SECRET,
+            },
+            {
+                requestTimeoutMs: positiveInt('timeout', values.timeout, DEFAULT_REQUEST_TIMEOUT_MS / 1000) * 1000,
+                deadlineMs: REPLAY_BATCH_DEADLINE_MS,
+                maxBatchEvents: positiveInt('batch-events', values['batch-events'], DEFAULT_MAX_BATCH_EVENTS),
+                maxBatchBytes: positiveInt('batch-bytes', values['batch-bytes'], DEFAULT_MAX_BATCH_BYTES),
+            }
+        )
+    } catch (error) {
+        // Config errors name the field and never contain its value.
+        throw new UsageError((error as Error).message)
+    }
+    return {
+        input: positionals[0] ?? '-',
+        format: format as InputFormat | 'auto',
+        config,
+        concurrency: positiveInt('concurrency', values.concurrency, DEFAULT_CONCURRENCY),
+        checkpointFile: values.checkpoint ?? null,
+        deadLetterFile: values['dead-letter'] ?? null,
+        dryRun: values['dry-run'],
+    }
+}
+
+/** The sender environment for a Node process: real fetch, timers, and nothing logged per request. */
+export function nodeEnv(): SenderEnv {
+    return {
+        transport: fetchTransport(fetch as unknown as FetchLike),
+        timeoutEnforced: true,
+        logger: toLogger({}),
+        now: () => Date.now(),
+        sleep: (ms) => new Promise((resolve) => setTimeout(resolve, ms)),
+        random: Math.random,
+        yieldTurn: async () => {
+            for (let i = 0; i < BURST_GATHER_MICROTASKS; i++) {
+                await Promise.resolve()
+            }
+        },
+    }
+}
+
+function formatDuration(seconds: number): string {
+    if (!Number.isFinite(seconds)) {
+        return '?'
+    }
+    const s = Math.round(seconds)
+    return s >= 60 ? `${Math.floor(s / 60)}m${String(s % 60).padStart(2, '0')}s` : `${s}s`
+}
+
+export function progressLine(p: ReplayProgress, elapsedMs: number, fraction: number | null): string {
+    const rate = p.delivered / Math.max(elapsedMs / 1000, 0.001)
+    const eta = fraction && fraction > 0 ? ` ETA ${formatDuration((elapsedMs / 1000) * (1 / fraction - 1))}` : ''
+    return (
+        `read ${p.read}, sent ${p.delivered}, ${Math.round(rate)} events/s, retries ${p.retries}, ` +
+        `failures ${p.deadLettered}, in flight ${p.inFlight}${eta}`
+    )
+}
+
+export function summaryText(report: ReplayReport, dryRun: boolean): string {
+    const rows: Array<[string, string | number]> = [
+        ['input format', report.format],
+        ['records read', report.read],
+        ['skipped (checkpoint)', report.skipped],
+        [dryRun ? 'would send' : 'delivered', report.delivered],
+        ['filtered out', report.filtered],
+        ['refused (dead-letter)', report.deadLettered],
+        ['unreadable (dead-letter)', report.malformed],
+        [dryRun ? 'requests needed' : 'requests', dryRun ? report.batches : report.requests],
+        ['retries', report.retries],
+        ['bytes', report.bytesSent],
+        ['events/s', Math.round(report.delivered / Math.max(report.durationMs / 1000, 0.001))],
+        ['checkpoint at record', report.checkpoint],
+        ['stopped early', report.stopped ?? 'no'],
+    ]
+    return rows.map(([k, v]) => `  ${k.padEnd(26)}${v}`).join('\n')
+}
+
+export async function runReplayCli(
+    argv: string[],
+    env: Record<string, string | undefined>,
+    io: {
+        stdout: NodeJS.WritableStream & { isTTY?: boolean }
+        stderr: NodeJS.WritableStream & { isTTY?: boolean }
+        stdin: Readable
+    },
+    signal?: AbortSignal
+): Promise<number> {
+    let parsed
+    try {
+        parsed = parseReplayArgs(argv, env)
+    } catch (error) {
+        io.stderr.write(`error: ${(error as Error).message}\n`)
+        return 2
+    }
+    if (!parsed) {
+        io.stdout.write(HELP)
+        return 0
+    }
+    let input: Readable
+    let size: number | null = null
+    let bytesRead: () => number = () => 0
+    if (parsed.input === '-') {
+        input = io.stdin
+    } else {
+        try {
+            size = statSync(parsed.input).size
+        } catch (error) {
+            io.stderr.write(`error: cannot read ${parsed.input}: ${(error as NodeJS.ErrnoException).code ?? 'error'}\n`)
+            return 2
+        }
+        const stream = createReadStream(parsed.input, { highWaterMark: 1 << 20 })
+        bytesRead = () => stream.bytesRead
+        input = stream
+    }
+    const started = Date.now()
+    const tty = Boolean(io.stderr.isTTY)
+    let lastPlain = Date.now()
+    const onProgress = (p: ReplayProgress): void => {
+        const line = progressLine(p, Date.now() - started, size ? bytesRead() / size : null)
+        if (tty) {
+            io.stderr.write(`\r\x1b[K${line}`)
+        } else if (Date.now() - lastPlain >= 5_000) {
+            lastPlain = Date.now()
+            io.stderr.write(`${line}\n`)
+        }
+    }
+    let report: ReplayReport
+    try {
+        report = await replay({ ...parsed, input, env: nodeEnv(), signal, onProgress })
+    } catch (error) {
+        io.stderr.write(`${tty ? '\n' : ''}error: ${(error as Error).message}\n`)
+        return 1
+    }
+    if (tty) {
+        io.stderr.write('\n')
+    }
+    io.stdout.write(
+        `${parsed.dryRun ? 'Dry run, nothing sent' : 'Replay finished'}\n${summaryText(report, parsed.dryRun)}\n`
+    )
+    const clean = !report.stopped && report.deadLettered === 0 && report.malformed === 0
+    return clean ? 0 : 1
+}
