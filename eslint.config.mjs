@@ -18,7 +18,13 @@ export default tseslint.config(
     {
         files: ['**/*.js', '**/*.mjs'],
         languageOptions: {
-            globals: { require: 'readonly', module: 'writable', process: 'readonly', __dirname: 'readonly' },
+            globals: {
+                require: 'readonly',
+                module: 'writable',
+                process: 'readonly',
+                __dirname: 'readonly',
+                AbortController: 'readonly',
+            },
         },
         rules: { '@typescript-eslint/no-require-imports': 'off' },
     }
