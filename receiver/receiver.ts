@@ -26,6 +26,8 @@ export interface Faults {
     notFound: boolean
     /** Added before every answer. */
     latencyMs: number
+    /** Once this many rows are stored, every request gets 503, as if the webhook went down. 0 means never. */
+    downAfterRows: number
 }
 
 export const NO_FAULTS: Faults = {
@@ -39,6 +41,7 @@ export const NO_FAULTS: Faults = {
     maxBodyBytes: 0,
     notFound: false,
     latencyMs: 0,
+    downAfterRows: 0,
 }
 
 /** Named fault mixes for `--faults`. `default` is the acceptance matrix's mix. */
@@ -214,7 +217,7 @@ export async function startReceiver(options: ReceiverOptions): Promise<Receiver>
         if (faults.maxBodyBytes > 0 && body.length > faults.maxBodyBytes) {
             return answer(res, 'too-large', 413)
         }
-        const fate = rollFate(faults, random)
+        const fate = faults.downAfterRows > 0 && rowCount >= faults.downAfterRows ? '503' : rollFate(faults, random)
         if (fate === 'hang') {
             byOutcome.hang = (byOutcome.hang ?? 0) + 1
             return

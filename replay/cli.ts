@@ -34,6 +34,8 @@ Options (secrets can come from the environment instead, so they stay out of shel
   --batch-events N             events per request at most (default: ${DEFAULT_MAX_BATCH_EVENTS})
   --batch-bytes N              bytes per request at most (default: ${DEFAULT_MAX_BATCH_BYTES})
   --timeout SECONDS            per-request timeout (default: ${DEFAULT_REQUEST_TIMEOUT_MS / 1000})
+  --retry-for SECONDS          how long one batch keeps retrying before the run stops
+                               (default: ${REPLAY_BATCH_DEADLINE_MS / 1000})
   --format FORMAT              auto, ${INPUT_FORMATS.join(', ')} (default: auto, from the first bytes)
   --checkpoint FILE            resume from FILE and keep it up to date; the same command resumes
   --dead-letter FILE           append refused events and unreadable lines here (JSON Lines)
@@ -75,6 +77,7 @@ export function parseReplayArgs(argv: string[], env: Record<string, string | und
                 'batch-events': { type: 'string' },
                 'batch-bytes': { type: 'string' },
                 timeout: { type: 'string' },
+                'retry-for': { type: 'string' },
                 format: { type: 'string', default: 'auto' },
                 checkpoint: { type: 'string' },
                 'dead-letter': { type: 'string' },
@@ -113,7 +116,7 @@ export function parseReplayArgs(argv: string[], env: Record<string, string | und
             },
             {
                 requestTimeoutMs: positiveInt('timeout', values.timeout, DEFAULT_REQUEST_TIMEOUT_MS / 1000) * 1000,
-                deadlineMs: REPLAY_BATCH_DEADLINE_MS,
+                deadlineMs: positiveInt('retry-for', values['retry-for'], REPLAY_BATCH_DEADLINE_MS / 1000) * 1000,
                 maxBatchEvents: positiveInt('batch-events', values['batch-events'], DEFAULT_MAX_BATCH_EVENTS),
                 maxBatchBytes: positiveInt('batch-bytes', values['batch-bytes'], DEFAULT_MAX_BATCH_BYTES),
             }
