@@ -18,6 +18,8 @@ export interface JobOptions {
     /** Scales the host's own retry waits (vm2022), so tests need not sit through 3 s and 6 s. */
     hostRetryScale?: number
     onProgress?: (progress: { done: number; failed: number }) => void
+    /** Calls started together, instead of the era's own (for benchmarks). */
+    concurrency?: number
     /** Also print the plugin's log lines as they come. */
     echoLogs?: boolean
 }
@@ -179,7 +181,7 @@ export async function runJob(options: JobOptions): Promise<JobResult> {
     for await (const event of options.events) {
         result.events++
         group.push(event)
-        if (group.length >= era.concurrency) {
+        if (group.length >= (options.concurrency ?? era.concurrency)) {
             await flush()
         }
     }

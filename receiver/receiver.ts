@@ -67,6 +67,8 @@ export interface ReceiverOptions {
     faults?: Partial<Faults>
     /** Seed for the fault dice, so a run is repeatable. */
     seed?: number
+    /** false: count rows without writing them (for benchmarks, where the disk would be the bottleneck). */
+    persist?: boolean
 }
 
 export interface ReceiverSummary {
@@ -179,6 +181,11 @@ export async function startReceiver(options: ReceiverOptions): Promise<Receiver>
 
     function store(body: unknown): number {
         const items = Array.isArray(body) ? body : [body]
+        if (options.persist === false) {
+            rowCount += items.length
+            nextId += items.length
+            return items.length
+        }
         const lines = items.map((item) => {
             countUuid((item as { uuid?: unknown })?.uuid)
             return JSON.stringify({ ...(item as Record<string, unknown>), patterns_id: nextId++ })
