@@ -14,7 +14,13 @@ export type InputFormat = (typeof INPUT_FORMATS)[number]
 
 /** One record of input: an event, or a line that could not be read (sent to the dead-letter file, not skipped). */
 export type InputRecord =
-    | { ordinal: number; kind: 'event'; event: Record<string, unknown> & { event?: unknown; uuid?: unknown } }
+    | {
+          ordinal: number
+          kind: 'event'
+          event: Record<string, unknown> & { event?: unknown; uuid?: unknown }
+          /** The event's own JSON text where the format has one per line: reused when nothing is removed. */
+          text?: string
+      }
     | { ordinal: number; kind: 'malformed'; line: number | null; reason: string; raw: string }
 
 /** How many bytes to look at before deciding the format. */
@@ -93,7 +99,7 @@ async function* jsonLines(input: Readable): AsyncGenerator<InputRecord> {
         try {
             const value: unknown = JSON.parse(text)
             if (isEvent(value)) {
-                return { ordinal: ordinal++, kind: 'event', event: value }
+                return { ordinal: ordinal++, kind: 'event', event: value, text }
             }
             return {
                 ordinal: ordinal++,

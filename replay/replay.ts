@@ -257,7 +257,11 @@ export async function replay(options: ReplayOptions): Promise<ReplayReport> {
             report.filtered++
             continue
         }
-        const json = JSON.stringify(shapeEvent(event, config.excludedProperties))
+        // With nothing to remove, the event is sent as read: its line is already valid JSON.
+        const json =
+            record.text !== undefined && config.excludedProperties.length === 0
+                ? record.text
+                : JSON.stringify(shapeEvent(event, config.excludedProperties))
         const item: Item = { uuid: String(event.uuid ?? ''), json, bytes: Buffer.byteLength(json) }
         if (batch.length > 0 && batchBytes + 1 + item.bytes > config.maxBatchBytes) {
             await dispatch(batch, batchStart, record.ordinal)
