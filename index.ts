@@ -712,6 +712,18 @@ export function fetchTransport(fetchFn: FetchLike): Transport {
 // Delivery: one POST (the I/O), and the retry loop around it.
 // ---------------------------------------------------------------------------------------------------------------
 
+/** Where a redirect pointed, redacted like the webhook URL (a relative Location is resolved against it). */
+export function redactedLocation(location: string | null, base: string): string | null {
+    if (!location) {
+        return null
+    }
+    try {
+        return redactUrl(new URL(location, base).toString())
+    } catch {
+        return '[unparseable Location]'
+    }
+}
+
 /** The one I/O function: POSTs a body once and says what came of it. Never throws. */
 export async function postOnce(
     config: ParsedConfig,
@@ -727,11 +739,10 @@ export async function postOnce(
     } catch (error) {
         return classifyError(error)
     }
-    const location = response.header('location')
     const outcome = classifyResponse(
         response.status,
         response.header('retry-after'),
-        location ? redactUrl(new URL(location, config.webhookUrl).toString()) : null,
+        redactedLocation(response.header('location'), config.webhookUrl),
         env.now()
     )
     if (outcome.kind === 'delivered' || outcome.kind === 'split') {
@@ -899,17 +910,19 @@ export class Sender {
                 const batch = this.queue.splice(0, count)
                 // FIFO: the first item has the earliest deadline, so the batch must finish by then.
                 const deadline = batch[0]?.deadline ?? this.env.now()
-                const results = await deliver(batch, this.config, this.env, deadline, {
-                    onAttempt: (outcome) => this.recordAttempt(outcome),
-                })
+                let results: DeliveryResult<QueuedEvent>[]
+                try {
+                    results = await deliver(batch, this.config, this.env, deadline, {
+                        onAttempt: (outcome) => this.recordAttempt(outcome),
+                    })
+                } catch (error) {
+                    // Only a bug gets here; still, no call may be left hanging, and the next batch still goes.
+                    const failure = new Error(
+                        `the connector failed unexpectedly (${errorName(error)}); the event was not sent`
+                    )
+                    results = [{ items: batch, error: failure }]
+                }
                 this.settle(results)
-            }
-        } catch (error) {
-            // Only a bug gets here; still, no queued call may be left hanging.
-            const reason = errorName(error)
-            const failure = new Error(`the connector failed unexpectedly (${reason}); the event was not sent`)
-            for (const item of this.queue.splice(0)) {
-                item.reject(failure)
             }
         } finally {
             this.running = false

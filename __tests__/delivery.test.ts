@@ -158,6 +158,27 @@ describe('delivery outcomes', () => {
         expect(message).toContain(`HTTP ${status}: the webhook redirected to https://moved.example.com/…9xyz`)
         expect(message).not.toContain('NEWSECRET')
     })
+    it('reports an unparseable redirect Location without failing the batch machinery', async () => {
+        const s = await serve(() => ({ status: 302, headers: { Location: 'http://[bad' } }))
+        const result = await settle(makeSender({ webhookUrl: s.url }, testEnv()).send(makeEvent(1)))
+        expect(!result.ok && result.error.message).toContain('redirected to [unparseable Location]')
+        expect(s.received).toHaveLength(1)
+    })
+
+    it('rejects the calls of a batch hit by an unexpected bug, and keeps sending later batches', async () => {
+        const s = await serve((index) => (index === 0 ? { status: 503 } : { status: 200 }))
+        const env = testEnv()
+        env.logger.warn = () => {
+            throw new TypeError('logger exploded')
+        }
+        const sender = makeSender({ webhookUrl: s.url }, env)
+        const first = await settle(sender.send(makeEvent(1)))
+        expect(!first.ok && first.error.message).toBe(
+            'the connector failed unexpectedly (TypeError); the event was not sent'
+        )
+        await expect(sender.send(makeEvent(2))).resolves.toBeUndefined()
+        expect(s.accepted.map((e) => e.uuid)).toEqual([makeEvent(2).uuid])
+    })
 })
 
 describe('what is sent', () => {
