@@ -9,8 +9,10 @@ import { join } from 'node:path'
 import { ERA_NAMES } from '../host/eras'
 import { PluginLoadError, PROJECT_PLUGIN_DIR } from '../host/loader'
 import { JobResult, loadForEra, runJob } from '../host/run'
-import { sampleEvents } from '../host/sample-events'
-import { FAULT_PRESETS, Receiver, startReceiver } from '../receiver/receiver'
+import { sampleEvent, sampleEvents } from '../host/sample-events'
+import { CALL_DEADLINE_MS, MAX_ATTEMPTS_WITHOUT_TIMERS } from '../index'
+import { FAULT_PRESETS, Receiver, seededRandom, startReceiver } from '../receiver/receiver'
+import { startServer } from './helpers/server'
 
 const EVENTS = 1_000
 const TOKEN = 'mtx_T0ken_4c1d2e9a7b'
@@ -115,6 +117,86 @@ describe.each(ERA_NAMES)('era %s', (era) => {
         expect(rx.summary().requests).toBeLessThanOrEqual(era === 'cdp2025' ? 1 : 10)
         expect(result.sender?.retries).toBe(0)
         expectNoSecrets(result)
+    })
+})
+
+describe('hosts without timers', () => {
+    it.each(['vm2021', 'vm2024'])(
+        '%s: a 503 webhook gets a bounded number of immediate retries per batch',
+        async (era) => {
+            const { result, rx } = await run(era, 'down', 30)
+            // Three micro-batches of 10, each tried MAX_ATTEMPTS_WITHOUT_TIMERS times, then a RetryError per event.
+            expect(rx.summary().requests).toBe(3 * MAX_ATTEMPTS_WITHOUT_TIMERS)
+            expect(result.failed).toBe(30)
+            expect(result.errorMessages.every((m) => m.startsWith('RetryError: ') && m.includes('HTTP 503'))).toBe(true)
+        }
+    )
+})
+
+describe('a webhook that never answers', () => {
+    it('settles every call before the host kills it at 30 s, in every era', async () => {
+        const eras = await Promise.all(
+            ERA_NAMES.map(async (era) => {
+                const dir = mkdtempSync(join(tmpdir(), `hang-${era}-`))
+                const rx = await startReceiver({ dataDir: dir, faults: { pHang: 1 } })
+                const result = await runJob({
+                    era,
+                    webhookUrl: rx.url,
+                    events: sampleEvents(5),
+                    pluginDir: PROJECT_PLUGIN_DIR,
+                    hostRetryScale: 0,
+                })
+                await rx.close()
+                rmSync(dir, { recursive: true, force: true })
+                return { era, result }
+            })
+        )
+        for (const { result } of eras) {
+            expect(result.failed).toBe(5)
+            expect(result.maxCallMs).toBeLessThanOrEqual(CALL_DEADLINE_MS + 250)
+            // The plugin's own RetryError, not the host's 30 s guard.
+            expect(result.errorMessages.every((m) => m.startsWith('RetryError: '))).toBe(true)
+            expect(result.errorMessages.some((m) => m.includes('timed out'))).toBe(true)
+        }
+    }, 120_000)
+})
+
+describe('a busy sender', () => {
+    it('keeps sending after 30 s of continuous traffic: no loop outlives the host loop guard', async () => {
+        let skewMs = 0
+        let release = (): void => undefined
+        const held = new Promise<void>((resolve) => (release = resolve))
+        const server = await startServer(async (_request, index) => {
+            if (index === 0) {
+                await held
+            }
+            return { status: 200 }
+        })
+        try {
+            const { methods } = loadForEra(
+                { era: 'vm2024', pluginDir: PROJECT_PLUGIN_DIR, now: () => Date.now() + skewMs },
+                []
+            )
+            const meta = { config: { webhookUrl: server.url }, global: {} }
+            await methods.setupPlugin?.(meta)
+            const first = methods.onEvent?.(sampleEvent(1, seededRandom(1)), meta) as Promise<void>
+            while (server.received.length === 0) {
+                await new Promise((resolve) => setTimeout(resolve, 5))
+            }
+            // A second call queues behind the first POST; then 31 s pass in the sandbox before that POST returns.
+            const second = (methods.onEvent?.(sampleEvent(2, seededRandom(2)), meta) as Promise<void>).then(
+                () => 'delivered',
+                (error: Error) => `${error.name}: ${error.message}`
+            )
+            skewMs = 31_000
+            release()
+            await first
+            const outcome = await second
+            // The plugin's own deadline handles it; a sender loop spanning both batches would die in the loop guard.
+            expect(outcome).toMatch(/^RetryError: .*deadline ran out first/)
+        } finally {
+            await server.close()
+        }
     })
 })
 

@@ -215,6 +215,8 @@ export interface SandboxOptions {
     console: Pick<Console, 'log' | 'info' | 'warn' | 'error' | 'debug'>
     /** The CDP executor runs plugins with Node's normal globals, timers included. */
     timers: boolean
+    /** Replaces the sandbox's Date.now, so tests can move the plugin's clock (and its loop guards) forward. */
+    now?: () => number
 }
 
 export type PluginMethods = Record<string, ((...args: unknown[]) => unknown) | undefined>
@@ -274,6 +276,10 @@ export function loadPlugin(source: string, options: SandboxOptions): PluginMetho
         })
     }
     const context = createContext(globals)
+    if (options.now) {
+        context.__hostNow = options.now
+        new Script('Date.now = () => __hostNow()').runInContext(context)
+    }
     try {
         new Script(code, { filename: 'index.ts' }).runInContext(context, { timeout: GUARD_MS })
     } catch (error) {

@@ -39,6 +39,8 @@ export interface JobResult {
     logs: string[]
     /** The plugin's own counters, read from meta.global. */
     sender: SenderStats | null
+    /** The longest single onEvent call, delivered or not: the host kills a call at 30 s. */
+    maxCallMs: number
     latencyP50Ms: number
     latencyP95Ms: number
     durationMs: number
@@ -69,7 +71,11 @@ function sleep(ms: number): Promise<void> {
 }
 
 /** Loads the plugin for an era. Throws PluginLoadError with PostHog's text when it cannot load. */
-export function loadForEra(options: Pick<JobOptions, 'era' | 'pluginDir' | 'source'>, logs: string[], echo = false) {
+export function loadForEra(
+    options: Pick<JobOptions, 'era' | 'pluginDir' | 'source'> & { now?: () => number },
+    logs: string[],
+    echo = false
+) {
     const era = getEra(options.era)
     const record =
         (level: string) =>
@@ -88,7 +94,12 @@ export function loadForEra(options: Pick<JobOptions, 'era' | 'pluginDir' | 'sour
         debug: record('debug'),
     }
     const source = options.source ?? readPluginSource(options.pluginDir)
-    const methods = loadPlugin(source, { fetch: era.fetch, console: pluginConsole, timers: era.timers })
+    const methods = loadPlugin(source, {
+        fetch: era.fetch,
+        console: pluginConsole,
+        timers: era.timers,
+        now: options.now,
+    })
     if (!methods.onEvent) {
         throw new PluginLoadError('the plugin exports no onEvent')
     }
@@ -136,6 +147,7 @@ export async function runJob(options: JobOptions): Promise<JobResult> {
         errorMessages: [],
         logs,
         sender: null,
+        maxCallMs: 0,
         latencyP50Ms: 0,
         latencyP95Ms: 0,
         durationMs: 0,
@@ -147,8 +159,11 @@ export async function runJob(options: JobOptions): Promise<JobResult> {
         const meta = shaped.person ? { ...baseMeta, person: shaped.person } : baseMeta
         const calledAt = Date.now()
         for (let attempt = 0; ; attempt++) {
+            const attemptStarted = Date.now()
             try {
-                await call('onEvent', shaped.event, meta)
+                await call('onEvent', shaped.event, meta).finally(() => {
+                    result.maxCallMs = Math.max(result.maxCallMs, Date.now() - attemptStarted)
+                })
                 result.resolved++
                 latencies.push(Date.now() - calledAt)
                 return
