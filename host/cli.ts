@@ -33,6 +33,7 @@ Options:
   --faults PRESET      inject receiver faults: ${Object.keys(FAULT_PRESETS).join(', ')}
   --data-dir DIR       where the receiver stores rows (default: a new folder under .data/runs)
   --seed N             seed for sample events and fault dice (default: 42)
+  --plugin-dir DIR     load another plugin folder (plugin.json + its main file) instead of this one
   --quiet              do not print the plugin's log lines
   -h, --help           show this help
 
@@ -52,6 +53,7 @@ export interface CliOptions {
     faults: string
     dataDir: string
     seed: number
+    pluginDir: string
     quiet: boolean
     help: boolean
 }
@@ -69,6 +71,7 @@ export function parseCli(argv: string[], env: Record<string, string | undefined>
                 faults: { type: 'string', default: 'none' },
                 'data-dir': { type: 'string', default: DEFAULT_DATA_DIR },
                 seed: { type: 'string', default: '42' },
+                'plugin-dir': { type: 'string', default: PROJECT_PLUGIN_DIR },
                 quiet: { type: 'boolean', default: false },
                 help: { type: 'boolean', short: 'h', default: false },
             },
@@ -107,6 +110,7 @@ export function parseCli(argv: string[], env: Record<string, string | undefined>
         faults: values.faults,
         dataDir: values['data-dir'],
         seed,
+        pluginDir: values['plugin-dir'],
         quiet: values.quiet,
         help: values.help,
     }
@@ -177,16 +181,22 @@ export function formatSummary(result: JobResult, receiver: ReturnType<Receiver['
     return rows.map(([k, v]) => `  ${k.padEnd(width)}  ${v}`).join('\n')
 }
 
-async function main(): Promise<number> {
+export interface CliIO {
+    stdout: NodeJS.WritableStream
+    stderr: NodeJS.WritableStream & { isTTY?: boolean }
+}
+
+/** The whole `npm start`, with its output streams injectable for tests. Returns the exit code. */
+export async function runStartCli(argv: string[], env: Record<string, string | undefined>, io: CliIO): Promise<number> {
     let options: CliOptions
     try {
-        options = parseCli(process.argv.slice(2), process.env)
+        options = parseCli(argv, env)
     } catch (error) {
-        process.stderr.write(`error: ${(error as Error).message}\n`)
+        io.stderr.write(`error: ${(error as Error).message}\n`)
         return 2
     }
     if (options.help) {
-        process.stdout.write(HELP)
+        io.stdout.write(HELP)
         return 0
     }
     let receiver: Receiver | null = null
@@ -200,8 +210,8 @@ async function main(): Promise<number> {
         }
         const webhookUrl = options.webhookUrl ?? receiver?.url ?? ''
         const era = getEra(options.era)
-        process.stdout.write(`Host era ${era.name}: ${era.description}\n`)
-        process.stdout.write(
+        io.stdout.write(`Host era ${era.name}: ${era.description}\n`)
+        io.stdout.write(
             receiver
                 ? `Embedded receiver on ${new URL(webhookUrl).origin}, faults: ${options.faults}, rows in ${receiver.rowsFile}\n`
                 : 'Sending to the webhook given by --webhook-url\n'
@@ -215,8 +225,8 @@ async function main(): Promise<number> {
             era: options.era,
             webhookUrl,
             events,
-            pluginDir: PROJECT_PLUGIN_DIR,
-            echoLogs: !options.quiet,
+            pluginDir: options.pluginDir,
+            log: options.quiet ? undefined : (line) => io.stderr.write(`  [plugin] ${line}\n`),
             onProgress: ({ done, failed }) => {
                 if (Date.now() - lastProgress < 1_000) {
                     return
@@ -224,21 +234,21 @@ async function main(): Promise<number> {
                 lastProgress = Date.now()
                 const of = total ? `/${total}` : ''
                 const line = `  progress: ${done}${of} events, ${failed} failed`
-                process.stderr.write(process.stderr.isTTY ? `\r${line}` : `${line}\n`)
+                io.stderr.write(io.stderr.isTTY ? `\r${line}` : `${line}\n`)
             },
         })
-        if (process.stderr.isTTY) {
-            process.stderr.write('\r\x1b[K')
+        if (io.stderr.isTTY) {
+            io.stderr.write('\r\x1b[K')
         }
-        process.stdout.write(`\nSummary\n${formatSummary(result, receiver?.summary() ?? null)}\n`)
+        io.stdout.write(`\nSummary\n${formatSummary(result, receiver?.summary() ?? null)}\n`)
         return result.failed > 0 ? 1 : 0
     } catch (error) {
         if (error instanceof PluginLoadError) {
-            process.stderr.write(`error: the plugin failed to load: ${error.message}\n`)
+            io.stderr.write(`error: the plugin failed to load: ${error.message}\n`)
         } else if (error instanceof UsageError) {
-            process.stderr.write(`error: ${error.message}\n`)
+            io.stderr.write(`error: ${error.message}\n`)
         } else {
-            process.stderr.write(`error: ${(error as Error).message}\n`)
+            io.stderr.write(`error: ${(error as Error).message}\n`)
         }
         return 1
     } finally {
@@ -247,5 +257,5 @@ async function main(): Promise<number> {
 }
 
 if (require.main === module) {
-    void main().then((code) => process.exit(code))
+    void runStartCli(process.argv.slice(2), process.env, process).then((code) => process.exit(code))
 }

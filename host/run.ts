@@ -20,8 +20,8 @@ export interface JobOptions {
     onProgress?: (progress: { done: number; failed: number }) => void
     /** Calls started together, instead of the era's own (for benchmarks). */
     concurrency?: number
-    /** Also print the plugin's log lines as they come. */
-    echoLogs?: boolean
+    /** Also hand each of the plugin's log lines to this, as they come. */
+    log?: (line: string) => void
 }
 
 export interface JobResult {
@@ -74,7 +74,7 @@ function sleep(ms: number): Promise<void> {
 export function loadForEra(
     options: Pick<JobOptions, 'era' | 'pluginDir' | 'source'> & { now?: () => number },
     logs: string[],
-    echo = false
+    echo?: (line: string) => void
 ) {
     const era = getEra(options.era)
     const record =
@@ -82,9 +82,7 @@ export function loadForEra(
         (...args: unknown[]): void => {
             const line = `${level}: ${args.map(String).join(' ')}`
             logs.push(line)
-            if (echo) {
-                process.stderr.write(`  [plugin] ${line}\n`)
-            }
+            echo?.(line)
         }
     const pluginConsole = {
         log: record('log'),
@@ -109,7 +107,7 @@ export function loadForEra(
 export async function runJob(options: JobOptions): Promise<JobResult> {
     const started = Date.now()
     const logs: string[] = []
-    const { era, methods, pluginConsole } = loadForEra(options, logs, options.echoLogs)
+    const { era, methods, pluginConsole } = loadForEra(options, logs, options.log)
     const global: Record<string, unknown> = {}
     const config = { webhookUrl: options.webhookUrl, ...options.config }
     const baseMeta: Record<string, unknown> = era.metaFetch

@@ -1,0 +1,132 @@
+/** `npm start`: the whole job through the host emulator and the embedded receiver, and its friendly errors. */
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { PassThrough } from 'node:stream'
+
+import { parseCli, runStartCli, UsageError } from '../host/cli'
+import { sampleEvents } from '../host/sample-events'
+
+let dir: string
+
+beforeEach(() => {
+    dir = mkdtempSync(join(tmpdir(), 'start-'))
+})
+
+afterEach(() => {
+    rmSync(dir, { recursive: true, force: true })
+})
+
+async function start(args: string[], env: Record<string, string> = {}) {
+    let stdout = ''
+    let stderr = ''
+    const out = new PassThrough()
+    const err = new PassThrough()
+    out.on('data', (c: Buffer) => (stdout += c.toString()))
+    err.on('data', (c: Buffer) => (stderr += c.toString()))
+    const code = await runStartCli(['--data-dir', join(dir, 'rows'), ...args], env, { stdout: out, stderr: err })
+    return { code, stdout, stderr }
+}
+
+function usageError(args: string[]): string {
+    try {
+        parseCli(args)
+    } catch (error) {
+        expect(error).toBeInstanceOf(UsageError)
+        return (error as Error).message
+    }
+    throw new Error('expected a UsageError')
+}
+
+describe('npm start', () => {
+    it('runs the sample events through the plugin and prints the summary', async () => {
+        const { code, stdout, stderr } = await start(['--count', '200'])
+        expect(code).toBe(0)
+        expect(stdout).toContain('Host era vm2024')
+        expect(stdout).toMatch(/rows stored\s+200 \(0 duplicates\)/)
+        expect(stdout).toMatch(/requests\s+20\n/)
+        expect(stdout).toMatch(/events per request\s+10\.0/)
+        expect(stdout).toContain(join(dir, 'rows', 'rows.jsonl'))
+        expect(stderr).toContain('[plugin] info: Sending events to http://127.0.0.1:')
+    })
+
+    it('shows resilience under a fault preset in another era', async () => {
+        const { code, stdout } = await start(['--era', 'cdp2025', '--faults', 'default', '--count', '1000', '--quiet'])
+        expect(code).toBe(0)
+        expect(stdout).toMatch(/delivered\s+1000/)
+        expect(stdout).toMatch(/failed \(thrown to host\)\s+0/)
+    })
+
+    it('reads events from a JSON Lines file', async () => {
+        const file = join(dir, 'events.jsonl')
+        writeFileSync(file, [...sampleEvents(30)].map((e) => JSON.stringify(e)).join('\n') + '\n')
+        const { code, stdout } = await start(['--events', file, '--quiet'])
+        expect(code).toBe(0)
+        expect(stdout).toMatch(/events\s+30\n/)
+    })
+
+    it('exits non-zero when events fail, with the cause in the summary', async () => {
+        const { code, stdout } = await start(['--faults', 'gone', '--count', '20', '--quiet'])
+        expect(code).toBe(1)
+        expect(stdout).toMatch(/failures by cause\s+Error: HTTP 404 ×20/)
+    })
+
+    it('prints the help', async () => {
+        const { code, stdout } = await start(['--help'])
+        expect(code).toBe(0)
+        expect(stdout).toContain('--webhook-url URL')
+        expect(stdout).toContain('--faults PRESET')
+    })
+})
+
+describe('npm start errors', () => {
+    it.each([
+        [['--bogus'], "Unknown option '--bogus'"],
+        [['--era', 'vm1999'], '--era: unknown era "vm1999"'],
+        [['--faults', 'chaos'], '--faults: unknown preset "chaos"'],
+        [['--count', '0'], '--count: expected a whole number of at least 1'],
+        [['--count', '5', '--events', 'x.jsonl'], '--count and --events cannot be used together'],
+        [['--webhook-url', 'https://example.com/x', '--faults', 'down'], '--faults needs the embedded receiver'],
+    ])('%j is refused: %s', (args, message) => {
+        expect(usageError(args)).toContain(message)
+    })
+
+    it('exits 2 on a bad flag, saying so on stderr', async () => {
+        const { code, stderr } = await start(['--era', 'vm1999'])
+        expect(code).toBe(2)
+        expect(stderr).toMatch(/^error: --era: unknown era/)
+    })
+
+    it('explains an unreadable events file', async () => {
+        const { code, stderr } = await start(['--events', join(dir, 'missing.jsonl')])
+        expect(code).toBe(1)
+        expect(stderr).toContain(`--events: cannot read ${join(dir, 'missing.jsonl')}: ENOENT`)
+    })
+
+    it('names the line of a malformed events file', async () => {
+        const file = join(dir, 'bad.jsonl')
+        writeFileSync(file, `${JSON.stringify([...sampleEvents(1)][0])}\n{oops\n`)
+        const { code, stderr } = await start(['--events', file, '--quiet'])
+        expect(code).toBe(1)
+        expect(stderr).toContain(`line 2 of ${file} is not valid JSON`)
+    })
+
+    it('reports a plugin that fails to load, with PostHog’s text', async () => {
+        const pluginDir = join(dir, 'broken')
+        mkdirSync(pluginDir)
+        writeFileSync(join(pluginDir, 'plugin.json'), JSON.stringify({ name: 'broken', main: 'index.ts' }))
+        writeFileSync(join(pluginDir, 'index.ts'), "import { x } from './x'\nexport const onEvent = () => x\n")
+        const { code, stderr } = await start(['--plugin-dir', pluginDir])
+        expect(code).toBe(1)
+        expect(stderr).toContain(
+            "error: the plugin failed to load: Cannot import './x'! This package is not provided by PostHog in plugins."
+        )
+    })
+
+    it('reports bad plugin config without echoing the URL', async () => {
+        const { code, stderr } = await start(['--webhook-url', 'http://example.com/hooks/SECRET_T0KEN_1'])
+        expect(code).toBe(1)
+        expect(stderr).toContain('Invalid config "webhookUrl": it uses http')
+        expect(stderr).not.toContain('SECRET_T0KEN_1')
+    })
+})
