@@ -594,7 +594,7 @@ export function planRetry(input: RetryPlanInput): RetryPlan {
             return { retry: false, why: 'out of immediate retries' }
         }
         if (remainingMs < neededForAttempt) {
-            return { retry: false, why: 'no time left before the host deadline' }
+            return { retry: false, why: 'no time left before the deadline' }
         }
         return { retry: true, delayMs: 0 }
     }
@@ -613,7 +613,7 @@ export function planRetry(input: RetryPlanInput): RetryPlan {
     }
     const delayMs = backoffDelay(attempts - 1, input.random)
     if (delayMs + neededForAttempt > remainingMs) {
-        return { retry: false, why: 'no time left before the host deadline' }
+        return { retry: false, why: 'no time left before the deadline' }
     }
     return { retry: true, delayMs }
 }

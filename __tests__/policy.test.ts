@@ -333,7 +333,7 @@ describe('retry schedule', () => {
             timeoutEnforced: false,
             random: () => 1,
         })
-        expect(plan).toEqual({ retry: false, why: 'no time left before the host deadline' })
+        expect(plan).toEqual({ retry: false, why: 'no time left before the deadline' })
     })
 })
 

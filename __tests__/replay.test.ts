@@ -104,6 +104,27 @@ describe('input formats', () => {
     })
 })
 
+describe('faults', () => {
+    it('delivers everything through the default fault mix, duplicating only what was accepted then reset', async () => {
+        const r = await rx('default')
+        const input = events(2_000)
+        const path = writeInput('in.jsonl', input.map((e) => JSON.stringify(e)).join('\n'))
+        const { code, stdout } = await cli([path, '--webhook-url', r.url, '--batch-events', '50'])
+        expect(code).toBe(0)
+        const counts = r.uuidCounts()
+        expect(input.filter((e) => !counts.has(e.uuid))).toEqual([])
+        expect(r.summary().duplicateRows).toBeLessThanOrEqual(r.summary().acceptResetRows)
+        expect(Number(/retries\s+(\d+)/.exec(stdout)?.[1])).toBeGreaterThan(0)
+    }, 60_000)
+
+    it('stops on a broken JSON array with a clear reason and exit code 1', async () => {
+        const path = writeInput('in.json', '[{"event":"a","uuid":"1"},{"event":"b",')
+        const { code, stdout } = await cli([path, '--dry-run'])
+        expect(code).toBe(1)
+        expect(stdout).toContain('stopped early             the input is not valid JSON')
+    })
+})
+
 describe('filters and removals', () => {
     it('applies the plugin filters and property removal, and exits 0 when the rest was delivered', async () => {
         const r = await rx()
@@ -269,6 +290,43 @@ describe('checkpoint and resume', () => {
         // At most the 3 batches of 50 that were out when the process died are sent twice.
         expect(r.summary().duplicateRows).toBeLessThanOrEqual(3 * 50)
     }, 120_000)
+})
+
+describe('interrupting', () => {
+    it('on Ctrl-C finishes the requests in flight, writes the checkpoint, and the same command resumes', async () => {
+        const r = await rx('none', { latencyMs: 20 })
+        const input = events(3_000)
+        const path = writeInput('in.jsonl', input.map((e) => JSON.stringify(e)).join('\n'))
+        const checkpoint = join(dir, 'ck.json')
+        const args = [BIN, 'replay', path, '--batch-events', '50', '--concurrency', '2', '--checkpoint', checkpoint]
+        const env = { ...process.env, PATTERNS_WEBHOOK_URL: r.url }
+        const child = spawn(process.execPath, args, { env, stdio: ['ignore', 'pipe', 'pipe'] })
+        let output = ''
+        child.stdout.on('data', (c: Buffer) => (output += c.toString()))
+        child.stderr.on('data', (c: Buffer) => (output += c.toString()))
+        const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
+        for (let i = 0; i < 600 && r.summary().rows < 500; i++) {
+            await new Promise((resolve) => setTimeout(resolve, 10))
+        }
+        child.kill('SIGINT')
+        expect(await exited).toBe(130)
+        expect(output).toContain('Interrupted: finishing the requests in flight')
+        expect(output).toContain('stopped early             interrupted')
+        // Everything sent was acknowledged before exit, so the checkpoint covers every stored row.
+        const saved = readCheckpoint(checkpoint)
+        expect(saved.next).toBe(r.summary().rows)
+        expect(saved.next).toBeLessThan(3_000)
+        const resumed = spawn(process.execPath, args, { env, stdio: 'ignore' })
+        expect(await new Promise((resolve) => resumed.on('exit', resolve))).toBe(0)
+        // Two requests in flight may land in either order; what matters is every event, once.
+        expect(
+            r
+                .rows()
+                .map((row) => String(row.uuid))
+                .sort()
+        ).toEqual(input.map((e) => e.uuid).sort())
+        expect(r.summary().duplicateRows).toBe(0)
+    }, 60_000)
 })
 
 describe('secrets', () => {

@@ -131,9 +131,25 @@ async function* jsonLines(input: Readable): AsyncGenerator<InputRecord> {
     }
 }
 
+/** Pipes through the stream-json stages so that an error anywhere ends the iteration with that error. */
+function through<T extends NodeJS.ReadWriteStream>(input: Readable, ...stages: NodeJS.ReadWriteStream[]): T {
+    const last = stages[stages.length - 1] as T & { destroy: (error?: Error) => void }
+    const fail = (error: Error): void => last.destroy(new Error(`the input is not valid JSON: ${error.message}`))
+    input.on('error', (error) => last.destroy(error))
+    let source: NodeJS.ReadableStream = input
+    for (const stage of stages) {
+        if (stage !== last) {
+            stage.on('error', fail)
+        }
+        source = source.pipe(stage)
+    }
+    last.on('error', () => undefined)
+    return last
+}
+
 async function* jsonArray(input: Readable): AsyncGenerator<InputRecord> {
     let ordinal = 0
-    const items = input.pipe(parser()).pipe(streamArray())
+    const items = through(input, parser(), streamArray())
     for await (const item of items as AsyncIterable<{ key: number; value: unknown }>) {
         yield isEvent(item.value)
             ? { ordinal: ordinal++, kind: 'event', event: item.value }
@@ -150,7 +166,7 @@ async function* jsonArray(input: Readable): AsyncGenerator<InputRecord> {
 async function* apiPages(input: Readable): AsyncGenerator<InputRecord> {
     let ordinal = 0
     // One page in memory at a time: PostHog pages hold at most a few thousand events.
-    const pages = input.pipe(parser({ jsonStreaming: true })).pipe(streamValues())
+    const pages = through(input, parser({ jsonStreaming: true }), streamValues())
     for await (const page of pages as AsyncIterable<{ key: number; value: unknown }>) {
         const results = (page.value as { results?: unknown }).results
         if (!Array.isArray(results)) {

@@ -228,56 +228,61 @@ export async function replay(options: ReplayOptions): Promise<ReplayReport> {
     let batchBytes = 2
     let batchStart = previous.next
     let nextOrdinal = previous.next
-    for await (const record of records) {
-        nextOrdinal = record.ordinal + 1
-        if (isHandled(previous, record.ordinal)) {
-            report.skipped++
-            // A skipped record closes the open batch, so ranges never straddle handled records.
-            if (batch.length > 0) {
+    try {
+        for await (const record of records) {
+            nextOrdinal = record.ordinal + 1
+            if (isHandled(previous, record.ordinal)) {
+                report.skipped++
+                // A skipped record closes the open batch, so ranges never straddle handled records.
+                if (batch.length > 0) {
+                    await dispatch(batch, batchStart, record.ordinal)
+                    batch = []
+                    batchBytes = 2
+                }
+                batchStart = record.ordinal + 1
+                continue
+            }
+            if (options.signal?.aborted || report.stopped) {
+                nextOrdinal = record.ordinal
+                break
+            }
+            report.read++
+            if (record.kind === 'malformed') {
+                report.malformed++
+                const where = record.line !== null ? `line ${record.line}: ` : ''
+                deadLetter(JSON.stringify({ reason: `${where}${record.reason}`, line: record.line, raw: record.raw }))
+                continue
+            }
+            const event = record.event
+            if (!shouldSend(String(event.event), config)) {
+                report.filtered++
+                continue
+            }
+            // With nothing to remove, the event is sent as read: its line is already valid JSON.
+            const json =
+                record.text !== undefined && config.excludedProperties.length === 0
+                    ? record.text
+                    : JSON.stringify(shapeEvent(event, config.excludedProperties))
+            const item: Item = { uuid: String(event.uuid ?? ''), json, bytes: Buffer.byteLength(json) }
+            if (batch.length > 0 && batchBytes + 1 + item.bytes > config.maxBatchBytes) {
                 await dispatch(batch, batchStart, record.ordinal)
                 batch = []
                 batchBytes = 2
+                batchStart = record.ordinal
             }
-            batchStart = record.ordinal + 1
-            continue
+            batch.push(item)
+            batchBytes += item.bytes + (batch.length > 1 ? 1 : 0)
+            if (batch.length >= config.maxBatchEvents) {
+                await dispatch(batch, batchStart, record.ordinal + 1)
+                batch = []
+                batchBytes = 2
+                batchStart = record.ordinal + 1
+            }
+            progress()
         }
-        if (options.signal?.aborted || report.stopped) {
-            nextOrdinal = record.ordinal
-            break
-        }
-        report.read++
-        if (record.kind === 'malformed') {
-            report.malformed++
-            const where = record.line !== null ? `line ${record.line}: ` : ''
-            deadLetter(JSON.stringify({ reason: `${where}${record.reason}`, line: record.line, raw: record.raw }))
-            continue
-        }
-        const event = record.event
-        if (!shouldSend(String(event.event), config)) {
-            report.filtered++
-            continue
-        }
-        // With nothing to remove, the event is sent as read: its line is already valid JSON.
-        const json =
-            record.text !== undefined && config.excludedProperties.length === 0
-                ? record.text
-                : JSON.stringify(shapeEvent(event, config.excludedProperties))
-        const item: Item = { uuid: String(event.uuid ?? ''), json, bytes: Buffer.byteLength(json) }
-        if (batch.length > 0 && batchBytes + 1 + item.bytes > config.maxBatchBytes) {
-            await dispatch(batch, batchStart, record.ordinal)
-            batch = []
-            batchBytes = 2
-            batchStart = record.ordinal
-        }
-        batch.push(item)
-        batchBytes += item.bytes + (batch.length > 1 ? 1 : 0)
-        if (batch.length >= config.maxBatchEvents) {
-            await dispatch(batch, batchStart, record.ordinal + 1)
-            batch = []
-            batchBytes = 2
-            batchStart = record.ordinal + 1
-        }
-        progress()
+    } catch (error) {
+        // Unreadable input (a broken JSON array, say) stops the run; what was sent so far is still checkpointed.
+        report.stopped ??= (error as Error).message
     }
     if (!report.stopped && !options.signal?.aborted && (batch.length > 0 || batchStart < nextOrdinal)) {
         await dispatch(batch, batchStart, nextOrdinal)
