@@ -86,30 +86,44 @@ async function measurePerEvent(count: number, concurrency: number, latencyMs: nu
     return figures
 }
 
-/** The raw limit: the same events as arrays of RAW_BATCH, `inFlight` requests at a time, by a plain loop. */
-async function measureRaw(count: number, latencyMs: number, inFlight = 1): Promise<Figures> {
-    const { rx, close } = await receiverWith(latencyMs)
-    const started = Date.now()
-    let batch: string[] = []
+/** A plain loop's POSTer: collects JSON texts into arrays of RAW_BATCH and keeps `inFlight` requests going. */
+function rawPoster(url: string, inFlight: number) {
     const pending = new Set<Promise<void>>()
-    const send = async (body: string): Promise<void> => {
+    let batch: string[] = []
+    const send = async (): Promise<void> => {
+        const body = `[${batch.join(',')}]`
+        batch = []
         while (pending.size >= inFlight) {
             await Promise.race(pending)
         }
-        const p: Promise<void> = post(rx.url, body).finally(() => pending.delete(p))
+        const p: Promise<void> = post(url, body).finally(() => pending.delete(p))
         pending.add(p)
     }
+    return {
+        add: async (json: string): Promise<void> => {
+            batch.push(json)
+            if (batch.length >= RAW_BATCH) {
+                await send()
+            }
+        },
+        finish: async (): Promise<void> => {
+            if (batch.length) {
+                await send()
+            }
+            await Promise.all(pending)
+        },
+    }
+}
+
+/** The raw limit: the same events as arrays of RAW_BATCH, by a plain loop. */
+async function measureRaw(count: number, latencyMs: number): Promise<Figures> {
+    const { rx, close } = await receiverWith(latencyMs)
+    const started = Date.now()
+    const poster = rawPoster(rx.url, 1)
     for (const event of sampleEvents(count)) {
-        batch.push(JSON.stringify(event))
-        if (batch.length >= RAW_BATCH) {
-            await send(`[${batch.join(',')}]`)
-            batch = []
-        }
+        await poster.add(JSON.stringify(event))
     }
-    if (batch.length) {
-        await send(`[${batch.join(',')}]`)
-    }
-    await Promise.all(pending)
+    await poster.finish()
     const figures = { requests: rx.summary().requests, events: count, ms: Date.now() - started }
     await close()
     return figures
@@ -143,28 +157,13 @@ async function measureReplay(file: string): Promise<Figures> {
 async function measureRawFile(file: string, inFlight: number): Promise<Figures> {
     const { rx, close } = await receiverWith(0)
     const started = Date.now()
-    const pending = new Set<Promise<void>>()
-    let batch: string[] = []
+    const poster = rawPoster(rx.url, inFlight)
     let events = 0
-    const send = async (body: string): Promise<void> => {
-        while (pending.size >= inFlight) {
-            await Promise.race(pending)
-        }
-        const p: Promise<void> = post(rx.url, body).finally(() => pending.delete(p))
-        pending.add(p)
-    }
     for await (const line of createInterface({ input: createReadStream(file, { highWaterMark: 1 << 20 }) })) {
-        batch.push(line)
         events++
-        if (batch.length >= RAW_BATCH) {
-            await send(`[${batch.join(',')}]`)
-            batch = []
-        }
+        await poster.add(line)
     }
-    if (batch.length) {
-        await send(`[${batch.join(',')}]`)
-    }
-    await Promise.all(pending)
+    await poster.finish()
     const figures = { requests: rx.summary().requests, events, ms: Date.now() - started }
     await close()
     return figures
