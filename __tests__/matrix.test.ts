@@ -12,6 +12,7 @@ import { JobResult, loadForEra, runJob } from '../host/run'
 import { sampleEvent, sampleEvents } from '../host/sample-events'
 import { CALL_DEADLINE_MS, MAX_ATTEMPTS_WITHOUT_TIMERS } from '../index'
 import { FAULT_PRESETS, Receiver, seededRandom, startReceiver } from '../receiver/receiver'
+import { waitFor } from './helpers/io'
 import { startServer } from './helpers/server'
 
 const EVENTS = 1_000
@@ -180,9 +181,7 @@ describe('a busy sender', () => {
             const meta = { config: { webhookUrl: server.url }, global: {} }
             await methods.setupPlugin?.(meta)
             const first = methods.onEvent?.(sampleEvent(1, seededRandom(1)), meta) as Promise<void>
-            while (server.received.length === 0) {
-                await new Promise((resolve) => setTimeout(resolve, 5))
-            }
+            await waitFor(() => server.received.length > 0)
             // A second call queues behind the first POST; then 31 s pass in the sandbox before that POST returns.
             const second = (methods.onEvent?.(sampleEvent(2, seededRandom(2)), meta) as Promise<void>).then(
                 () => 'delivered',

@@ -3,13 +3,14 @@ import { spawn } from 'node:child_process'
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { PassThrough, Readable } from 'node:stream'
+import { Readable } from 'node:stream'
 
 import { sampleEvents } from '../host/sample-events'
 import { FAULT_PRESETS, Receiver, startReceiver } from '../receiver/receiver'
 import { runReplayCli } from '../replay/cli'
 import { detectFormat } from '../replay/input'
 import { readCheckpoint } from '../replay/replay'
+import { captureOutput, waitFor } from './helpers/io'
 import { startServer } from './helpers/server'
 
 const TOKEN = 'rpl_T0ken_8b7a6c5d'
@@ -51,14 +52,9 @@ async function rx(faults: string = 'none', options: { latencyMs?: number } = {})
 }
 
 async function cli(args: string[], env: Record<string, string> = {}, stdin = '') {
-    let stdout = ''
-    let stderr = ''
-    const out = new PassThrough()
-    const err = new PassThrough()
-    out.on('data', (c: Buffer) => (stdout += c.toString()))
-    err.on('data', (c: Buffer) => (stderr += c.toString()))
-    const code = await runReplayCli(args, env, { stdout: out, stderr: err, stdin: Readable.from([stdin]) })
-    return { code, stdout, stderr }
+    const { stdout, stderr, text } = captureOutput()
+    const code = await runReplayCli(args, env, { stdout, stderr, stdin: Readable.from([stdin]) })
+    return { code, ...text }
 }
 
 describe('input formats', () => {
@@ -274,9 +270,7 @@ describe('checkpoint and resume', () => {
         const env = { ...process.env, PATTERNS_WEBHOOK_URL: r.url }
         const child = spawn(process.execPath, args, { env, stdio: 'ignore' })
         const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
-        for (let i = 0; i < 600 && r.summary().rows < 1_000; i++) {
-            await new Promise((resolve) => setTimeout(resolve, 10))
-        }
+        await waitFor(() => r.summary().rows >= 1_000)
         child.kill('SIGKILL')
         expect(await exited).toBeNull()
         const rowsAtKill = r.summary().rows
@@ -305,9 +299,7 @@ describe('interrupting', () => {
         child.stdout.on('data', (c: Buffer) => (output += c.toString()))
         child.stderr.on('data', (c: Buffer) => (output += c.toString()))
         const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
-        for (let i = 0; i < 600 && r.summary().rows < 500; i++) {
-            await new Promise((resolve) => setTimeout(resolve, 10))
-        }
+        await waitFor(() => r.summary().rows >= 500)
         child.kill('SIGINT')
         expect(await exited).toBe(130)
         expect(output).toContain('Interrupted: finishing the requests in flight')

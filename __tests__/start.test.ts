@@ -2,10 +2,10 @@
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { PassThrough } from 'node:stream'
 
 import { parseCli, runStartCli, UsageError } from '../host/cli'
 import { sampleEvents } from '../host/sample-events'
+import { captureOutput } from './helpers/io'
 
 let dir: string
 
@@ -18,14 +18,9 @@ afterEach(() => {
 })
 
 async function start(args: string[], env: Record<string, string> = {}) {
-    let stdout = ''
-    let stderr = ''
-    const out = new PassThrough()
-    const err = new PassThrough()
-    out.on('data', (c: Buffer) => (stdout += c.toString()))
-    err.on('data', (c: Buffer) => (stderr += c.toString()))
-    const code = await runStartCli(['--data-dir', join(dir, 'rows'), ...args], env, { stdout: out, stderr: err })
-    return { code, stdout, stderr }
+    const { stdout, stderr, text } = captureOutput()
+    const code = await runStartCli(['--data-dir', join(dir, 'rows'), ...args], env, { stdout, stderr })
+    return { code, ...text }
 }
 
 function usageError(args: string[]): string {
