@@ -301,6 +301,16 @@ describe('natural batching', () => {
         expect(s.received.map((r) => eventsIn(r).length)).toEqual([4, 4, 2])
     })
 
+    it('bounds a POST by the maximum byte size', async () => {
+        const s = await serve(() => ({ status: 200 }))
+        const size = JSON.stringify(makeEvent(0)).length
+        // Room for two events per POST (brackets and a comma included), not three.
+        const sender = makeSender({ webhookUrl: s.url }, testEnv(), { maxBatchBytes: 2 * size + 3 + 10 })
+        await Promise.all(Array.from({ length: 5 }, (_, i) => sender.send(makeEvent(i))))
+        expect(s.received.map((r) => eventsIn(r).length)).toEqual([2, 2, 1])
+        expect(s.received.every((r) => Buffer.byteLength(r.body) <= 2 * size + 13)).toBe(true)
+    })
+
     it('settles each call with its own event fate', async () => {
         const bad = makeEvent(2)
         server = await startServer((request) => {

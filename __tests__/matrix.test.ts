@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import { ERA_NAMES } from '../host/eras'
-import { PluginLoadError, PROJECT_PLUGIN_DIR } from '../host/loader'
+import { guard, PluginLoadError, PROJECT_PLUGIN_DIR } from '../host/loader'
 import { JobResult, loadForEra, runJob } from '../host/run'
 import { sampleEvent, sampleEvents } from '../host/sample-events'
 import { CALL_DEADLINE_MS, MAX_ATTEMPTS_WITHOUT_TIMERS } from '../index'
@@ -199,7 +199,67 @@ describe('a busy sender', () => {
     })
 })
 
-describe('broken plugins', () => {
+describe('what each era hands the plugin', () => {
+    const probe = `
+        export function onEvent(event, meta) {
+            console.log(JSON.stringify({
+                keys: Object.keys(event).sort(),
+                ip: typeof event.ip,
+                meta: Object.keys(meta).sort(),
+                timers: typeof setTimeout,
+                abort: typeof AbortController,
+                encoder: typeof TextEncoder,
+            }))
+        }
+    `
+    async function seen(era: string) {
+        const rx = await startReceiver({ dataDir, path: '/hook' })
+        receiver = rx
+        const result = await runJob({ era, webhookUrl: rx.url, events: sampleEvents(1), pluginDir: '.', source: probe })
+        const line = result.logs.find((l) => l.startsWith('log: '))
+        return JSON.parse(line?.slice('log: '.length) ?? '{}') as Record<string, unknown>
+    }
+
+    it('vm2021: the older PluginEvent, classic meta, no timers', async () => {
+        const view = await seen('vm2021')
+        expect(view.keys).toEqual(expect.arrayContaining(['now', 'sent_at', 'site_url', 'uuid', 'ip']))
+        expect(view.ip).toBe('string')
+        expect(view.meta).toEqual(expect.arrayContaining(['attachments', 'cache', 'config', 'global', 'storage']))
+        expect([view.timers, view.abort, view.encoder]).toEqual(['undefined', 'undefined', 'undefined'])
+    })
+
+    it('vm2024: ProcessedPluginEvent, classic meta, no timers', async () => {
+        const view = await seen('vm2024')
+        expect(view.keys).not.toContain('now')
+        expect(view.ip).toBe('object')
+        expect(view.meta).not.toContain('fetch')
+        expect(view.timers).toBe('undefined')
+    })
+
+    it('cdp2025: no elements, person and fetch and logger in meta, timers', async () => {
+        const view = await seen('cdp2025')
+        expect(view.keys).not.toContain('elements')
+        expect(view.meta).toEqual(['config', 'fetch', 'geoip', 'global', 'logger', 'person'])
+        expect([view.timers, view.abort]).toEqual(['function', 'function'])
+    })
+})
+
+describe('plugin loading', () => {
+    it.each([
+        ['exports', 'export function onEvent() {}'],
+        ['exports.default', 'export default { onEvent() {} }'],
+        ['module.exports', 'module.exports = { onEvent() {} }'],
+    ])('finds onEvent on %s, as PostHog does', (_where, source) => {
+        const { methods } = loadForEra({ era: 'vm2024', pluginDir: PROJECT_PLUGIN_DIR, source }, [])
+        expect(typeof methods.onEvent).toBe('function')
+    })
+
+    it('guards a method that never settles', async () => {
+        await expect(guard(new Promise(() => undefined), 50, 'onEvent')).rejects.toThrow(
+            'Script execution timed out after 0.05 s: onEvent'
+        )
+    })
+
     it('refuses a relative import with PostHog’s error text', () => {
         const source = "import { helper } from './helper'\nexport const onEvent = () => helper()\n"
         expect(() => loadForEra({ era: 'vm2024', pluginDir: PROJECT_PLUGIN_DIR, source }, [])).toThrow(

@@ -7,7 +7,7 @@ import { Readable } from 'node:stream'
 
 import { sampleEvents } from '../host/sample-events'
 import { FAULT_PRESETS, Receiver, startReceiver } from '../receiver/receiver'
-import { runReplayCli } from '../replay/cli'
+import { progressLine, runReplayCli } from '../replay/cli'
 import { detectFormat } from '../replay/input'
 import { readCheckpoint } from '../replay/replay'
 import { captureOutput, waitFor } from './helpers/io'
@@ -319,6 +319,16 @@ describe('interrupting', () => {
         ).toEqual(input.map((e) => e.uuid).sort())
         expect(r.summary().duplicateRows).toBe(0)
     }, 60_000)
+})
+
+describe('progress', () => {
+    it('shows read, sent, rate, retries, failures and an ETA when the input size is known', () => {
+        const p = { read: 5_000, delivered: 4_000, filtered: 0, deadLettered: 3, retries: 7, requests: 9, inFlight: 2 }
+        expect(progressLine(p, 2_000, 0.25)).toBe(
+            'read 5000, sent 4000, 2000 events/s, retries 7, failures 3, in flight 2 ETA 6s'
+        )
+        expect(progressLine(p, 2_000, null)).not.toContain('ETA')
+    })
 })
 
 describe('secrets', () => {
