@@ -172,8 +172,9 @@ describe('dead letters and exit codes', () => {
             `${JSON.stringify(a)}\n{broken json\n\n{"no_event":1}\n${JSON.stringify(b)}\n`
         )
         const deadLetter = join(dir, 'dead.jsonl')
-        const { code, stdout } = await cli([path, '--webhook-url', r.url, '--dead-letter', deadLetter])
+        const { code, stdout, stderr } = await cli([path, '--webhook-url', r.url, '--dead-letter', deadLetter])
         expect(code).toBe(1)
+        expect(stderr).toContain(`warning: line 2: not valid JSON (kept in ${deadLetter})`)
         expect(r.rows().map((row) => row.uuid)).toEqual([a?.uuid, b?.uuid])
         const dead = readFileSync(deadLetter, 'utf8')
             .trim()

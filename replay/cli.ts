@@ -48,6 +48,9 @@ Exit codes: 0 every event was delivered or deliberately filtered; 1 anything els
 
 export class UsageError extends Error {}
 
+/** Problem lines printed before the rest are only counted. */
+export const MAX_WARNING_LINES = 20
+
 function positiveInt(name: string, value: string | undefined, fallback: number): number {
     if (value === undefined) {
         return fallback
@@ -238,9 +241,20 @@ export async function runReplayCli(
             io.stderr.write(`${line}\n`)
         }
     }
+    // Each problem gets a line, up to a limit, so a file full of bad lines cannot flood the terminal.
+    let warnings = 0
+    const onWarning = (message: string): void => {
+        warnings++
+        const where = parsed.deadLetterFile ? ` (kept in ${parsed.deadLetterFile})` : ''
+        if (warnings <= MAX_WARNING_LINES) {
+            io.stderr.write(`${tty ? '\r\x1b[K' : ''}warning: ${message}${where}\n`)
+        } else if (warnings === MAX_WARNING_LINES + 1) {
+            io.stderr.write('warning: more problems; the summary counts them all\n')
+        }
+    }
     let report: ReplayReport
     try {
-        report = await replay({ ...parsed, input, env: nodeEnv(), signal, onProgress })
+        report = await replay({ ...parsed, input, env: nodeEnv(), signal, onProgress, onWarning })
     } catch (error) {
         io.stderr.write(`${tty ? '\n' : ''}error: ${(error as Error).message}\n`)
         return 1

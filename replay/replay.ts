@@ -58,6 +58,8 @@ export interface ReplayOptions {
     /** Aborting stops reading; requests in flight finish and the checkpoint is written. */
     signal?: AbortSignal
     onProgress?: (progress: ReplayProgress) => void
+    /** Told of each unreadable record and each refused batch, so they are reported and not only counted. */
+    onWarning?: (message: string) => void
 }
 
 export function readCheckpoint(file: string | null | undefined): Checkpoint {
@@ -172,6 +174,7 @@ export async function replay(options: ReplayOptions): Promise<ReplayReport> {
                 retryable = error.message
             } else {
                 report.deadLettered += items.length
+                options.onWarning?.(`${items.length} event(s) refused: ${error.message}`)
                 for (const item of items) {
                     deadLetter(`{"reason":${JSON.stringify(error.message)},"event":${item.json}}`)
                 }
@@ -250,6 +253,7 @@ export async function replay(options: ReplayOptions): Promise<ReplayReport> {
             if (record.kind === 'malformed') {
                 report.malformed++
                 const where = record.line !== null ? `line ${record.line}: ` : ''
+                options.onWarning?.(`${where}${record.reason}`)
                 deadLetter(JSON.stringify({ reason: `${where}${record.reason}`, line: record.line, raw: record.raw }))
                 continue
             }
