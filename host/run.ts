@@ -5,6 +5,9 @@ import type { PatternsConfig, SenderStats } from '../index'
 import { getEra } from './eras'
 import { guard, GUARD_MS, loadPlugin, PluginLoadError, PluginMethods, readPluginSource } from './loader'
 
+/** Microtask turns between two calls of the same burst. */
+export const CALL_STAGGER_MICROTASKS = 2
+
 export interface JobOptions {
     era: string
     webhookUrl: string
@@ -152,7 +155,11 @@ export async function runJob(options: JobOptions): Promise<JobResult> {
     }
     const latencies: number[] = []
 
-    const runOne = async (event: ProcessedPluginEvent): Promise<void> => {
+    const runOne = async (event: ProcessedPluginEvent, position: number): Promise<void> => {
+        // Calls of one burst reach the plugin a few microtask turns apart, as the host's own awaits space them.
+        for (let turn = 0; turn < position * CALL_STAGGER_MICROTASKS; turn++) {
+            await Promise.resolve()
+        }
         const shaped = era.shapeEvent(event)
         const meta = shaped.person ? { ...baseMeta, person: shaped.person } : baseMeta
         const calledAt = Date.now()
@@ -186,7 +193,7 @@ export async function runJob(options: JobOptions): Promise<JobResult> {
     // Micro-batches started together; the next one starts only after every call of this one settled.
     let group: ProcessedPluginEvent[] = []
     const flush = async (): Promise<void> => {
-        const calls = group.map((event) => runOne(event))
+        const calls = group.map((event, position) => runOne(event, position))
         group = []
         await Promise.all(calls)
         options.onProgress?.({ done: result.resolved + result.failed, failed: result.failed })
