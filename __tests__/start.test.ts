@@ -52,12 +52,16 @@ describe('npm start', () => {
         expect(stdout).toMatch(/failed \(thrown to host\)\s+0/)
     })
 
-    it('reads events from a JSON Lines file', async () => {
-        const file = join(dir, 'events.jsonl')
-        writeFileSync(file, [...sampleEvents(30)].map((e) => JSON.stringify(e)).join('\n') + '\n')
+    it.each([
+        ['JSON Lines', (events: object[]) => events.map((e) => JSON.stringify(e)).join('\n') + '\n'],
+        ['a JSON array', (events: object[]) => JSON.stringify(events)],
+    ])('reads events from a file of %s', async (_format, render) => {
+        const file = join(dir, 'events')
+        writeFileSync(file, render([...sampleEvents(30)]))
         const { code, stdout } = await start(['--events', file, '--quiet'])
         expect(code).toBe(0)
         expect(stdout).toMatch(/events\s+30\n/)
+        expect(stdout).toMatch(/rows stored\s+30 /)
     })
 
     it('exits non-zero when events fail, with the cause in the summary', async () => {
@@ -103,7 +107,7 @@ describe('npm start errors', () => {
         writeFileSync(file, `${JSON.stringify([...sampleEvents(1)][0])}\n{oops\n`)
         const { code, stderr } = await start(['--events', file, '--quiet'])
         expect(code).toBe(1)
-        expect(stderr).toContain(`line 2 of ${file} is not valid JSON`)
+        expect(stderr).toContain(`--events: line 2 of ${file}: not valid JSON.`)
     })
 
     it('reports a plugin that fails to load, with PostHog’s text', async () => {

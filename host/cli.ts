@@ -4,12 +4,12 @@
  */
 import { createReadStream } from 'node:fs'
 import { join } from 'node:path'
-import { createInterface } from 'node:readline'
 import { parseArgs } from 'node:util'
 
 import type { ProcessedPluginEvent } from '@posthog/plugin-scaffold'
 
 import { FAULT_PRESETS, Receiver, resolveFaults, startReceiver } from '../receiver/receiver'
+import { readRecords } from '../replay/input'
 import { ERA_NAMES, getEra } from './eras'
 import { PluginLoadError, PROJECT_PLUGIN_DIR } from './loader'
 import { JobResult, runJob } from './run'
@@ -27,7 +27,7 @@ embedded webhook receiver that stores rows like a Patterns webhook node. Prints 
 Options:
   --era NAME           PostHog host era: ${ERA_NAMES.join(', ')} (default: vm2024)
   --count N            number of sample events to generate (default: ${DEFAULT_COUNT})
-  --events FILE        send the events in FILE (JSON Lines, one event per line) instead
+  --events FILE        send the events in FILE instead (JSON Lines, a JSON array, or PostHog API pages)
   --webhook-url URL    send to a real webhook instead; no receiver is started
                        (also read from PATTERNS_WEBHOOK_URL; never printed)
   --faults PRESET      inject receiver faults: ${Object.keys(FAULT_PRESETS).join(', ')}
@@ -124,34 +124,27 @@ function getEraOrUsage(name: string): void {
     }
 }
 
-/** Streams events from a JSON Lines file. A malformed line stops the run with its line number. */
+/**
+ * Streams events from a file with the replay tool's reader (JSON Lines, a JSON array or PostHog API pages).
+ * Here a malformed record stops the run, naming its line: a local run should not quietly send less.
+ */
 export async function* readEventsFile(path: string): AsyncGenerator<ProcessedPluginEvent> {
-    const stream = createReadStream(path, { encoding: 'utf8' })
-    const opened = new Promise<void>((resolve, reject) => {
-        stream.once('open', () => resolve())
-        stream.once('error', reject)
-    })
+    const stream = createReadStream(path)
     try {
-        await opened
+        await new Promise<void>((resolve, reject) => {
+            stream.once('open', () => resolve())
+            stream.once('error', reject)
+        })
     } catch (error) {
         throw new UsageError(`--events: cannot read ${path}: ${(error as NodeJS.ErrnoException).code ?? 'error'}.`)
     }
-    let lineNumber = 0
-    for await (const line of createInterface({ input: stream, crlfDelay: Infinity })) {
-        lineNumber++
-        if (!line.trim()) {
-            continue
+    const { records } = await readRecords(stream)
+    for await (const record of records) {
+        if (record.kind === 'malformed') {
+            const where = record.line !== null ? `line ${record.line}` : `record ${record.ordinal + 1}`
+            throw new UsageError(`--events: ${where} of ${path}: ${record.reason}.`)
         }
-        let event: unknown
-        try {
-            event = JSON.parse(line)
-        } catch {
-            throw new UsageError(`--events: line ${lineNumber} of ${path} is not valid JSON.`)
-        }
-        if (typeof event !== 'object' || event === null || typeof (event as { event?: unknown }).event !== 'string') {
-            throw new UsageError(`--events: line ${lineNumber} of ${path} is not a PostHog event (no "event" name).`)
-        }
-        yield event as ProcessedPluginEvent
+        yield record.event as unknown as ProcessedPluginEvent
     }
 }
 
