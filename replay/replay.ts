@@ -209,6 +209,10 @@ export async function replay(options: ReplayOptions): Promise<ReplayReport> {
         while (inFlight.size >= concurrency) {
             await Promise.race(inFlight)
         }
+        if (report.stopped || options.signal?.aborted) {
+            // Stopping: this batch is not sent, and its range stays open so a resume sends it.
+            return
+        }
         report.bytesSent += bytes
         const task = deliver(items, config, env, env.now() + config.deadlineMs, {
             onAttempt: (outcome) => {
