@@ -138,13 +138,15 @@ export async function* readEventsFile(path: string): AsyncGenerator<ProcessedPlu
     } catch (error) {
         throw new UsageError(`--events: cannot read ${path}: ${(error as NodeJS.ErrnoException).code ?? 'error'}.`)
     }
-    const { records } = await readRecords(stream)
-    for await (const record of records) {
-        if (record.kind === 'malformed') {
-            const where = record.line !== null ? `line ${record.line}` : `record ${record.ordinal + 1}`
-            throw new UsageError(`--events: ${where} of ${path}: ${record.reason}.`)
+    const { chunks } = await readRecords(stream)
+    for await (const chunk of chunks) {
+        for (const record of chunk) {
+            if (record.kind === 'malformed') {
+                const where = record.line !== null ? `line ${record.line}` : `record ${record.ordinal + 1}`
+                throw new UsageError(`--events: ${where} of ${path}: ${record.reason}.`)
+            }
+            yield record.event as unknown as ProcessedPluginEvent
         }
-        yield record.event as unknown as ProcessedPluginEvent
     }
 }
 

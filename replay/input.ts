@@ -86,7 +86,7 @@ async function sniff(input: Readable): Promise<{ head: string; rest: Readable }>
     return { head: head.toString('utf8'), rest: Readable.from(replay(), { objectMode: false }) }
 }
 
-async function* jsonLines(input: Readable): AsyncGenerator<InputRecord> {
+async function* jsonLines(input: Readable): AsyncGenerator<InputRecord[]> {
     let ordinal = 0
     let lineNumber = 0
     let carry = ''
@@ -112,22 +112,23 @@ async function* jsonLines(input: Readable): AsyncGenerator<InputRecord> {
             return { ordinal: ordinal++, kind: 'malformed', line: lineNumber, reason: 'not valid JSON', raw: text }
         }
     }
+    // One yield per chunk read, not per line: an await per event would cost more than parsing it.
     for await (const chunk of input) {
         const text = carry + (typeof chunk === 'string' ? chunk : (chunk as Buffer).toString('utf8'))
         const lines = text.split('\n')
         carry = lines.pop() ?? ''
+        const records: InputRecord[] = []
         for (const line of lines) {
             const record = handle(line)
             if (record) {
-                yield record
+                records.push(record)
             }
         }
+        yield records
     }
-    if (carry) {
-        const record = handle(carry)
-        if (record) {
-            yield record
-        }
+    const last = carry ? handle(carry) : null
+    if (last) {
+        yield [last]
     }
 }
 
@@ -147,40 +148,44 @@ function through<T extends NodeJS.ReadWriteStream>(input: Readable, ...stages: N
     return last
 }
 
-async function* jsonArray(input: Readable): AsyncGenerator<InputRecord> {
+async function* jsonArray(input: Readable): AsyncGenerator<InputRecord[]> {
     let ordinal = 0
     const items = through(input, parser(), streamArray())
     for await (const item of items as AsyncIterable<{ key: number; value: unknown }>) {
-        yield isEvent(item.value)
-            ? { ordinal: ordinal++, kind: 'event', event: item.value }
-            : {
-                  ordinal: ordinal++,
-                  kind: 'malformed',
-                  line: null,
-                  reason: `array item ${item.key} is not a PostHog event`,
-                  raw: JSON.stringify(item.value).slice(0, 1_000),
-              }
+        yield [
+            isEvent(item.value)
+                ? { ordinal: ordinal++, kind: 'event', event: item.value }
+                : {
+                      ordinal: ordinal++,
+                      kind: 'malformed',
+                      line: null,
+                      reason: `array item ${item.key} is not a PostHog event`,
+                      raw: JSON.stringify(item.value).slice(0, 1_000),
+                  },
+        ]
     }
 }
 
-async function* apiPages(input: Readable): AsyncGenerator<InputRecord> {
+async function* apiPages(input: Readable): AsyncGenerator<InputRecord[]> {
     let ordinal = 0
     // One page in memory at a time: PostHog pages hold at most a few thousand events.
     const pages = through(input, parser({ jsonStreaming: true }), streamValues())
     for await (const page of pages as AsyncIterable<{ key: number; value: unknown }>) {
         const results = (page.value as { results?: unknown }).results
         if (!Array.isArray(results)) {
-            yield {
-                ordinal: ordinal++,
-                kind: 'malformed',
-                line: null,
-                reason: `page ${page.key + 1} has no "results" array`,
-                raw: JSON.stringify(page.value).slice(0, 1_000),
-            }
+            yield [
+                {
+                    ordinal: ordinal++,
+                    kind: 'malformed',
+                    line: null,
+                    reason: `page ${page.key + 1} has no "results" array`,
+                    raw: JSON.stringify(page.value).slice(0, 1_000),
+                },
+            ]
             continue
         }
-        for (const value of results) {
-            yield isEvent(value)
+        yield results.map((value: unknown): InputRecord =>
+            isEvent(value)
                 ? { ordinal: ordinal++, kind: 'event', event: value }
                 : {
                       ordinal: ordinal++,
@@ -189,17 +194,17 @@ async function* apiPages(input: Readable): AsyncGenerator<InputRecord> {
                       reason: `an item of page ${page.key + 1} is not a PostHog event`,
                       raw: JSON.stringify(value).slice(0, 1_000),
                   }
-        }
+        )
     }
 }
 
-/** Reads records from an input stream, detecting the format unless one is given. */
+/** Reads records from an input stream, in chunks in input order, detecting the format unless one is given. */
 export async function readRecords(
     input: Readable,
     format: InputFormat | 'auto' = 'auto'
-): Promise<{ format: InputFormat; records: AsyncGenerator<InputRecord> }> {
+): Promise<{ format: InputFormat; chunks: AsyncGenerator<InputRecord[]> }> {
     const { head, rest } = await sniff(input)
     const chosen = format === 'auto' ? detectFormat(head) : format
     const readers = { jsonl: jsonLines, json: jsonArray, pages: apiPages }
-    return { format: chosen, records: readers[chosen](rest) }
+    return { format: chosen, chunks: readers[chosen](rest) }
 }

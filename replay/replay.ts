@@ -111,7 +111,7 @@ export async function replay(options: ReplayOptions): Promise<ReplayReport> {
     const { config, env } = options
     const concurrency = options.concurrency ?? DEFAULT_CONCURRENCY
     const previous = readCheckpoint(options.checkpointFile)
-    const { format, records } = await readRecords(options.input, options.format ?? 'auto')
+    const { format, chunks } = await readRecords(options.input, options.format ?? 'auto')
     const report: ReplayReport = {
         format,
         read: 0,
@@ -236,57 +236,61 @@ export async function replay(options: ReplayOptions): Promise<ReplayReport> {
     let batchStart = previous.next
     let nextOrdinal = previous.next
     try {
-        for await (const record of records) {
-            nextOrdinal = record.ordinal + 1
-            if (isHandled(previous, record.ordinal)) {
-                report.skipped++
-                // A skipped record closes the open batch, so ranges never straddle handled records.
-                if (batch.length > 0) {
+        reading: for await (const chunk of chunks) {
+            for (const record of chunk) {
+                nextOrdinal = record.ordinal + 1
+                if (isHandled(previous, record.ordinal)) {
+                    report.skipped++
+                    // A skipped record closes the open batch, so ranges never straddle handled records.
+                    if (batch.length > 0) {
+                        await dispatch(batch, batchStart, record.ordinal)
+                        batch = []
+                        batchBytes = 2
+                    }
+                    batchStart = record.ordinal + 1
+                    continue
+                }
+                if (options.signal?.aborted || report.stopped) {
+                    nextOrdinal = record.ordinal
+                    break reading
+                }
+                report.read++
+                if (record.kind === 'malformed') {
+                    report.malformed++
+                    const where = record.line !== null ? `line ${record.line}: ` : ''
+                    options.onWarning?.(`${where}${record.reason}`)
+                    deadLetter(
+                        JSON.stringify({ reason: `${where}${record.reason}`, line: record.line, raw: record.raw })
+                    )
+                    continue
+                }
+                const event = record.event
+                if (!shouldSend(String(event.event), config)) {
+                    report.filtered++
+                    continue
+                }
+                // With nothing to remove, the event is sent as read: its line is already valid JSON.
+                const json =
+                    record.text !== undefined && config.excludedProperties.length === 0
+                        ? record.text
+                        : JSON.stringify(shapeEvent(event, config.excludedProperties))
+                const item: Item = { uuid: String(event.uuid ?? ''), json, bytes: Buffer.byteLength(json) }
+                if (batch.length > 0 && batchBytes + 1 + item.bytes > config.maxBatchBytes) {
                     await dispatch(batch, batchStart, record.ordinal)
                     batch = []
                     batchBytes = 2
+                    batchStart = record.ordinal
                 }
-                batchStart = record.ordinal + 1
-                continue
+                batch.push(item)
+                batchBytes += item.bytes + (batch.length > 1 ? 1 : 0)
+                if (batch.length >= config.maxBatchEvents) {
+                    await dispatch(batch, batchStart, record.ordinal + 1)
+                    batch = []
+                    batchBytes = 2
+                    batchStart = record.ordinal + 1
+                }
+                progress()
             }
-            if (options.signal?.aborted || report.stopped) {
-                nextOrdinal = record.ordinal
-                break
-            }
-            report.read++
-            if (record.kind === 'malformed') {
-                report.malformed++
-                const where = record.line !== null ? `line ${record.line}: ` : ''
-                options.onWarning?.(`${where}${record.reason}`)
-                deadLetter(JSON.stringify({ reason: `${where}${record.reason}`, line: record.line, raw: record.raw }))
-                continue
-            }
-            const event = record.event
-            if (!shouldSend(String(event.event), config)) {
-                report.filtered++
-                continue
-            }
-            // With nothing to remove, the event is sent as read: its line is already valid JSON.
-            const json =
-                record.text !== undefined && config.excludedProperties.length === 0
-                    ? record.text
-                    : JSON.stringify(shapeEvent(event, config.excludedProperties))
-            const item: Item = { uuid: String(event.uuid ?? ''), json, bytes: Buffer.byteLength(json) }
-            if (batch.length > 0 && batchBytes + 1 + item.bytes > config.maxBatchBytes) {
-                await dispatch(batch, batchStart, record.ordinal)
-                batch = []
-                batchBytes = 2
-                batchStart = record.ordinal
-            }
-            batch.push(item)
-            batchBytes += item.bytes + (batch.length > 1 ? 1 : 0)
-            if (batch.length >= config.maxBatchEvents) {
-                await dispatch(batch, batchStart, record.ordinal + 1)
-                batch = []
-                batchBytes = 2
-                batchStart = record.ordinal + 1
-            }
-            progress()
         }
     } catch (error) {
         // Unreadable input (a broken JSON array, say) stops the run; what was sent so far is still checkpointed.
