@@ -57,6 +57,24 @@ async function cli(args: string[], env: Record<string, string> = {}, stdin = '')
     return { code, ...text }
 }
 
+/** The replay CLI as a child process over 3,000 events, in batches of 50, with a checkpoint: start it, and again. */
+function replayProcess(r: Receiver, concurrency: number) {
+    const input = events(3_000)
+    const path = writeInput('in.jsonl', input.map((e) => JSON.stringify(e)).join('\n'))
+    const checkpoint = join(dir, 'ck.json')
+    const args = [BIN, 'replay', path, '--batch-events', '50', '--concurrency', String(concurrency)]
+    const env = { ...process.env, PATTERNS_WEBHOOK_URL: r.url }
+    const start = () => {
+        const child = spawn(process.execPath, [...args, '--checkpoint', checkpoint], { env, stdio: 'pipe' })
+        let output = ''
+        child.stdout.on('data', (c: Buffer) => (output += c.toString()))
+        child.stderr.on('data', (c: Buffer) => (output += c.toString()))
+        const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
+        return { child, exited, output: () => output }
+    }
+    return { input, checkpoint, start }
+}
+
 describe('input formats', () => {
     it('detects each format from the first bytes', () => {
         expect(detectFormat('  [{"event":"a"}]')).toBe('json')
@@ -264,24 +282,17 @@ describe('checkpoint and resume', () => {
 
     it('survives a kill midway: resuming delivers everything, duplicating only batches in flight', async () => {
         const r = await rx('none', { latencyMs: 15 })
-        const input = events(3_000)
-        const path = writeInput('in.jsonl', input.map((e) => JSON.stringify(e)).join('\n'))
-        const checkpoint = join(dir, 'ck.json')
-        const args = [BIN, 'replay', path, '--batch-events', '50', '--concurrency', '3', '--checkpoint', checkpoint]
-        const env = { ...process.env, PATTERNS_WEBHOOK_URL: r.url }
-        const child = spawn(process.execPath, args, { env, stdio: 'ignore' })
-        const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
+        const job = replayProcess(r, 3)
+        const first = job.start()
         await waitFor(() => r.summary().rows >= 1_000)
-        child.kill('SIGKILL')
-        expect(await exited).toBeNull()
+        first.child.kill('SIGKILL')
+        expect(await first.exited).toBeNull()
         const rowsAtKill = r.summary().rows
         expect(rowsAtKill).toBeGreaterThanOrEqual(1_000)
         expect(rowsAtKill).toBeLessThan(3_000)
-        const resumed = spawn(process.execPath, args, { env, stdio: 'ignore' })
-        const code = await new Promise<number | null>((resolve) => resumed.on('exit', (c) => resolve(c)))
-        expect(code).toBe(0)
+        expect(await job.start().exited).toBe(0)
         const counts = r.uuidCounts()
-        expect(input.filter((e) => !counts.has(e.uuid))).toEqual([])
+        expect(job.input.filter((e) => !counts.has(e.uuid))).toEqual([])
         // At most the 3 batches of 50 that were out when the process died are sent twice.
         expect(r.summary().duplicateRows).toBeLessThanOrEqual(3 * 50)
     }, 120_000)
@@ -290,34 +301,21 @@ describe('checkpoint and resume', () => {
 describe('interrupting', () => {
     it('on Ctrl-C finishes the requests in flight, writes the checkpoint, and the same command resumes', async () => {
         const r = await rx('none', { latencyMs: 20 })
-        const input = events(3_000)
-        const path = writeInput('in.jsonl', input.map((e) => JSON.stringify(e)).join('\n'))
-        const checkpoint = join(dir, 'ck.json')
-        const args = [BIN, 'replay', path, '--batch-events', '50', '--concurrency', '2', '--checkpoint', checkpoint]
-        const env = { ...process.env, PATTERNS_WEBHOOK_URL: r.url }
-        const child = spawn(process.execPath, args, { env, stdio: ['ignore', 'pipe', 'pipe'] })
-        let output = ''
-        child.stdout.on('data', (c: Buffer) => (output += c.toString()))
-        child.stderr.on('data', (c: Buffer) => (output += c.toString()))
-        const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
+        const job = replayProcess(r, 2)
+        const first = job.start()
         await waitFor(() => r.summary().rows >= 500)
-        child.kill('SIGINT')
-        expect(await exited).toBe(130)
-        expect(output).toContain('Interrupted: finishing the requests in flight')
-        expect(output).toContain('stopped early             interrupted')
+        first.child.kill('SIGINT')
+        expect(await first.exited).toBe(130)
+        expect(first.output()).toContain('Interrupted: finishing the requests in flight')
+        expect(first.output()).toContain('stopped early             interrupted')
         // Everything sent was acknowledged before exit, so the checkpoint covers every stored row.
-        const saved = readCheckpoint(checkpoint)
+        const saved = readCheckpoint(job.checkpoint)
         expect(saved.next).toBe(r.summary().rows)
         expect(saved.next).toBeLessThan(3_000)
-        const resumed = spawn(process.execPath, args, { env, stdio: 'ignore' })
-        expect(await new Promise((resolve) => resumed.on('exit', resolve))).toBe(0)
+        expect(await job.start().exited).toBe(0)
         // Two requests in flight may land in either order; what matters is every event, once.
-        expect(
-            r
-                .rows()
-                .map((row) => String(row.uuid))
-                .sort()
-        ).toEqual(input.map((e) => e.uuid).sort())
+        const stored = r.rows().map((row) => String(row.uuid))
+        expect(stored.sort()).toEqual(job.input.map((e) => e.uuid).sort())
         expect(r.summary().duplicateRows).toBe(0)
     }, 60_000)
 })
