@@ -154,7 +154,8 @@ describe('a webhook that never answers', () => {
         )
         for (const { result } of eras) {
             expect(result.failed).toBe(5)
-            expect(result.maxCallMs).toBeLessThanOrEqual(CALL_DEADLINE_MS + 250)
+            // The plugin's 25 s, plus room for a busy CI machine to run the callbacks; the host would kill it at 30 s.
+            expect(result.maxCallMs).toBeLessThanOrEqual(CALL_DEADLINE_MS + 750)
             // The plugin's own RetryError, not the host's 30 s guard.
             expect(result.errorMessages.every((m) => m.startsWith('RetryError: '))).toBe(true)
             expect(result.errorMessages.some((m) => m.includes('timed out'))).toBe(true)

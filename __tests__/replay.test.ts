@@ -281,7 +281,7 @@ describe('checkpoint and resume', () => {
     }, 180_000)
 
     it('survives a kill midway: resuming delivers everything, duplicating only batches in flight', async () => {
-        const r = await rx('none', { latencyMs: 15 })
+        const r = await rx('none', { latencyMs: 30 })
         const job = replayProcess(r, 3)
         const first = job.start()
         await waitFor(() => r.summary().rows >= 1_000)
@@ -300,7 +300,7 @@ describe('checkpoint and resume', () => {
 
 describe('interrupting', () => {
     it('on Ctrl-C finishes the requests in flight, writes the checkpoint, and the same command resumes', async () => {
-        const r = await rx('none', { latencyMs: 20 })
+        const r = await rx('none', { latencyMs: 30 })
         const job = replayProcess(r, 2)
         const first = job.start()
         await waitFor(() => r.summary().rows >= 500)
