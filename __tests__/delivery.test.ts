@@ -200,6 +200,19 @@ describe('what is sent', () => {
         expect(sender.stats).toMatchObject({ events: 4, filtered: 2, delivered: 2 })
     })
 
+    it('rejects an event that cannot be serialised, naming it, and still sends the others', async () => {
+        const s = await serve(() => ({ status: 200 }))
+        const sender = makeSender({ webhookUrl: s.url }, testEnv())
+        const broken = makeEvent(1)
+        broken.properties.self = broken.properties
+        const results = await Promise.all([settle(sender.send(broken)), settle(sender.send(makeEvent(2)))])
+        expect(!results[0]?.ok && results[0]?.error.message).toBe(
+            `event ${broken.uuid} could not be serialised as JSON (TypeError)`
+        )
+        expect(results[1]?.ok).toBe(true)
+        expect(s.accepted.map((e) => e.uuid)).toEqual([makeEvent(2).uuid])
+    })
+
     it('removes excluded properties before sending', async () => {
         const s = await serve(() => ({ status: 200 }))
         const sender = makeSender({ webhookUrl: s.url, excludedProperties: '$ip, email' }, testEnv())
