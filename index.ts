@@ -563,6 +563,19 @@ export function describeNetworkError(error: unknown): string | null {
     return null
 }
 
+/**
+ * How much time an attempt needs. Where the timeout can be enforced, any attempt can be cut to fit; where it can't
+ * (the timerless sandbox, whose fetch may run for the host's own timeout), the next request may take as long as
+ * the last one did.
+ */
+export function attemptNeedsMs(lastAttemptMs: number, timeoutEnforced: boolean): number {
+    return timeoutEnforced ? MIN_ATTEMPT_MS : Math.max(MIN_ATTEMPT_MS, lastAttemptMs)
+}
+
+export function attemptFits(remainingMs: number, lastAttemptMs: number, timeoutEnforced: boolean): boolean {
+    return remainingMs >= attemptNeedsMs(lastAttemptMs, timeoutEnforced)
+}
+
 /** Full-jitter exponential backoff: random(0, min(cap, base * 2^attempt)). `attempt` counts from 0. */
 export function backoffDelay(attempt: number, random: () => number): number {
     const ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** attempt)
@@ -584,7 +597,7 @@ export interface RetryPlanInput {
 /** Whether and when to try a batch again. Pure, so the whole schedule can be asserted without waiting. */
 export function planRetry(input: RetryPlanInput): RetryPlan {
     const { attempts, outcome, remainingMs, timers } = input
-    const neededForAttempt = input.timeoutEnforced ? MIN_ATTEMPT_MS : Math.max(MIN_ATTEMPT_MS, input.lastAttemptMs)
+    const neededForAttempt = attemptNeedsMs(input.lastAttemptMs, input.timeoutEnforced)
     if (!timers) {
         // Without timers a throttled receiver can't be given time, and hammering it would make things worse.
         if (outcome.throttled) {
@@ -593,7 +606,7 @@ export function planRetry(input: RetryPlanInput): RetryPlan {
         if (attempts >= MAX_ATTEMPTS_WITHOUT_TIMERS) {
             return { retry: false, why: 'out of immediate retries' }
         }
-        if (remainingMs < neededForAttempt) {
+        if (!attemptFits(remainingMs, input.lastAttemptMs, input.timeoutEnforced)) {
             return { retry: false, why: 'no time left before the deadline' }
         }
         return { retry: true, delayMs: 0 }
@@ -767,7 +780,13 @@ export interface DeliveryResult<T> {
 }
 
 export interface DeliveryHooks {
-    onAttempt?: (outcome: Outcome) => void
+    onAttempt?: (outcome: Outcome, durationMs: number) => void
+    /** How long the latest request took, in an earlier batch: where timeouts can't be enforced, the next may too. */
+    recentAttemptMs?: number
+}
+
+function seconds(ms: number): string {
+    return (ms / 1000).toFixed(1)
 }
 
 function attemptsText(attempts: number): string {
@@ -794,16 +813,23 @@ export async function deliver<T extends { json: string; uuid: string }>(
         return [{ items, error: retryable ? new RetryError(text) : new Error(text) }]
     }
     let attempts = 0
+    let lastAttemptMs = hooks.recentAttemptMs ?? 0
     for (;;) {
         const remaining = deadline - env.now()
-        if (remaining < MIN_ATTEMPT_MS) {
-            return fail(`not sent, the ${Math.round(config.deadlineMs / 1000)} s deadline ran out first`, true)
+        if (!attemptFits(remaining, lastAttemptMs, env.timeoutEnforced)) {
+            const why =
+                remaining < MIN_ATTEMPT_MS
+                    ? `the ${Math.round(config.deadlineMs / 1000)} s deadline ran out first`
+                    : `${seconds(remaining)} s were left before the deadline, and the last request took ` +
+                      `${seconds(lastAttemptMs)} s, which this host cannot cut short`
+            return fail(`not sent: ${why}`, true)
         }
         const started = env.now()
         const timeoutMs = Math.min(config.requestTimeoutMs, remaining - DEADLINE_MARGIN_MS)
         const outcome = await postOnce(config, env, body, webhookId, timeoutMs)
         attempts++
-        hooks.onAttempt?.(outcome)
+        lastAttemptMs = env.now() - started
+        hooks.onAttempt?.(outcome, lastAttemptMs)
         if (outcome.kind === 'delivered') {
             return [{ items, error: null }]
         }
@@ -815,8 +841,9 @@ export async function deliver<T extends { json: string; uuid: string }>(
                 return fail(`${outcome.reason} even as a single event; gave up after ${attemptsText(attempts)}`, false)
             }
             const [first, second] = splitInHalves(items)
-            const firstResults = await deliver(first, config, env, deadline, hooks)
-            const secondResults = await deliver(second, config, env, deadline, hooks)
+            const halfHooks = { ...hooks, recentAttemptMs: lastAttemptMs }
+            const firstResults = await deliver(first, config, env, deadline, halfHooks)
+            const secondResults = await deliver(second, config, env, deadline, halfHooks)
             return [...firstResults, ...secondResults]
         }
         const plan = planRetry({
@@ -824,7 +851,7 @@ export async function deliver<T extends { json: string; uuid: string }>(
             outcome,
             remainingMs: deadline - env.now(),
             timers: env.sleep !== null,
-            lastAttemptMs: env.now() - started,
+            lastAttemptMs,
             timeoutEnforced: env.timeoutEnforced,
             random: env.random,
         })
@@ -855,6 +882,8 @@ export class Sender {
     private readonly queue: QueuedEvent[] = []
     private running = false
     private failedRequestsInStreak = 0
+    /** How long the latest request took, carried into the next batch's first attempt. */
+    private recentAttemptMs = 0
 
     constructor(
         readonly config: ParsedConfig,
@@ -921,7 +950,8 @@ export class Sender {
         let results: DeliveryResult<QueuedEvent>[]
         try {
             results = await deliver(batch, this.config, this.env, deadline, {
-                onAttempt: (outcome) => this.recordAttempt(outcome),
+                onAttempt: (outcome, durationMs) => this.recordAttempt(outcome, durationMs),
+                recentAttemptMs: this.recentAttemptMs,
             })
         } catch (error) {
             // Only a bug gets here; still, no call may be left hanging, and the next batch still goes.
@@ -932,8 +962,9 @@ export class Sender {
         void this.sendNext()
     }
 
-    private recordAttempt(outcome: Outcome): void {
+    private recordAttempt(outcome: Outcome, durationMs: number): void {
         this.stats.requests++
+        this.recentAttemptMs = durationMs
         if (outcome.kind === 'delivered') {
             if (this.failedRequestsInStreak > 0) {
                 this.env.logger.info(

@@ -380,6 +380,34 @@ describe('deadline', () => {
     })
 })
 
+describe('deadline where the timeout cannot be enforced', () => {
+    it('does not start a batch whose time left is shorter than the last request took', async () => {
+        // As in the timerless sandbox: no timers, and a fetch whose own timeout (here 10 s) the plugin can't shorten.
+        const env = { ...testEnv({ timers: false, fakeClock: true }), timeoutEnforced: false }
+        const late = makeEvent(2)
+        let lateResult: ReturnType<typeof settle> | undefined
+        server = await startServer((_request, index) => {
+            if (index === 0) {
+                lateResult = settle(sender.send(late))
+            }
+            env.advance(10_000)
+            return { status: 504 }
+        })
+        const s = server
+        const sender = makeSender({ webhookUrl: s.url }, env)
+        const first = await settle(sender.send(makeEvent(1)))
+        const second = await lateResult
+        // The first batch: 10 s, 10 s, then 5 s left is too little for another 10 s request.
+        expect(!first.ok && first.error.message).toContain('gave up after 2 attempts')
+        // The second call has the same 5 s left, so it is not sent at all.
+        expect(s.received).toHaveLength(2)
+        expect(second && !second.ok && second.error.name).toBe('RetryError')
+        expect(second && !second.ok && second.error.message).toContain(
+            'not sent: 5.0 s were left before the deadline, and the last request took 10.0 s'
+        )
+    })
+})
+
 describe('without timers', () => {
     it('retries a 503 immediately, a bounded number of times, then throws RetryError', async () => {
         const s = await serve(() => ({ status: 503 }))
