@@ -606,7 +606,7 @@ export function planRetry(input: RetryPlanInput): RetryPlan {
         if (attempts >= MAX_ATTEMPTS_WITHOUT_TIMERS) {
             return { retry: false, why: 'out of immediate retries' }
         }
-        if (!attemptFits(remainingMs, input.lastAttemptMs, input.timeoutEnforced)) {
+        if (remainingMs < neededForAttempt) {
             return { retry: false, why: 'no time left before the deadline' }
         }
         return { retry: true, delayMs: 0 }
@@ -939,8 +939,9 @@ export class Sender {
             this.running = false
             return
         }
+        // Only the first maxBatchEvents items can go in this POST, so only their sizes are looked at.
         const count = takeCount(
-            this.queue.map((item) => item.bytes),
+            this.queue.slice(0, this.config.maxBatchEvents).map((item) => item.bytes),
             this.config.maxBatchEvents,
             this.config.maxBatchBytes
         )
