@@ -22,6 +22,12 @@ export const USER_AGENT = `patterns-connector/${CONNECTOR_VERSION} (PostHog plug
 
 /** Per-request timeout. Hosts kill a call at 30 s, so a single request must be well below that. */
 export const DEFAULT_REQUEST_TIMEOUT_MS = 10_000
+/**
+ * The longest a host's own fetch may hold a request that the plugin cannot cut short: vm2024's undici fetch
+ * replaces any signal with its own 10 s timeout (3 s in 2025). Where no timeout can be enforced, an attempt is
+ * started only with at least this long left before the deadline.
+ */
+export const HOST_FETCH_TIMEOUT_MS = 10_000
 /** Every onEvent call settles within this long of being called: the host's guard kills it at 30 s. */
 export const CALL_DEADLINE_MS = 25_000
 /** Don't start an attempt with less time than this left: it could not finish anyway. */
@@ -36,6 +42,8 @@ export const BACKOFF_BASE_MS = 250
 export const BACKOFF_CAP_MS = 5_000
 /** A Retry-After longer than this is treated as "not within this call". */
 export const RETRY_AFTER_CAP_MS = 20_000
+/** The shortest wait honoured for a Retry-After: `Retry-After: 0` must not turn retries into a tight loop. */
+export const MIN_RETRY_AFTER_MS = BACKOFF_BASE_MS
 /** Where timers exist, attempts are bounded by the deadline and by this, so a fast-failing webhook isn't hammered. */
 export const MAX_ATTEMPTS_WITH_TIMERS = 12
 /**
@@ -43,10 +51,22 @@ export const MAX_ATTEMPTS_WITH_TIMERS = 12
  * per-request fault rate into a 0.025% batch loss rate, while a webhook that is down sees only 5 requests per batch.
  */
 export const MAX_ATTEMPTS_WITHOUT_TIMERS = 5
+/**
+ * 413 answers one batch may get while it is split in halves. Enough to isolate one oversized event in a batch of
+ * 500 (9 halvings), while a receiver that refuses everything sees 16 requests, not 999.
+ */
+export const MAX_TOO_LARGE_PER_BATCH = 16
 /** Microtask turns to wait before the first POST when there is no setImmediate: lets a burst of calls gather. */
-export const BURST_GATHER_MICROTASKS = 50
+export const BURST_GATHER_MICROTASKS = 5
 /** Error bodies are quoted, redacted and cut to this length, so a receiver's explanation reaches the user. */
 export const ERROR_BODY_SNIPPET_CHARS = 200
+/** At most this much of an error body is read: a hostile receiver can't make the connector buffer more. */
+export const ERROR_BODY_MAX_BYTES = 16_384
+/**
+ * A quote is withheld when it contains this many characters in a row of a secret's distinctive part, in any
+ * encoding: a receiver that echoes part of the URL's token or of a header value must not get it into the log.
+ */
+export const SECRET_FRAGMENT_CHARS = 6
 /** Headers the connector sets itself; a custom header may not replace them. */
 export const RESERVED_HEADERS = [
     'content-type',
@@ -56,6 +76,18 @@ export const RESERVED_HEADERS = [
     'webhook-id',
     'webhook-timestamp',
     'webhook-signature',
+]
+/** Headers that fetch implementations refuse or that change how the request is framed: undici throws on them. */
+export const FORBIDDEN_HEADERS = [
+    'connection',
+    'expect',
+    'keep-alive',
+    'proxy-connection',
+    'te',
+    'trailer',
+    'transfer-encoding',
+    'upgrade',
+    'http2-settings',
 ]
 /** Loopback hosts, the only ones allowed over plain http (for local receivers and tests). */
 const LOOPBACK_HOSTS = new Set(['localhost', '127.0.0.1', '[::1]', '::1'])
@@ -108,8 +140,14 @@ export interface ParsedConfig {
     deadlineMs: number
     maxBatchEvents: number
     maxBatchBytes: number
-    /** Every string that must never reach a log line or an error message. */
+    /** Attempts per batch where timers exist (replay sets it by its --retry-for budget instead). */
+    maxAttempts: number
+    /** The longest Retry-After honoured; a longer one gives up at once. */
+    retryAfterCapMs: number
+    /** Every string that must never reach a log line or an error message, in each encoding it may take. */
     secrets: string[]
+    /** The distinctive parts of the secrets: no run of SECRET_FRAGMENT_CHARS of them may be quoted from a body. */
+    secretParts: string[]
 }
 
 export type AnyEvent = ProcessedPluginEvent | PluginEvent
@@ -124,7 +162,8 @@ export interface Logger {
 export interface TransportResponse {
     status: number
     header: (lowercaseName: string) => string | null
-    text: () => Promise<string>
+    /** The start of the body, read (bounded) only for responses whose body may be quoted; null otherwise. */
+    body: string | null
 }
 
 export interface TransportRequest {
@@ -142,6 +181,8 @@ export interface FetchLikeResponse {
     status: number
     headers: unknown
     text: () => Promise<string>
+    /** A WHATWG stream (undici), a Node stream (node-fetch v2), or absent (the CDP executor). */
+    body?: unknown
 }
 /** PostHog's CDP executor fetch: `meta.fetch(url, { method, headers, body, timeoutMs })`, no `.ok`, plain headers. */
 export type MetaFetch = (
@@ -278,6 +319,9 @@ export function parseCustomHeaders(value: unknown): Record<string, string> {
         if (RESERVED_HEADERS.includes(name.toLowerCase())) {
             throw new ConfigError(field, `"${name}" is set by the connector itself. Remove it from customHeaders.`)
         }
+        if (FORBIDDEN_HEADERS.includes(name.toLowerCase())) {
+            throw new ConfigError(field, `"${name}" controls the connection, and fetch refuses it. Remove it.`)
+        }
         // Values are secrets: the message names the header, never its value.
         if (typeof headerValue !== 'string') {
             throw new ConfigError(field, `the value of "${name}" must be a string. Put it in double quotes.`)
@@ -285,7 +329,15 @@ export function parseCustomHeaders(value: unknown): Record<string, string> {
         if (/[\r\n]/.test(headerValue)) {
             throw new ConfigError(field, `the value of "${name}" contains a line break. Remove it.`)
         }
-        headers[name] = headerValue
+        // HTTP header values are Latin-1 without control characters; fetch throws on anything else, on every request.
+        if (!/^[\t\x20-\x7e\x80-\xff]*$/.test(headerValue)) {
+            throw new ConfigError(
+                field,
+                `the value of "${name}" has a character HTTP headers cannot carry (a control character, or one ` +
+                    'outside Latin-1). Percent-encode or base64-encode it.'
+            )
+        }
+        headers[name] = headerValue.trim()
     }
     return headers
 }
@@ -313,6 +365,8 @@ export interface ConfigOverrides {
     deadlineMs?: number
     maxBatchEvents?: number
     maxBatchBytes?: number
+    maxAttempts?: number
+    retryAfterCapMs?: number
 }
 
 export function parseConfig(raw: Partial<PatternsConfig> | undefined, overrides: ConfigOverrides = {}): ParsedConfig {
@@ -322,12 +376,8 @@ export function parseConfig(raw: Partial<PatternsConfig> | undefined, overrides:
     const signingKey = parseSigningSecret(config.signingSecret)
     const allowed = parseList(config.allowedEventTypes)
     const webhookUrl = url.toString()
-    const secrets = [webhookUrl, url.pathname + url.search, ...Object.values(customHeaders)]
-    if (typeof config.signingSecret === 'string' && signingKey) {
-        secrets.push(config.signingSecret.trim(), config.signingSecret.trim().slice('whsec_'.length))
-    }
-    // Longest first, so a secret that contains another is removed whole.
-    const usableSecrets = secrets.filter((s) => s.length >= 4 && s !== '/').sort((a, b) => b.length - a.length)
+    const signingSecret = signingKey && typeof config.signingSecret === 'string' ? config.signingSecret.trim() : null
+    const secretParts = distinctiveParts(url, Object.values(customHeaders), signingSecret)
     return {
         webhookUrl,
         redactedUrl: redactUrl(webhookUrl),
@@ -340,7 +390,10 @@ export function parseConfig(raw: Partial<PatternsConfig> | undefined, overrides:
         deadlineMs: positiveOr(overrides.deadlineMs, CALL_DEADLINE_MS, 'deadlineMs'),
         maxBatchEvents: positiveOr(overrides.maxBatchEvents, DEFAULT_MAX_BATCH_EVENTS, 'maxBatchEvents'),
         maxBatchBytes: positiveOr(overrides.maxBatchBytes, DEFAULT_MAX_BATCH_BYTES, 'maxBatchBytes'),
-        secrets: usableSecrets,
+        maxAttempts: positiveOr(overrides.maxAttempts, MAX_ATTEMPTS_WITH_TIMERS, 'maxAttempts'),
+        retryAfterCapMs: positiveOr(overrides.retryAfterCapMs, RETRY_AFTER_CAP_MS, 'retryAfterCapMs'),
+        secrets: secretForms([webhookUrl, ...secretParts]),
+        secretParts,
     }
 }
 
@@ -348,7 +401,8 @@ function positiveOr(value: number | undefined, fallback: number, field: string):
     if (value === undefined) {
         return fallback
     }
-    if (!Number.isFinite(value) || value <= 0) {
+    // Infinity is allowed: replay's budget is time, not a count of attempts.
+    if (!(value > 0)) {
         throw new ConfigError(field, `it must be a positive number, got ${String(value)}.`)
     }
     return value
@@ -358,16 +412,70 @@ function positiveOr(value: number | undefined, fallback: number, field: string):
 // Pure policy: redaction, filtering, shaping, batching, response classification, retry planning, signing.
 // ---------------------------------------------------------------------------------------------------------------
 
-/** The webhook URL's path is its credential: log only scheme, host and the last 4 characters. */
+/** The webhook URL's path is its credential: log only the scheme and the host. */
 export function redactUrl(url: string): string {
     try {
         const parsed = new URL(url)
-        const rest = parsed.pathname + parsed.search
-        const tail = rest.length > 8 ? rest.slice(-4) : ''
-        return `${parsed.protocol}//${parsed.host}/…${tail}`
+        return `${parsed.protocol}//${parsed.host}/…`
     } catch {
         return '[unparseable URL]'
     }
+}
+
+/** A path segment that could be a token, not a word like "webhooks" or "v1" that any body may contain. */
+function isTokenSegment(segment: string): boolean {
+    return segment.length >= 4 && (/[^a-z-]/.test(segment) || segment.length >= 12)
+}
+
+function safeDecode(text: string): string {
+    try {
+        return decodeURIComponent(text)
+    } catch {
+        return text
+    }
+}
+
+/**
+ * The parts of the secrets that identify them: the URL's path and its token segments and query values, each
+ * header value, and the signing secret. Windows of these are what a quoted body must not contain.
+ */
+export function distinctiveParts(url: URL, headerValues: readonly string[], signingSecret: string | null): string[] {
+    const path = url.pathname + url.search
+    const segments = url.pathname.split('/').map(safeDecode).filter(isTokenSegment)
+    const queryValues = url.search
+        .slice(1)
+        .split('&')
+        .map((pair) => safeDecode(pair.slice(pair.indexOf('=') + 1)))
+        .filter((value) => value.length > 0)
+    const parts = [path.length > 1 ? path : '', ...segments, ...queryValues, ...headerValues]
+    if (signingSecret) {
+        parts.push(signingSecret, signingSecret.slice('whsec_'.length))
+    }
+    return [...new Set(parts.filter((part) => part.length > 0))]
+}
+
+/** Each secret as it may appear in a body: as is, JSON-escaped (also with `\\/`), and percent-encoded. */
+export function secretForms(secrets: readonly string[]): string[] {
+    const forms = new Set<string>()
+    for (const secret of secrets) {
+        const json = JSON.stringify(secret).slice(1, -1)
+        const percent = encodeURIComponent(secret)
+        for (const form of [
+            secret,
+            json,
+            json.replace(/\//g, '\\/'),
+            percent,
+            percent.toLowerCase(),
+            encodeURI(secret),
+        ]) {
+            // Shorter strings would mangle ordinary words in messages; they are caught by the fragment check instead.
+            if (form.length >= 4) {
+                forms.add(form)
+            }
+        }
+    }
+    // Longest first, so a secret that contains another is removed whole.
+    return [...forms].sort((x, y) => y.length - x.length)
 }
 
 /** Removes every known secret from a text. A safety net under messages that are built without secrets anyway. */
@@ -379,6 +487,47 @@ export function redactText(text: string, secrets: readonly string[]): string {
         }
     }
     return result
+}
+
+/** A text as a receiver may have encoded a secret in it: as is, JSON-unescaped and percent-decoded. */
+function decodedViews(text: string): string[] {
+    const unescaped = text
+        .replace(/\\u([0-9a-fA-F]{4})/g, (_, hex: string) => String.fromCharCode(parseInt(hex, 16)))
+        .replace(/\\(.)/g, '$1')
+    const decode = (t: string): string =>
+        t.replace(/%([0-9a-fA-F]{2})/g, (_, hex: string) => String.fromCharCode(parseInt(hex, 16)))
+    return [text, unescaped, decode(text), decode(unescaped)]
+}
+
+/** Whether a text holds SECRET_FRAGMENT_CHARS characters in a row of any secret part, in any of its encodings. */
+export function containsSecretFragment(text: string, parts: readonly string[]): boolean {
+    const views = decodedViews(text)
+    for (const part of parts) {
+        const width = Math.min(part.length, SECRET_FRAGMENT_CHARS)
+        for (let start = 0; start + width <= part.length; start++) {
+            const window = part.slice(start, start + width)
+            if (views.some((view) => view.includes(window))) {
+                return true
+            }
+        }
+    }
+    return false
+}
+
+/**
+ * The start of an error body, safe to log: secrets are removed before anything is cut or collapsed, and if any
+ * fragment of a secret remains, the quote is withheld whole.
+ */
+export function quoteBody(body: string | null, secrets: readonly string[], parts: readonly string[]): string {
+    if (!body) {
+        return ''
+    }
+    const redacted = redactText(body, secrets)
+    if (containsSecretFragment(redacted, parts)) {
+        return ' (body withheld: it quotes part of a secret)'
+    }
+    const snippet = redacted.replace(/\s+/g, ' ').trim().slice(0, ERROR_BODY_SNIPPET_CHARS)
+    return snippet ? ` (body: ${snippet})` : ''
 }
 
 export function shouldSend(eventName: string, config: Pick<ParsedConfig, 'allowedEvents' | 'excludedEvents'>): boolean {
@@ -414,6 +563,10 @@ export function shapeEvent<E extends object>(event: E, excludedProperties: reado
             shaped[key] = strip(shaped[key])
         }
     }
+    // Older hosts also carry the address in a top-level `ip` field; excluding $ip must remove it there too.
+    if ('ip' in shaped && excludedProperties.includes('$ip')) {
+        delete shaped.ip
+    }
     return shaped as E
 }
 
@@ -438,14 +591,20 @@ export function splitInHalves<T>(items: readonly T[]): [T[], T[]] {
     return [items.slice(0, middle), items.slice(middle)]
 }
 
-/** Retry-After is delta-seconds or an HTTP-date. Returns milliseconds from now, or null if absent or unreadable. */
+/**
+ * Retry-After is delta-seconds or an HTTP-date. Returns milliseconds from now, or null if absent or unreadable.
+ * Fractional seconds ("1.5") are read as seconds, as receivers mean them; only a text with a month name is a date.
+ */
 export function parseRetryAfter(value: string | null | undefined, nowMs: number): number | null {
     if (!value) {
         return null
     }
     const text = value.trim()
-    if (/^\d+$/.test(text)) {
-        return Number(text) * 1000
+    if (/^\d+(\.\d+)?$/.test(text)) {
+        return Math.ceil(Number(text) * 1000)
+    }
+    if (!/[A-Za-z]{3}/.test(text)) {
+        return null
     }
     const date = Date.parse(text)
     if (Number.isNaN(date)) {
@@ -469,6 +628,7 @@ export function classifyResponse(
         return { kind: 'delivered' }
     }
     // 3xx: redirects are not followed (several hosts refuse to), and a moved webhook needs a config change.
+    // `location` only says where in general terms: the target is as secret as the webhook URL.
     if (status >= 300 && status < 400) {
         const where = location ? ` to ${location}` : ''
         return {
@@ -489,8 +649,9 @@ export function classifyResponse(
             retryAfterMs: parseRetryAfter(retryAfter, nowMs),
         }
     }
-    // 408 and the transient 5xx: the receiver or a proxy in front of it had a passing problem.
-    if (status === 408 || status === 500 || status === 502 || status === 503 || status === 504) {
+    // 408 and 5xx: the receiver or a proxy in front of it (522, 524, ...) had a passing problem. Only 501 and 505
+    // say the request itself can never work.
+    if (status === 408 || (status >= 500 && status < 600 && status !== 501 && status !== 505)) {
         return {
             kind: 'retry',
             reason: `HTTP ${status}: the receiver had a temporary failure`,
@@ -512,7 +673,7 @@ export function classifyResponse(
             reason: `HTTP ${status}: the webhook does not exist; perhaps the Patterns webhook node was deleted. Check webhookUrl`,
         }
     }
-    // 501 and every other 4xx: the receiver will refuse the same request again.
+    // 501, 505 and every other 4xx: the receiver will refuse the same request again.
     if (status >= 400 && status < 600) {
         return { kind: 'permanent', reason: `HTTP ${status}: the receiver refused the events` }
     }
@@ -568,12 +729,12 @@ export function describeNetworkError(error: unknown): string | null {
  * (the timerless sandbox, whose fetch may run for the host's own timeout), the next request may take as long as
  * the last one did.
  */
-export function attemptNeedsMs(lastAttemptMs: number, timeoutEnforced: boolean): number {
-    return timeoutEnforced ? MIN_ATTEMPT_MS : Math.max(MIN_ATTEMPT_MS, lastAttemptMs)
-}
-
-export function attemptFits(remainingMs: number, lastAttemptMs: number, timeoutEnforced: boolean): boolean {
-    return remainingMs >= attemptNeedsMs(lastAttemptMs, timeoutEnforced)
+/**
+ * How much time an attempt needs. Where the timeout can be enforced, any attempt can be cut to fit; where it can't
+ * (a host fetch that ignores the plugin's timeout), the request may run for the host's own fetch timeout.
+ */
+export function attemptNeedsMs(timeoutEnforced: boolean): number {
+    return timeoutEnforced ? MIN_ATTEMPT_MS : HOST_FETCH_TIMEOUT_MS + DEADLINE_MARGIN_MS
 }
 
 /** Full-jitter exponential backoff: random(0, min(cap, base * 2^attempt)). `attempt` counts from 0. */
@@ -588,16 +749,18 @@ export interface RetryPlanInput {
     outcome: Extract<Outcome, { kind: 'retry' }>
     remainingMs: number
     timers: boolean
-    /** How long the last attempt took: where the timeout can't be enforced, another may take as long. */
-    lastAttemptMs: number
     timeoutEnforced: boolean
+    /** Attempts allowed where timers exist (the config's maxAttempts). */
+    maxAttempts: number
+    /** The longest Retry-After honoured (the config's retryAfterCapMs). */
+    retryAfterCapMs: number
     random: () => number
 }
 
 /** Whether and when to try a batch again. Pure, so the whole schedule can be asserted without waiting. */
 export function planRetry(input: RetryPlanInput): RetryPlan {
     const { attempts, outcome, remainingMs, timers } = input
-    const neededForAttempt = attemptNeedsMs(input.lastAttemptMs, input.timeoutEnforced)
+    const neededForAttempt = attemptNeedsMs(input.timeoutEnforced)
     if (!timers) {
         // Without timers a throttled receiver can't be given time, and hammering it would make things worse.
         if (outcome.throttled) {
@@ -611,18 +774,19 @@ export function planRetry(input: RetryPlanInput): RetryPlan {
         }
         return { retry: true, delayMs: 0 }
     }
-    if (attempts >= MAX_ATTEMPTS_WITH_TIMERS) {
+    if (attempts >= input.maxAttempts) {
         return { retry: false, why: 'out of retries' }
     }
     if (outcome.retryAfterMs !== null) {
         // Honour Retry-After exactly (no jitter) when it fits; a shorter wait would only be refused again.
-        if (outcome.retryAfterMs > RETRY_AFTER_CAP_MS || outcome.retryAfterMs + neededForAttempt > remainingMs) {
+        const delayMs = Math.max(outcome.retryAfterMs, MIN_RETRY_AFTER_MS)
+        if (delayMs > input.retryAfterCapMs || delayMs + neededForAttempt > remainingMs) {
             return {
                 retry: false,
-                why: `the receiver asked to wait ${Math.ceil(outcome.retryAfterMs / 1000)} s, longer than the time left`,
+                why: `the receiver asked to wait ${Math.ceil(delayMs / 1000)} s, longer than the time left`,
             }
         }
-        return { retry: true, delayMs: outcome.retryAfterMs }
+        return { retry: true, delayMs }
     }
     const delayMs = backoffDelay(attempts - 1, input.random)
     if (delayMs + neededForAttempt > remainingMs) {
@@ -643,14 +807,16 @@ export function buildHeaders(
     webhookId: string,
     nowMs: number
 ): Record<string, string> {
+    // webhook-id goes on every request, signed or not: it stays the same across retries of one body, so a
+    // receiver can deduplicate on it.
     const headers: Record<string, string> = {
         ...config.customHeaders,
         'Content-Type': 'application/json',
         'User-Agent': USER_AGENT,
+        'webhook-id': webhookId,
     }
     if (config.signingKey) {
         const timestamp = Math.floor(nowMs / 1000)
-        headers['webhook-id'] = webhookId
         headers['webhook-timestamp'] = String(timestamp)
         headers['webhook-signature'] = signPayload(config.signingKey, webhookId, timestamp, body)
     }
@@ -687,57 +853,128 @@ export function readHeader(headers: unknown, lowercaseName: string): string | nu
     return null
 }
 
-function wrapResponse(response: FetchLikeResponse): TransportResponse {
-    return {
-        status: response.status,
-        header: (name) => readHeader(response.headers, name),
-        text: () => response.text(),
+interface BodyReader {
+    read: () => Promise<{ done: boolean; value?: Uint8Array }>
+    cancel: () => Promise<void>
+}
+
+/** Reads a WHATWG body stream up to maxBytes, then cancels it: the rest is never downloaded. */
+async function readCapped(reader: BodyReader, maxBytes: number): Promise<string> {
+    const chunks: Buffer[] = []
+    let bytes = 0
+    try {
+        while (bytes < maxBytes) {
+            const { done, value } = await reader.read()
+            if (done || !value) {
+                break
+            }
+            chunks.push(Buffer.from(value))
+            bytes += value.length
+        }
+    } finally {
+        reader.cancel().catch(() => undefined)
     }
+    return Buffer.concat(chunks).subarray(0, maxBytes).toString('utf8')
+}
+
+/**
+ * At most ERROR_BODY_MAX_BYTES of an error body, or null if it can't be read. A WHATWG stream (undici) is read
+ * in chunks and cancelled; node-fetch v2 enforces the `size` option the transport passes; the CDP executor has
+ * read the body already. The time it may take is bounded by the request's own timeout, which covers the body.
+ */
+export async function readErrorBody(response: FetchLikeResponse): Promise<string | null> {
+    try {
+        const stream = response.body as { getReader?: () => BodyReader } | null | undefined
+        if (stream && typeof stream.getReader === 'function') {
+            return await readCapped(stream.getReader(), ERROR_BODY_MAX_BYTES)
+        }
+        return (await response.text()).slice(0, ERROR_BODY_MAX_BYTES)
+    } catch {
+        // An unreadable error body changes nothing about the outcome; it just isn't quoted.
+        return null
+    }
+}
+
+/** Adapts a response to the transport surface. The body is read only where it will be quoted: not for 2xx or 413. */
+function toTransportResponse(response: FetchLikeResponse): TransportResponse | Promise<TransportResponse> {
+    const status = response.status
+    const header = (name: string): string | null => readHeader(response.headers, name)
+    if ((status >= 200 && status < 300) || status === 413) {
+        return { status, header, body: null }
+    }
+    return readErrorBody(response).then((body) => ({ status, header, body }))
 }
 
 /** A transport over the CDP executor's `meta.fetch`, which takes the timeout itself. */
 export function metaFetchTransport(metaFetch: MetaFetch): Transport {
-    return async ({ url, headers, body, timeoutMs }) =>
-        wrapResponse(await metaFetch(url, { method: 'POST', headers, body, timeoutMs }))
+    return ({ url, headers, body, timeoutMs }) =>
+        metaFetch(url, { method: 'POST', headers, body, timeoutMs }).then(toTransportResponse)
 }
 
 /**
- * A transport over a classic fetch. The timeout is enforced with AbortController where it exists; node-fetch v2
- * (the classic hosts' fetch) also takes a `timeout` option, which is how it is bounded in the timerless sandbox.
+ * A transport over a classic fetch. `timeout` and `size` are node-fetch v2 options (the 2021–2023 hosts' fetch):
+ * they bound the request, its error body included, in a sandbox without timers. Other fetches ignore them, and
+ * the timeout is enforced with AbortController where it exists.
  */
 export function fetchTransport(fetchFn: FetchLike): Transport {
     return async ({ url, headers, body, timeoutMs }) => {
-        const init: Record<string, unknown> = { method: 'POST', headers, body, redirect: 'manual', timeout: timeoutMs }
+        const init: Record<string, unknown> = {
+            method: 'POST',
+            headers,
+            body,
+            redirect: 'manual',
+            timeout: timeoutMs,
+            size: ERROR_BODY_MAX_BYTES,
+        }
         const canAbort = typeof AbortController === 'function' && typeof setTimeout === 'function'
         if (!canAbort) {
-            return wrapResponse(await fetchFn(url, init))
+            // Returned, not awaited: every await in the sandbox costs a host guard.
+            return toTransportResponse(await fetchFn(url, init))
         }
         const controller = new AbortController()
         const timer = setTimeout(() => controller.abort(), timeoutMs)
         init.signal = controller.signal
         try {
-            return wrapResponse(await fetchFn(url, init))
+            // The timer runs until the error body is read too, so a body that stalls is cut off with the request.
+            return await toTransportResponse(await fetchFn(url, init))
         } finally {
             clearTimeout(timer)
         }
     }
 }
 
+/** node-fetch v2 (the 2021–2023 hosts' `fetch`) enforces its `timeout` option itself, with or without timers. */
+export function isNodeFetchV2(fetchFn: unknown): boolean {
+    return typeof fetchFn === 'function' && typeof (fetchFn as { isRedirect?: unknown }).isRedirect === 'function'
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Delivery: one POST (the I/O), and the retry loop around it.
 // ---------------------------------------------------------------------------------------------------------------
 
-/** Where a redirect pointed, redacted like the webhook URL (a relative Location is resolved against it). */
-export function redactedLocation(location: string | null, base: string): string | null {
+/** Where a redirect pointed, in words that reveal nothing of the target: it is as secret as the webhook URL. */
+export function describeRedirect(location: string | null, base: string): string | null {
     if (!location) {
         return null
     }
     try {
-        return redactUrl(new URL(location, base).toString())
+        return new URL(location, base).host === new URL(base).host ? 'another path on the same host' : 'another host'
     } catch {
-        return '[unparseable Location]'
+        return 'an unreadable address'
     }
 }
+
+/** The redirect target's distinctive parts, so that a body naming it is not quoted either. */
+export function redirectParts(location: string, base: string): string[] {
+    try {
+        const target = new URL(location, base)
+        return [location, target.toString(), ...distinctiveParts(target, [], null)]
+    } catch {
+        return [location]
+    }
+}
+
+const DELIVERED: Outcome = { kind: 'delivered' }
 
 /** The one I/O function: POSTs a body once and says what came of it. Never throws. */
 export async function postOnce(
@@ -754,35 +991,35 @@ export async function postOnce(
     } catch (error) {
         return classifyError(error)
     }
-    const outcome = classifyResponse(
-        response.status,
-        response.header('retry-after'),
-        redactedLocation(response.header('location'), config.webhookUrl),
-        env.now()
-    )
+    if (response.status >= 200 && response.status < 300) {
+        return DELIVERED
+    }
+    const location = response.header('location')
+    const where = describeRedirect(location, config.webhookUrl)
+    const outcome = classifyResponse(response.status, response.header('retry-after'), where, env.now())
     if (outcome.kind === 'delivered' || outcome.kind === 'split') {
         return outcome
     }
     // Quote the start of an error body: receivers often explain themselves there. It is never parsed as JSON.
-    let snippet = ''
-    try {
-        snippet = (await response.text()).replace(/\s+/g, ' ').trim().slice(0, ERROR_BODY_SNIPPET_CHARS)
-    } catch {
-        // An unreadable error body changes nothing about the outcome.
-    }
-    return snippet ? { ...outcome, reason: `${outcome.reason} (body: ${snippet})` } : outcome
+    const parts = location ? [...config.secretParts, ...redirectParts(location, config.webhookUrl)] : config.secretParts
+    const secrets = location ? [...secretForms(parts), ...config.secrets] : config.secrets
+    return { ...outcome, reason: outcome.reason + quoteBody(response.body, secrets, parts) }
 }
 
 /** The fate of a group of items after delivery: `error` is null when the receiver accepted them. */
 export interface DeliveryResult<T> {
     items: T[]
     error: Error | null
+    /**
+     * Whether a later try could succeed (the error is a RetryError). Kept here because the 2021 scaffold's
+     * RetryError is named "Error", so the error itself can't tell.
+     */
+    retryable: boolean
 }
 
 export interface DeliveryHooks {
-    onAttempt?: (outcome: Outcome, durationMs: number) => void
-    /** How long the latest request took, in an earlier batch: where timeouts can't be enforced, the next may too. */
-    recentAttemptMs?: number
+    /** After each request: its outcome, how long it took, and which attempt of its body it was (from 1). */
+    onAttempt?: (outcome: Outcome, durationMs: number, attempt: number) => void
 }
 
 function seconds(ms: number): string {
@@ -793,70 +1030,94 @@ function attemptsText(attempts: number): string {
     return `${attempts} attempt${attempts === 1 ? '' : 's'}`
 }
 
+/** Why a body was not sent at all: the deadline is too close for the request this host may make. */
+function notSentWhy(remainingMs: number, config: ParsedConfig): string {
+    if (remainingMs < MIN_ATTEMPT_MS) {
+        return `the ${Math.round(config.deadlineMs / 1000)} s deadline ran out first`
+    }
+    return (
+        `${seconds(remainingMs)} s were left before the deadline, and this host's fetch may hold a request for ` +
+        `${HOST_FETCH_TIMEOUT_MS / 1000} s, which the connector cannot cut short`
+    )
+}
+
+/** What one batch shares while it is split on 413: how many "too large" answers it has had. */
+interface SplitBudget {
+    tooLarge: number
+}
+
+interface Delivery<T> {
+    config: ParsedConfig
+    env: SenderEnv
+    deadline: number
+    hooks: DeliveryHooks
+    budget: SplitBudget
+    fail: (items: T[], message: string, retryable: boolean) => DeliveryResult<T>[]
+}
+
 /**
  * Delivers items as one POST, retrying within the deadline and splitting on 413.
  * Never throws: each group of items comes back with its error, a plain Error when permanent, a RetryError otherwise.
  */
-export async function deliver<T extends { json: string; uuid: string }>(
+export function deliver<T extends { json: string; uuid: string }>(
     items: T[],
     config: ParsedConfig,
     env: SenderEnv,
     deadline: number,
     hooks: DeliveryHooks = {}
 ): Promise<DeliveryResult<T>[]> {
+    const fail = (group: T[], message: string, retryable: boolean): DeliveryResult<T>[] => {
+        const what = group.length === 1 ? `event ${group[0]?.uuid ?? ''}` : `batch of ${group.length} events`
+        const text = redactText(`${what} to ${config.redactedUrl}: ${message}`, config.secrets)
+        return [{ items: group, error: retryable ? new RetryError(text) : new Error(text), retryable }]
+    }
+    return deliverGroup(items, { config, env, deadline, hooks, budget: { tooLarge: 0 }, fail })
+}
+
+async function deliverGroup<T extends { json: string; uuid: string }>(
+    items: T[],
+    delivery: Delivery<T>
+): Promise<DeliveryResult<T>[]> {
+    const { config, env, deadline, fail } = delivery
     const body = batchBody(items)
     // The same id on every retry of this body lets receivers deduplicate.
     const webhookId = newWebhookId()
-    const what = items.length === 1 ? `event ${items[0]?.uuid ?? ''}` : `batch of ${items.length} events`
-    const fail = (message: string, retryable: boolean): DeliveryResult<T>[] => {
-        const text = redactText(`${what} to ${config.redactedUrl}: ${message}`, config.secrets)
-        return [{ items, error: retryable ? new RetryError(text) : new Error(text) }]
-    }
     let attempts = 0
-    let lastAttemptMs = hooks.recentAttemptMs ?? 0
     for (;;) {
         const remaining = deadline - env.now()
-        if (!attemptFits(remaining, lastAttemptMs, env.timeoutEnforced)) {
-            const why =
-                remaining < MIN_ATTEMPT_MS
-                    ? `the ${Math.round(config.deadlineMs / 1000)} s deadline ran out first`
-                    : `${seconds(remaining)} s were left before the deadline, and the last request took ` +
-                      `${seconds(lastAttemptMs)} s, which this host cannot cut short`
-            return fail(`not sent: ${why}`, true)
+        if (remaining < attemptNeedsMs(env.timeoutEnforced)) {
+            return fail(items, `not sent: ${notSentWhy(remaining, config)}`, true)
+        }
+        if (delivery.budget.tooLarge >= MAX_TOO_LARGE_PER_BATCH) {
+            const refused = `the receiver refused ${delivery.budget.tooLarge} requests of this batch as too large (HTTP 413)`
+            return fail(items, `not sent: ${refused}; raise the receiver's size limit`, false)
         }
         const started = env.now()
         const timeoutMs = Math.min(config.requestTimeoutMs, remaining - DEADLINE_MARGIN_MS)
         const outcome = await postOnce(config, env, body, webhookId, timeoutMs)
         attempts++
-        lastAttemptMs = env.now() - started
-        hooks.onAttempt?.(outcome, lastAttemptMs)
+        delivery.hooks.onAttempt?.(outcome, env.now() - started, attempts)
         if (outcome.kind === 'delivered') {
-            return [{ items, error: null }]
+            return [{ items, error: null, retryable: false }]
         }
         if (outcome.kind === 'permanent') {
-            return fail(`${outcome.reason}; gave up after ${attemptsText(attempts)}`, false)
+            return fail(items, `${outcome.reason}; gave up after ${attemptsText(attempts)}`, false)
         }
         if (outcome.kind === 'split') {
-            if (items.length === 1) {
-                return fail(`${outcome.reason} even as a single event; gave up after ${attemptsText(attempts)}`, false)
-            }
-            const [first, second] = splitInHalves(items)
-            const halfHooks = { ...hooks, recentAttemptMs: lastAttemptMs }
-            const firstResults = await deliver(first, config, env, deadline, halfHooks)
-            const secondResults = await deliver(second, config, env, deadline, halfHooks)
-            return [...firstResults, ...secondResults]
+            return splitGroup(items, outcome.reason, attempts, delivery)
         }
         const plan = planRetry({
             attempts,
             outcome,
             remainingMs: deadline - env.now(),
             timers: env.sleep !== null,
-            lastAttemptMs,
             timeoutEnforced: env.timeoutEnforced,
+            maxAttempts: config.maxAttempts,
+            retryAfterCapMs: config.retryAfterCapMs,
             random: env.random,
         })
         if (!plan.retry) {
-            return fail(`${outcome.reason}; gave up after ${attemptsText(attempts)}: ${plan.why}`, true)
+            return fail(items, `${outcome.reason}; gave up after ${attemptsText(attempts)}: ${plan.why}`, true)
         }
         if (plan.delayMs > 0 && env.sleep) {
             await env.sleep(plan.delayMs)
@@ -864,9 +1125,35 @@ export async function deliver<T extends { json: string; uuid: string }>(
     }
 }
 
+/** A 413: each half goes on its own, so one oversized event fails alone and the rest are delivered. */
+async function splitGroup<T extends { json: string; uuid: string }>(
+    items: T[],
+    reason: string,
+    attempts: number,
+    delivery: Delivery<T>
+): Promise<DeliveryResult<T>[]> {
+    delivery.budget.tooLarge++
+    if (items.length === 1) {
+        return delivery.fail(items, `${reason} even as a single event; gave up after ${attemptsText(attempts)}`, false)
+    }
+    const [first, second] = splitInHalves(items)
+    const firstResults = await deliverGroup(first, delivery)
+    const secondResults = await deliverGroup(second, delivery)
+    return [...firstResults, ...secondResults]
+}
+
 // ---------------------------------------------------------------------------------------------------------------
-// The sender: natural batching of overlapping onEvent calls, one POST in flight at a time.
+// The sender: natural batching of overlapping onEvent calls.
 // ---------------------------------------------------------------------------------------------------------------
+
+/** POSTs one sender may have out at once. */
+export const MAX_IN_FLIGHT = 4
+
+/** The bytes of a string as UTF-8. Plain ASCII, the usual case, is counted without calling out of the sandbox. */
+export function utf8Bytes(text: string): number {
+    // eslint-disable-next-line no-control-regex
+    return /^[\x00-\x7f]*$/.test(text) ? text.length : Buffer.byteLength(text)
+}
 
 export class Sender {
     readonly stats: SenderStats = {
@@ -880,10 +1167,18 @@ export class Sender {
         failuresByCause: {},
     }
     private readonly queue: QueuedEvent[] = []
-    private running = false
+    private inFlight = 0
+    private gathering = false
+    /** Calls waiting for their event's fate (queued or in a POST), and the most of them in the current round. */
+    private pending = 0
+    private roundPeak = 0
+    /**
+     * How many calls the host starts together, learned from the last round (it waits for all of them to settle
+     * before starting more). Once that many are waiting, no more are coming, so they go without waiting for the
+     * POST in flight: on the Kafka path the calls of a micro-batch arrive spread out, not together.
+     */
+    private learnedBurst = 0
     private failedRequestsInStreak = 0
-    /** How long the latest request took, carried into the next batch's first attempt. */
-    private recentAttemptMs = 0
 
     constructor(
         readonly config: ParsedConfig,
@@ -908,20 +1203,12 @@ export class Sender {
             return Promise.reject(new Error(`event ${event.uuid} could not be serialised as JSON (${name})`))
         }
         const promise = new Promise<void>((resolve, reject) => {
-            this.queue.push({
-                uuid: event.uuid,
-                json,
-                bytes: Buffer.byteLength(json),
-                deadline: this.env.now() + this.config.deadlineMs,
-                resolve,
-                reject,
-            })
+            const deadline = this.env.now() + this.config.deadlineMs
+            this.queue.push({ uuid: event.uuid, json, bytes: utf8Bytes(json), deadline, resolve, reject })
         })
-        if (!this.running) {
-            this.running = true
-            // Let the rest of the burst arrive, so 10 calls started together become one POST and not 1 + 9.
-            void this.env.yieldTurn().then(() => this.sendNext())
-        }
+        this.pending++
+        this.roundPeak = Math.max(this.roundPeak, this.pending)
+        this.schedule()
         return promise
     }
 
@@ -930,42 +1217,65 @@ export class Sender {
         return this.queue.length
     }
 
-    /**
-     * Sends one batch from the front of the queue, then schedules the next in a fresh call. Not a loop on purpose:
-     * the host's loop guard throws once a single loop has run for 30 s, which a busy sender would reach.
-     */
-    private async sendNext(): Promise<void> {
-        if (this.queue.length === 0) {
-            this.running = false
+    /** Decides when the queue goes: after a short gather when idle, at once when the whole burst is here. */
+    private schedule(): void {
+        if (this.inFlight === 0) {
+            if (!this.gathering) {
+                this.gathering = true
+                // Let the rest of the burst arrive, so 10 calls started together become one POST and not 1 + 9.
+                void this.env.yieldTurn().then(() => {
+                    this.gathering = false
+                    this.dispatch()
+                })
+            }
             return
         }
-        // Only the first maxBatchEvents items can go in this POST, so only their sizes are looked at.
-        const count = takeCount(
-            this.queue.slice(0, this.config.maxBatchEvents).map((item) => item.bytes),
-            this.config.maxBatchEvents,
-            this.config.maxBatchBytes
-        )
-        const batch = this.queue.splice(0, count)
+        if (this.learnedBurst > 0 && this.pending >= this.learnedBurst && !this.gathering) {
+            this.dispatch()
+        }
+    }
+
+    /**
+     * Starts POSTs for what is queued, up to MAX_IN_FLIGHT. Each POST settles in a fresh call, not in one long
+     * loop: the host's loop guard throws once a single loop has run for 30 s, which a busy sender would reach.
+     */
+    private dispatch(): void {
+        while (this.queue.length > 0 && this.inFlight < MAX_IN_FLIGHT) {
+            // Only the first maxBatchEvents items can go in this POST, so only their sizes are looked at.
+            const count = takeCount(
+                this.queue.slice(0, this.config.maxBatchEvents).map((item) => item.bytes),
+                this.config.maxBatchEvents,
+                this.config.maxBatchBytes
+            )
+            this.inFlight++
+            void this.post(this.queue.splice(0, count))
+        }
+    }
+
+    private async post(batch: QueuedEvent[]): Promise<void> {
         // FIFO: the first item has the earliest deadline, so the batch must finish by then.
         const deadline = batch[0]?.deadline ?? this.env.now()
         let results: DeliveryResult<QueuedEvent>[]
         try {
             results = await deliver(batch, this.config, this.env, deadline, {
-                onAttempt: (outcome, durationMs) => this.recordAttempt(outcome, durationMs),
-                recentAttemptMs: this.recentAttemptMs,
+                onAttempt: (outcome, _durationMs, attempt) => this.recordAttempt(outcome, attempt),
             })
         } catch (error) {
             // Only a bug gets here; still, no call may be left hanging, and the next batch still goes.
             const failure = new Error(`the connector failed unexpectedly (${errorName(error)}); the event was not sent`)
-            results = [{ items: batch, error: failure }]
+            results = [{ items: batch, error: failure, retryable: false }]
         }
+        this.inFlight--
         this.settle(results)
-        void this.sendNext()
+        // What queued while this POST was out has waited long enough: it goes now, without another gather.
+        this.dispatch()
     }
 
-    private recordAttempt(outcome: Outcome, durationMs: number): void {
+    private recordAttempt(outcome: Outcome, attempt: number): void {
         this.stats.requests++
-        this.recentAttemptMs = durationMs
+        if (attempt > 1) {
+            this.stats.retries++
+        }
         if (outcome.kind === 'delivered') {
             if (this.failedRequestsInStreak > 0) {
                 this.env.logger.info(
@@ -978,9 +1288,6 @@ export class Sender {
         if (outcome.kind === 'split') {
             this.stats.splits++
         }
-        if (outcome.kind === 'retry') {
-            this.stats.retries++
-        }
         // One log line per failure streak, not one per event or request: a down webhook must not flood the log.
         if (this.failedRequestsInStreak === 0) {
             this.env.logger.warn(
@@ -991,11 +1298,12 @@ export class Sender {
     }
 
     private settle(results: DeliveryResult<QueuedEvent>[]): void {
-        for (const { items, error } of results) {
+        for (const { items, error, retryable } of results) {
             for (const item of items) {
+                this.pending--
                 if (error) {
                     this.stats.failed++
-                    const cause = error.name === 'RetryError' ? 'retryable' : 'permanent'
+                    const cause = retryable ? 'retryable' : 'permanent'
                     this.stats.failuresByCause[cause] = (this.stats.failuresByCause[cause] ?? 0) + 1
                     item.reject(error)
                 } else {
@@ -1003,6 +1311,10 @@ export class Sender {
                     item.resolve()
                 }
             }
+        }
+        if (this.pending === 0) {
+            this.learnedBurst = this.roundPeak
+            this.roundPeak = 0
         }
     }
 }
@@ -1042,7 +1354,7 @@ export function hostEnv(meta: { fetch?: unknown; logger?: unknown }): SenderEnv 
         timeoutEnforced = true
     } else if (typeof fetch === 'function') {
         transport = fetchTransport(fetch as unknown as FetchLike)
-        timeoutEnforced = typeof AbortController === 'function' && hasTimers
+        timeoutEnforced = (typeof AbortController === 'function' && hasTimers) || isNodeFetchV2(fetch)
     } else {
         throw new Error('This PostHog host provides no fetch, so the connector cannot send events.')
     }
@@ -1077,11 +1389,19 @@ export const setupPlugin: PatternsPlugin['setupPlugin'] = (meta) => {
     sender.env.logger.info(`Sending events to ${sender.config.redactedUrl} in batches.`)
 }
 
-export const onEvent: PatternsPlugin['onEvent'] = async (event, meta) => {
-    // A host that skipped setupPlugin still gets a working sender; bad config then fails here, just as clearly.
-    if (!meta.global.sender) {
-        meta.global.sender = createSender(meta)
-        meta.global.config = meta.global.sender.config
+/**
+ * Not async on purpose: the host guards every await in the plugin, and returning the sender's promise costs none.
+ * It settles when the webhook accepted the event, or rejects with the reason it was not.
+ */
+export const onEvent: PatternsPlugin['onEvent'] = (event, meta) => {
+    try {
+        // A host that skipped setupPlugin still gets a working sender; bad config then fails here, just as clearly.
+        if (!meta.global.sender) {
+            meta.global.sender = createSender(meta)
+            meta.global.config = meta.global.sender.config
+        }
+        return meta.global.sender.send(event)
+    } catch (error) {
+        return Promise.reject(error)
     }
-    await meta.global.sender.send(event)
 }

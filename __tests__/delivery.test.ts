@@ -147,7 +147,7 @@ describe('delivery outcomes', () => {
         expect(error.message).toContain('http://127.0.0.1')
     })
 
-    it.each([301, 302, 307, 308])('HTTP %i is not followed and says where it pointed, redacted', async (status) => {
+    it.each([301, 302, 307, 308])('HTTP %i is not followed, and nothing of the target is shown', async (status) => {
         const s = await serve(() => ({
             status,
             headers: { Location: 'https://moved.example.com/hooks/NEWSECRET99xyz' },
@@ -155,13 +155,15 @@ describe('delivery outcomes', () => {
         const result = await settle(makeSender({ webhookUrl: s.url }, testEnv()).send(makeEvent(1)))
         expect(s.received).toHaveLength(1)
         const message = !result.ok ? result.error.message : ''
-        expect(message).toContain(`HTTP ${status}: the webhook redirected to https://moved.example.com/…9xyz`)
-        expect(message).not.toContain('NEWSECRET')
+        expect(message).toContain(`HTTP ${status}: the webhook redirected to another host`)
+        for (const fragment of ['NEWSECRET', '99xyz', 'moved.example']) {
+            expect(message).not.toContain(fragment)
+        }
     })
     it('reports an unparseable redirect Location without failing the batch machinery', async () => {
         const s = await serve(() => ({ status: 302, headers: { Location: 'http://[bad' } }))
         const result = await settle(makeSender({ webhookUrl: s.url }, testEnv()).send(makeEvent(1)))
-        expect(!result.ok && result.error.message).toContain('redirected to [unparseable Location]')
+        expect(!result.ok && result.error.message).toContain('redirected to an unreadable address')
         expect(s.received).toHaveLength(1)
     })
 
@@ -381,7 +383,7 @@ describe('deadline', () => {
 })
 
 describe('deadline where the timeout cannot be enforced', () => {
-    it('does not start a batch whose time left is shorter than the last request took', async () => {
+    it("does not start a batch with less time left than the host fetch's own timeout", async () => {
         // As in the timerless sandbox: no timers, and a fetch whose own timeout (here 10 s) the plugin can't shorten.
         const env = { ...testEnv({ timers: false, fakeClock: true }), timeoutEnforced: false }
         const late = makeEvent(2)
@@ -403,7 +405,7 @@ describe('deadline where the timeout cannot be enforced', () => {
         expect(s.received).toHaveLength(2)
         expect(second && !second.ok && second.error.name).toBe('RetryError')
         expect(second && !second.ok && second.error.message).toContain(
-            'not sent: 5.0 s were left before the deadline, and the last request took 10.0 s'
+            "not sent: 5.0 s were left before the deadline, and this host's fetch may hold a request for 10 s"
         )
     })
 })

@@ -92,9 +92,7 @@ describe('setupPlugin', () => {
     it('logs the redacted URL through meta.logger when the host provides one', () => {
         const logger = captureLogger()
         setup({ config: { webhookUrl: `https://example.com/hook/${WEBHOOK_TOKEN}` }, global: {}, logger })
-        expect(logger.lines).toEqual([
-            `info: Sending events to https://example.com/…${WEBHOOK_TOKEN.slice(-4)} in batches.`,
-        ])
+        expect(logger.lines).toEqual([`info: Sending events to https://example.com/… in batches.`])
     })
 })
 
@@ -135,7 +133,7 @@ describe('onEvent', () => {
         expect(logger.lines).toContain(
             'warn: Webhook http://127.0.0.1:' +
                 new URL(s.url).port +
-                `/…${WEBHOOK_TOKEN.slice(-4)} is failing: HTTP 429: the receiver is throttling requests.`
+                `/… is failing: HTTP 429: the receiver is throttling requests.`
         )
     })
 
@@ -155,7 +153,7 @@ describe('logging', () => {
         const sender = makeSender({ webhookUrl: s.url }, env)
         await Promise.all([settle(sender.send(makeEvent(1))), settle(sender.send(makeEvent(2)))])
         await sender.send(makeEvent(3))
-        const tail = `http://127.0.0.1:${new URL(s.url).port}/…${WEBHOOK_TOKEN.slice(-4)}`
+        const tail = `http://127.0.0.1:${new URL(s.url).port}/…`
         expect(env.logger.lines).toEqual([
             `warn: Webhook ${tail} is failing: HTTP 503: the receiver had a temporary failure.`,
             `info: Webhook ${tail} recovered after 4 failed request(s).`,

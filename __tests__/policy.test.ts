@@ -7,7 +7,11 @@ import {
     classifyError,
     classifyResponse,
     ConfigError,
+    DEADLINE_MARGIN_MS,
+    HOST_FETCH_TIMEOUT_MS,
+    MAX_ATTEMPTS_WITH_TIMERS,
     MAX_ATTEMPTS_WITHOUT_TIMERS,
+    MIN_RETRY_AFTER_MS,
     Outcome,
     parseConfig,
     parseList,
@@ -15,6 +19,7 @@ import {
     planRetry,
     redactText,
     redactUrl,
+    RETRY_AFTER_CAP_MS,
     shapeEvent,
     shouldSend,
     signPayload,
@@ -148,8 +153,8 @@ describe('shapeEvent', () => {
 })
 
 describe('redaction', () => {
-    it('keeps only scheme, host and the last 4 characters of the URL', () => {
-        expect(redactUrl(URL_OK)).toBe('https://api-production.patterns.app/…1234')
+    it('keeps only the scheme and host of the URL: no character of the path', () => {
+        expect(redactUrl(URL_OK)).toBe('https://api-production.patterns.app/…')
         expect(redactUrl('https://example.com/')).toBe('https://example.com/…')
     })
 
@@ -269,8 +274,9 @@ describe('retry schedule', () => {
                 outcome,
                 remainingMs,
                 timers,
-                lastAttemptMs: 10,
                 timeoutEnforced: true,
+                maxAttempts: MAX_ATTEMPTS_WITH_TIMERS,
+                retryAfterCapMs: RETRY_AFTER_CAP_MS,
                 random: () => 1,
             })
             if (!plan.retry) {
@@ -316,24 +322,52 @@ describe('retry schedule', () => {
             outcome: { ...retry503, throttled: true, retryAfterMs: 60_000 },
             remainingMs: 25_000,
             timers: true,
-            lastAttemptMs: 10,
             timeoutEnforced: true,
+            maxAttempts: MAX_ATTEMPTS_WITH_TIMERS,
+            retryAfterCapMs: RETRY_AFTER_CAP_MS,
             random: () => 1,
         })
         expect(plan).toEqual({ retry: false, why: 'the receiver asked to wait 60 s, longer than the time left' })
     })
 
-    it('will not start an attempt it cannot bound when the last one took longer than the time left', () => {
-        const plan = planRetry({
-            attempts: 1,
-            outcome: retry503,
-            remainingMs: 9_000,
-            timers: false,
-            lastAttemptMs: 10_000,
-            timeoutEnforced: false,
-            random: () => 1,
-        })
-        expect(plan).toEqual({ retry: false, why: 'no time left before the deadline' })
+    it("will not start an attempt it cannot bound when less than the host fetch's own timeout is left", () => {
+        const plan = (remainingMs: number) =>
+            planRetry({
+                attempts: 1,
+                outcome: retry503,
+                remainingMs,
+                timers: false,
+                timeoutEnforced: false,
+                maxAttempts: MAX_ATTEMPTS_WITH_TIMERS,
+                retryAfterCapMs: RETRY_AFTER_CAP_MS,
+                random: () => 1,
+            })
+        expect(plan(HOST_FETCH_TIMEOUT_MS)).toEqual({ retry: false, why: 'no time left before the deadline' })
+        expect(plan(HOST_FETCH_TIMEOUT_MS + DEADLINE_MARGIN_MS)).toEqual({ retry: true, delayMs: 0 })
+    })
+
+    it('waits at least MIN_RETRY_AFTER_MS for a Retry-After of 0, so retries are not a tight loop', () => {
+        expect(schedule(true, { ...retry503, throttled: true, retryAfterMs: 0 }, 2_000)).toEqual([
+            MIN_RETRY_AFTER_MS,
+            MIN_RETRY_AFTER_MS,
+            MIN_RETRY_AFTER_MS,
+        ])
+    })
+
+    it("keeps retrying past MAX_ATTEMPTS_WITH_TIMERS when the config's maxAttempts allows, and honours a longer Retry-After cap", () => {
+        const plan = (attempts: number, retryAfterMs: number | null) =>
+            planRetry({
+                attempts,
+                outcome: { ...retry503, retryAfterMs },
+                remainingMs: 600_000,
+                timers: true,
+                timeoutEnforced: true,
+                maxAttempts: Infinity,
+                retryAfterCapMs: 600_000,
+                random: () => 1,
+            })
+        expect(plan(40, null)).toEqual({ retry: true, delayMs: BACKOFF_CAP_MS })
+        expect(plan(1, 30_000)).toEqual({ retry: true, delayMs: 30_000 })
     })
 })
 
