@@ -1,0 +1,358 @@
+/**
+ * PostHog's query API, as the pager needs it: one HogQL query per call, sent with the personal API key, under
+ * a client-side rate limit, with 429/5xx/network retries. Policy (what a response means, how long to wait) is
+ * pure and exported; `runQuery` is the one small effectful loop, with its clock and sleep injectable.
+ */
+import { parseRetryAfter, redactText } from '../index'
+
+/** PostHog's limits for query API calls, per team (see the README for the sources). */
+export const POSTHOG_QUERIES_PER_MINUTE = 240
+export const POSTHOG_QUERIES_PER_HOUR = 2_400
+/** By default sync takes half of them, leaving the rest to the team's other API users. */
+export const DEFAULT_QUERIES_PER_MINUTE = 120
+export const DEFAULT_QUERIES_PER_HOUR = 1_200
+/**
+ * How long one query may take before the request is abandoned and retried: PostHog stops API queries after 10 s
+ * of execution, and a query over the concurrency limit may first wait up to 30 s in PostHog's queue.
+ */
+export const DEFAULT_QUERY_TIMEOUT_MS = 60_000
+/** How long one query keeps retrying (429, 5xx, network, timeouts) before the run stops; a resume continues. */
+export const DEFAULT_QUERY_RETRY_FOR_MS = 600_000
+export const QUERY_BACKOFF_BASE_MS = 1_000
+export const QUERY_BACKOFF_CAP_MS = 30_000
+/** Quoted from an error body at most, e.g. PostHog's `detail`. */
+const DETAIL_CHARS = 300
+
+export interface RateLimits {
+    perMinute: number
+    perHour: number
+}
+
+export type QueryFailureKind = 'auth' | 'scope' | 'project' | 'query' | 'redirect' | 'gave-up' | 'unexpected'
+
+/** A query that cannot succeed as configured, or that kept failing: the message says what and how to fix it. */
+export class PostHogQueryError extends Error {
+    name = 'PostHogQueryError'
+    constructor(
+        readonly kind: QueryFailureKind,
+        message: string
+    ) {
+        super(message)
+    }
+    /** Key, scope and project problems are configuration: exit code 2, like bad usage. */
+    get isConfig(): boolean {
+        return this.kind === 'auth' || this.kind === 'scope' || this.kind === 'project' || this.kind === 'redirect'
+    }
+}
+
+export interface QueryResponse {
+    columns: string[]
+    results: unknown[][]
+    hasMore: boolean | null
+}
+
+export type QueryOutcome =
+    | { kind: 'ok'; response: QueryResponse }
+    | { kind: 'retry'; reason: string; waitMs: number | null }
+    | { kind: 'fatal'; error: PostHogQueryError }
+
+/** PostHog's error bodies carry a `detail` (DRF); HogQL errors put the parser's message there. */
+export function errorDetail(body: string): string {
+    try {
+        const parsed = JSON.parse(body) as { detail?: unknown; error?: unknown }
+        const detail = parsed.detail ?? parsed.error
+        if (typeof detail === 'string' && detail) {
+            return detail.slice(0, DETAIL_CHARS)
+        }
+    } catch {
+        // Not JSON: quote the start of the text.
+    }
+    return body.replace(/\s+/g, ' ').trim().slice(0, DETAIL_CHARS)
+}
+
+export interface QueryTarget {
+    /** Origin only, e.g. https://us.posthog.com: safe to print. */
+    origin: string
+    projectId: string
+}
+
+/** The outcome ladder for one response of the query API. */
+export function classifyQueryResponse(
+    status: number,
+    body: string,
+    retryAfter: string | null,
+    nowMs: number,
+    target: QueryTarget
+): QueryOutcome {
+    const detail = (): string => {
+        const text = errorDetail(body)
+        return text ? `: ${text}` : ''
+    }
+    const fatal = (kind: QueryFailureKind, message: string): QueryOutcome => ({
+        kind: 'fatal',
+        error: new PostHogQueryError(kind, message),
+    })
+    if (status >= 200 && status < 300) {
+        return parseQueryBody(body)
+    }
+    // A redirect would carry the API key elsewhere, and a moved API is a configuration change: never followed.
+    if (status >= 300 && status < 400) {
+        return fatal(
+            'redirect',
+            `PostHog answered HTTP ${status} (a redirect); set --posthog-url to the API's own origin`
+        )
+    }
+    // 401: the key itself is wrong, revoked or not a personal API key.
+    if (status === 401) {
+        return fatal(
+            'auth',
+            `PostHog refused the API key (HTTP 401${detail()}). Set POSTHOG_API_KEY to a personal API key (phx_...) ` +
+                `for ${target.origin}.`
+        )
+    }
+    // 403: a valid key without the scope, or without access to this project.
+    if (status === 403) {
+        return fatal(
+            'scope',
+            `PostHog denied the query (HTTP 403${detail()}). The personal API key needs the query:read scope and ` +
+                `access to project ${target.projectId}.`
+        )
+    }
+    // 404: no such project for this key at this host (EU and US Cloud are separate hosts).
+    if (status === 404) {
+        return fatal(
+            'project',
+            `PostHog has no project ${target.projectId} at ${target.origin} (HTTP 404). Check --project-id and ` +
+                '--posthog-url (https://us.posthog.com or https://eu.posthog.com).'
+        )
+    }
+    // 429: over PostHog's rate limit. Wait as long as Retry-After says.
+    if (status === 429) {
+        return { kind: 'retry', reason: `HTTP 429${detail()}`, waitMs: parseRetryAfter(retryAfter, nowMs) }
+    }
+    // 408 and 5xx: PostHog or its ClickHouse is busy or the query ran out of time; the same query may succeed.
+    if (status === 408 || status >= 500) {
+        return { kind: 'retry', reason: `HTTP ${status}${detail()}`, waitMs: parseRetryAfter(retryAfter, nowMs) }
+    }
+    // 400: the query was refused (a HogQL error): retrying the same text cannot help.
+    if (status === 400) {
+        return fatal('query', `PostHog refused the query (HTTP 400${detail()})`)
+    }
+    return fatal('unexpected', `PostHog answered HTTP ${status}${detail()}`)
+}
+
+function parseQueryBody(body: string): QueryOutcome {
+    let parsed: { results?: unknown; columns?: unknown; hasMore?: unknown }
+    try {
+        parsed = JSON.parse(body) as typeof parsed
+    } catch {
+        // A truncated body (a proxy cut it short) is worth another try.
+        return { kind: 'retry', reason: 'the response was not JSON', waitMs: null }
+    }
+    if (!Array.isArray(parsed.results) || !Array.isArray(parsed.columns)) {
+        return {
+            kind: 'fatal',
+            error: new PostHogQueryError('unexpected', 'the query API answered without "results" and "columns"'),
+        }
+    }
+    return {
+        kind: 'ok',
+        response: {
+            columns: parsed.columns.map(String),
+            results: parsed.results as unknown[][],
+            hasMore: typeof parsed.hasMore === 'boolean' ? parsed.hasMore : null,
+        },
+    }
+}
+
+/** Exponential backoff with full jitter: random(0, min(cap, base × 2^attempt)). Pure, for tests to assert. */
+export function queryBackoffMs(attempt: number, random: () => number): number {
+    return Math.round(random() * Math.min(QUERY_BACKOFF_CAP_MS, QUERY_BACKOFF_BASE_MS * 2 ** attempt))
+}
+
+/**
+ * How long to wait before the next query so that at most `perMinute` start in any 60 s and `perHour` in any
+ * hour. `starts` are earlier start times, oldest first.
+ */
+export function rateLimitWaitMs(starts: readonly number[], nowMs: number, limits: RateLimits): number {
+    let wait = 0
+    for (const [windowMs, max] of [
+        [60_000, limits.perMinute],
+        [3_600_000, limits.perHour],
+    ] as const) {
+        const recent = starts.filter((t) => t > nowMs - windowMs)
+        if (recent.length >= max) {
+            // The oldest start that must leave the window before one more fits.
+            const oldest = recent[recent.length - max] ?? nowMs
+            wait = Math.max(wait, oldest + windowMs - nowMs)
+        }
+    }
+    return wait
+}
+
+export interface QueryClientOptions {
+    /** The API's origin, e.g. https://us.posthog.com; already validated (https, or http on loopback). */
+    origin: string
+    projectId: string
+    apiKey: string
+    timeoutMs?: number
+    retryForMs?: number
+    limits?: RateLimits
+    fetch?: typeof fetch
+    now?: () => number
+    sleep?: (ms: number, signal?: AbortSignal) => Promise<void>
+    random?: () => number
+    signal?: AbortSignal
+    /** Told of each retry and each wait for the rate limit, with the reason (never the key). */
+    onWait?: (reason: string, waitMs: number) => void
+}
+
+export class AbortedError extends Error {
+    name = 'AbortedError'
+}
+
+export function abortableSleep(ms: number, signal?: AbortSignal): Promise<void> {
+    return new Promise((resolve, reject) => {
+        if (signal?.aborted) {
+            reject(new AbortedError('interrupted'))
+            return
+        }
+        const timer = setTimeout(() => {
+            signal?.removeEventListener('abort', onAbort)
+            resolve()
+        }, ms)
+        const onAbort = (): void => {
+            clearTimeout(timer)
+            reject(new AbortedError('interrupted'))
+        }
+        signal?.addEventListener('abort', onAbort, { once: true })
+    })
+}
+
+/** Runs HogQL queries against one project. Holds the rate-limit window between queries. */
+export class QueryClient {
+    readonly url: string
+    readonly target: QueryTarget
+    private readonly starts: number[] = []
+    private readonly options: Required<Omit<QueryClientOptions, 'signal' | 'onWait'>> &
+        Pick<QueryClientOptions, 'signal' | 'onWait'>
+    queries = 0
+    retries = 0
+
+    constructor(options: QueryClientOptions) {
+        this.options = {
+            timeoutMs: DEFAULT_QUERY_TIMEOUT_MS,
+            retryForMs: DEFAULT_QUERY_RETRY_FOR_MS,
+            limits: { perMinute: DEFAULT_QUERIES_PER_MINUTE, perHour: DEFAULT_QUERIES_PER_HOUR },
+            fetch: globalThis.fetch,
+            now: () => Date.now(),
+            sleep: abortableSleep,
+            random: Math.random,
+            ...options,
+        }
+        this.url = `${options.origin}/api/projects/${encodeURIComponent(options.projectId)}/query/`
+        this.target = { origin: options.origin, projectId: options.projectId }
+    }
+
+    /** Runs one query, retrying what can be retried within the budget. Throws PostHogQueryError or AbortedError. */
+    async run(hogql: string): Promise<QueryResponse> {
+        const { now, retryForMs } = this.options
+        const deadline = now() + retryForMs
+        for (let attempt = 0; ; attempt++) {
+            await this.waitForRateLimit()
+            const outcome = await this.attempt(hogql)
+            if (outcome.kind === 'ok') {
+                return outcome.response
+            }
+            if (outcome.kind === 'fatal') {
+                throw outcome.error
+            }
+            const waitMs = outcome.waitMs ?? queryBackoffMs(attempt, this.options.random)
+            if (now() + waitMs > deadline) {
+                const minutes = Math.round(retryForMs / 60_000)
+                throw new PostHogQueryError(
+                    'gave-up',
+                    `the query kept failing for ${minutes} min (${attempt + 1} attempts, last: ${outcome.reason}); ` +
+                        'run the same command again to resume'
+                )
+            }
+            this.retries++
+            this.options.onWait?.(`query retry after ${outcome.reason}`, waitMs)
+            await this.options.sleep(waitMs, this.options.signal)
+        }
+    }
+
+    private async waitForRateLimit(): Promise<void> {
+        const { now, limits } = this.options
+        const hourAgo = now() - 3_600_000
+        while (this.starts.length > 0 && (this.starts[0] ?? 0) <= hourAgo) {
+            this.starts.shift()
+        }
+        const waitMs = rateLimitWaitMs(this.starts, now(), limits)
+        if (waitMs > 0) {
+            this.options.onWait?.('client-side rate limit', waitMs)
+            await this.options.sleep(waitMs, this.options.signal)
+        }
+        this.starts.push(now())
+    }
+
+    /** One POST. Never throws for HTTP or network trouble: it becomes an outcome. */
+    private async attempt(hogql: string): Promise<QueryOutcome> {
+        const { apiKey, timeoutMs, now } = this.options
+        this.queries++
+        const controller = new AbortController()
+        const timer = setTimeout(() => controller.abort(), timeoutMs)
+        const onAbort = (): void => controller.abort()
+        this.options.signal?.addEventListener('abort', onAbort, { once: true })
+        try {
+            const response = await this.options.fetch(this.url, {
+                method: 'POST',
+                headers: {
+                    Authorization: `Bearer ${apiKey}`,
+                    'Content-Type': 'application/json',
+                    'User-Agent': 'patterns-connector/1.0.0 (sync)',
+                },
+                // force_blocking: always compute, never a cached result that predates the newest events.
+                body: JSON.stringify({ query: { kind: 'HogQLQuery', query: hogql }, refresh: 'force_blocking' }),
+                redirect: 'manual',
+                signal: controller.signal,
+            })
+            const body = await response.text()
+            const outcome = classifyQueryResponse(
+                response.status,
+                body,
+                response.headers.get('retry-after'),
+                now(),
+                this.target
+            )
+            return outcome.kind === 'fatal'
+                ? {
+                      kind: 'fatal',
+                      error: new PostHogQueryError(outcome.error.kind, this.redact(outcome.error.message)),
+                  }
+                : outcome
+        } catch (error) {
+            if (this.options.signal?.aborted) {
+                throw new AbortedError('interrupted')
+            }
+            const reason = controller.signal.aborted
+                ? `no answer within ${Math.round(timeoutMs / 1000)} s`
+                : `network error ${networkCode(error)}`
+            return { kind: 'retry', reason, waitMs: null }
+        } finally {
+            clearTimeout(timer)
+            this.options.signal?.removeEventListener('abort', onAbort)
+        }
+    }
+
+    /** The key is never put in a message; this is the net under that rule (a server could echo it back). */
+    redact(text: string): string {
+        return redactText(text, [this.options.apiKey])
+    }
+}
+
+function networkCode(error: unknown): string {
+    const cause = (error as { cause?: { code?: unknown } }).cause
+    const code = cause?.code ?? (error as { code?: unknown }).code
+    return typeof code === 'string' ? code : (error as Error).name || 'error'
+}

@@ -1,0 +1,110 @@
+/**
+ * Turns rows of PostHog's query API into the event JSON the plugin sends, so a receiver cannot tell which path
+ * an event took. Pure functions.
+ */
+
+/** The event as the plugin sends it (PostHog's ProcessedPluginEvent), minus what the events table does not hold. */
+export interface SyncedEvent {
+    uuid: string
+    event: string
+    distinct_id: string
+    team_id: number
+    ip: null
+    timestamp: string
+    properties: Record<string, unknown>
+    $set?: unknown
+    $set_once?: unknown
+    /** The autocapture element chain as PostHog stores it; the plugin's `elements` array is not rebuilt from it. */
+    elements_chain?: string
+}
+
+/** One row, read: the event to send, and its key for the cursor. */
+export interface PageRow {
+    event: SyncedEvent
+    createdAtMs: number
+}
+
+export class RowError extends Error {
+    name = 'RowError'
+}
+
+/**
+ * A datetime from the query API as ISO 8601 in UTC with milliseconds, the form the plugin sends. PostHog returns
+ * datetimes in the project's time zone with an offset; a value without a zone is taken as UTC.
+ */
+export function toIsoUtc(value: unknown): string {
+    if (typeof value !== 'string' || value === '') {
+        throw new RowError(`expected a datetime string, got ${JSON.stringify(value)}`)
+    }
+    let text = value.includes('T') ? value : value.replace(' ', 'T')
+    if (!/(Z|[+-]\d\d:?\d\d)$/.test(text)) {
+        text += 'Z'
+    }
+    const ms = Date.parse(text)
+    if (Number.isNaN(ms)) {
+        throw new RowError(`unreadable datetime ${JSON.stringify(value)}`)
+    }
+    return new Date(ms).toISOString()
+}
+
+/** `properties` comes back as the JSON text PostHog stores; an empty string means no properties. */
+export function parseProperties(value: unknown): Record<string, unknown> {
+    if (typeof value === 'object' && value !== null && !Array.isArray(value)) {
+        return value as Record<string, unknown>
+    }
+    if (value === '' || value === null || value === undefined) {
+        return {}
+    }
+    if (typeof value !== 'string') {
+        throw new RowError(`expected properties as JSON text, got ${typeof value}`)
+    }
+    const parsed: unknown = JSON.parse(value)
+    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
+        throw new RowError('properties is not a JSON object')
+    }
+    return parsed as Record<string, unknown>
+}
+
+/** Where each needed column sits in a row, checked once per page from the response's `columns`. */
+export function columnIndexes(columns: readonly string[], needed: readonly string[]): Record<string, number> {
+    const indexes: Record<string, number> = {}
+    for (const name of needed) {
+        const index = columns.indexOf(name)
+        if (index < 0) {
+            throw new RowError(`the response has no "${name}" column (columns: ${columns.join(', ')})`)
+        }
+        indexes[name] = index
+    }
+    return indexes
+}
+
+export function rowToEvent(row: readonly unknown[], at: Record<string, number>, teamId: number): PageRow {
+    const get = (name: string): unknown => row[at[name] ?? -1]
+    const uuid = get('uuid')
+    const createdAtMs = Number(get('created_at_ms'))
+    if (typeof uuid !== 'string' || !Number.isSafeInteger(createdAtMs)) {
+        throw new RowError(`a row without a readable uuid or created_at: ${JSON.stringify(row).slice(0, 200)}`)
+    }
+    const properties = parseProperties(get('properties'))
+    const event: SyncedEvent = {
+        uuid,
+        event: String(get('event')),
+        distinct_id: String(get('distinct_id')),
+        team_id: teamId,
+        ip: null,
+        timestamp: toIsoUtc(get('timestamp')),
+        properties,
+    }
+    // The plugin's event carries person updates at the top level too (PostHog's convertToProcessedPluginEvent).
+    if (properties.$set !== undefined) {
+        event.$set = properties.$set
+    }
+    if (properties.$set_once !== undefined) {
+        event.$set_once = properties.$set_once
+    }
+    const chain = get('elements_chain')
+    if (typeof chain === 'string' && chain !== '') {
+        event.elements_chain = chain
+    }
+    return { event, createdAtMs }
+}

@@ -1,0 +1,151 @@
+/**
+ * The PostHog source: pages through the events table by the cursor and yields each page as one chunk of records
+ * for the delivery pipeline. Without `follow` it ends once the horizon reaches `untilMs`; with it, it polls.
+ * It knows nothing of batching or delivery: the pipeline hands positions back to the checkpoint.
+ */
+import type { SourceRecord } from '../pipeline/types'
+import { abortableSleep, AbortedError, QueryResponse } from './posthog'
+import { buildPageQuery, Cursor, cursorAfter, cursorAfterShortPage, FUTURE_WINDOW_MS, scanUpperMs } from './query'
+import { columnIndexes, PageRow, rowToEvent } from './rows'
+
+/** Delay kept behind now so that events still being written are not passed over (see the README). */
+export const DEFAULT_LAG_MS = 60_000
+/** Pause between polls once caught up, with --follow. Lag + poll + one page stays under two minutes. */
+export const DEFAULT_POLL_INTERVAL_MS = 15_000
+/** How long before its created_at an event's own timestamp may be and still be read (late arrivals). */
+export const DEFAULT_LATE_WINDOW_MS = 7 * 24 * 3600 * 1000
+export const DEFAULT_PAGE_SIZE = 10_000
+/** The created_at span one query covers at most (see `scanUpperMs`). */
+export const DEFAULT_SCAN_STEP_MS = 24 * 3600 * 1000
+
+export interface SourceOptions {
+    run: (hogql: string) => Promise<QueryResponse>
+    start: Cursor
+    teamId: number
+    follow: boolean
+    /** Without follow: the run ends once every event with created_at below this is read. */
+    untilMs: number | null
+    lagMs?: number
+    pollIntervalMs?: number
+    lateWindowMs?: number
+    pageSize?: number
+    scanStepMs?: number
+    allowedEvents: readonly string[] | null
+    excludedEvents: readonly string[]
+    now?: () => number
+    sleep?: (ms: number, signal?: AbortSignal) => Promise<void>
+    signal?: AbortSignal
+    /** After each page: where the cursor is and whether the feed has caught up with the horizon. */
+    onPage?: (page: PageInfo) => void
+}
+
+export interface PageInfo {
+    rows: number
+    cursor: Cursor
+    horizonMs: number
+    caughtUp: boolean
+}
+
+/** The horizon for the next page: now minus the lag, never past --until. */
+export function horizonFor(nowMs: number, lagMs: number, untilMs: number | null): number {
+    const live = nowMs - lagMs
+    return untilMs === null ? live : Math.min(live, untilMs)
+}
+
+/** A page's rows as pipeline records; a row that cannot be read becomes a dead letter, not a gap. */
+export function pageRecords(response: QueryResponse, teamId: number, previous: Cursor): SourceRecord<Cursor>[] {
+    const at = columnIndexes(response.columns, ['uuid', 'event', 'distinct_id', 'timestamp', 'properties'])
+    const keyAt = columnIndexes(response.columns, ['uuid', 'created_at_ms'])
+    const records: SourceRecord<Cursor>[] = []
+    let cursor = previous
+    for (const row of response.results) {
+        let read: PageRow
+        try {
+            read = rowToEvent(
+                row,
+                { ...at, ...keyAt, elements_chain: response.columns.indexOf('elements_chain') },
+                teamId
+            )
+        } catch (error) {
+            // The key columns alone still place the row, so the cursor moves past it and it is not lost silently.
+            const ms = Number(row[keyAt.created_at_ms ?? -1])
+            const uuid = row[keyAt.uuid ?? -1]
+            if (!Number.isSafeInteger(ms) || typeof uuid !== 'string') {
+                throw error
+            }
+            cursor = { ms, uuid }
+            records.push({
+                position: cursor,
+                kind: 'malformed',
+                reason: (error as Error).message,
+                raw: JSON.stringify(row),
+            })
+            continue
+        }
+        cursor = cursorAfter(cursor, { createdAtMs: read.createdAtMs, uuid: read.event.uuid })
+        records.push({ position: cursor, kind: 'event', event: read.event as unknown as Record<string, unknown> })
+    }
+    return records
+}
+
+/**
+ * Pages of records, in key order, from the cursor on. `scan` is where the next query starts: the last record's
+ * key, or, after a short page, the end of the range that page covered. Only record positions reach the
+ * checkpoint, so a resume may re-scan an empty range, never skip a full one.
+ */
+export async function* posthogSource(options: SourceOptions): AsyncGenerator<SourceRecord<Cursor>[]> {
+    const now = options.now ?? (() => Date.now())
+    const sleep = options.sleep ?? abortableSleep
+    const lagMs = options.lagMs ?? DEFAULT_LAG_MS
+    const pageSize = options.pageSize ?? DEFAULT_PAGE_SIZE
+    let scan = options.start
+    while (!options.signal?.aborted) {
+        const horizonMs = horizonFor(now(), lagMs, options.follow ? null : options.untilMs)
+        const upperMs = scanUpperMs(scan, horizonMs, options.scanStepMs ?? DEFAULT_SCAN_STEP_MS)
+        const query = buildPageQuery({
+            cursor: scan,
+            upperMs,
+            lateWindowMs: options.lateWindowMs ?? DEFAULT_LATE_WINDOW_MS,
+            futureWindowMs: FUTURE_WINDOW_MS,
+            pageSize,
+            allowedEvents: options.allowedEvents,
+            excludedEvents: options.excludedEvents,
+        })
+        let response: QueryResponse
+        try {
+            response = await options.run(query)
+        } catch (error) {
+            if (error instanceof AbortedError) {
+                return
+            }
+            throw error
+        }
+        const records = pageRecords(response, options.teamId, scan)
+        scan = records[records.length - 1]?.position ?? scan
+        // With a LIMIT, PostHog returns min(LIMIT, 50,000) rows and no hasMore: a full page may have more.
+        const full = records.length >= pageSize || response.hasMore === true
+        if (!full) {
+            scan = cursorAfterShortPage(scan, upperMs)
+        }
+        const caughtUp = !full && upperMs >= horizonMs
+        options.onPage?.({ rows: records.length, cursor: scan, horizonMs, caughtUp })
+        if (records.length > 0) {
+            yield records
+        }
+        if (!caughtUp) {
+            continue
+        }
+        if (!options.follow && options.untilMs !== null && horizonMs >= options.untilMs) {
+            return
+        }
+        // Caught up with the horizon: wait for it to move (following, or --until still ahead of now - lag).
+        try {
+            await sleep(options.pollIntervalMs ?? DEFAULT_POLL_INTERVAL_MS, options.signal)
+        } catch (error) {
+            if (error instanceof AbortedError) {
+                return
+            }
+            throw error
+        }
+    }
+}

@@ -1,0 +1,115 @@
+/**
+ * `sync` as a composition: the PostHog source feeds the shared delivery pipeline, and the pipeline's in-order
+ * commits become the checkpoint. This file only wires the two together.
+ */
+import { appendFileSync } from 'node:fs'
+
+import { ParsedConfig, SenderEnv } from '../index'
+import { runPipeline } from '../pipeline'
+import type { DeadLetter, PipelineProgress, PipelineReport } from '../pipeline/types'
+import { SourceBinding, writeSyncCheckpoint } from './checkpoint'
+import { QueryClient } from './posthog'
+import { Cursor } from './query'
+import { PageInfo, posthogSource, SourceOptions } from './source'
+
+export interface SyncProgress extends PipelineProgress {
+    /** created_at of the newest event read (ms), or null before the first page. */
+    cursorMs: number | null
+    /** Whether the last page reached the horizon (now minus the lag), and that horizon (ms). */
+    caughtUp: boolean
+    horizonMs: number | null
+    queries: number
+    queryRetries: number
+}
+
+export interface SyncReport extends PipelineReport<Cursor> {
+    queries: number
+    queryRetries: number
+    /** The checkpoint's cursor at the end (where a resume starts). */
+    cursor: Cursor
+    /** What stopped the source, if anything did: a PostHogQueryError tells a config problem from an outage. */
+    sourceError: unknown
+}
+
+export interface SyncOptions extends Omit<SourceOptions, 'run' | 'onPage' | 'signal'> {
+    client: QueryClient
+    config: ParsedConfig
+    env: SenderEnv
+    concurrency: number
+    binding: SourceBinding
+    checkpointFile: string | null
+    deadLetterFile: string | null
+    signal?: AbortSignal
+    onProgress?: (progress: SyncProgress) => void
+    onWarning?: (message: string) => void
+}
+
+export async function sync(options: SyncOptions): Promise<SyncReport> {
+    const { client } = options
+    const now = options.now ?? (() => Date.now())
+    let page: PageInfo | null = null
+    let committed = options.start
+    let latest: PipelineProgress | null = null
+    const progress = (): void => {
+        if (latest && options.onProgress) {
+            options.onProgress({
+                ...latest,
+                cursorMs: page?.cursor.ms ?? null,
+                caughtUp: page?.caughtUp ?? false,
+                horizonMs: page?.horizonMs ?? null,
+                queries: client.queries,
+                queryRetries: client.retries,
+            })
+        }
+    }
+    if (options.checkpointFile) {
+        // Saved before anything is read, so a first run that finds nothing still pins --since and the source.
+        writeSyncCheckpoint(options.checkpointFile, options.binding, options.start, now())
+    }
+    let sourceError: unknown = null
+    const pages = posthogSource({
+        ...options,
+        run: (hogql) => client.run(hogql),
+        signal: options.signal,
+        onPage: (info) => {
+            page = info
+            progress()
+        },
+    })
+    // The pipeline keeps only a source error's message; the error itself says whether it is configuration.
+    async function* source() {
+        try {
+            yield* pages
+        } catch (error) {
+            sourceError = error
+            throw error
+        }
+    }
+    const report = await runPipeline<Cursor>({
+        source: source(),
+        config: options.config,
+        env: options.env,
+        concurrency: options.concurrency,
+        flushEachChunk: true,
+        signal: options.signal,
+        // In order, and only over acknowledged batches: a crash resumes from here and replays, never skips.
+        commit: (position) => {
+            committed = position
+            if (options.checkpointFile) {
+                writeSyncCheckpoint(options.checkpointFile, options.binding, position, now())
+            }
+        },
+        deadLetter: (entry: DeadLetter<Cursor>) => {
+            if (options.deadLetterFile) {
+                const record = entry.event ? `"event":${entry.event}` : `"raw":${JSON.stringify(entry.raw ?? '')}`
+                appendFileSync(options.deadLetterFile, `{"reason":${JSON.stringify(entry.reason)},${record}}\n`)
+            }
+        },
+        onProgress: (p) => {
+            latest = p
+            progress()
+        },
+        onWarning: options.onWarning,
+    })
+    return { ...report, queries: client.queries, queryRetries: client.retries, cursor: committed, sourceError }
+}
