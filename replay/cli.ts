@@ -1,5 +1,5 @@
 /** `patterns-connector replay <file | -> --webhook-url URL [options]`: backfill exported events into the webhook. */
-import { createReadStream, statSync } from 'node:fs'
+import { createReadStream, ReadStream, statSync } from 'node:fs'
 import { Readable } from 'node:stream'
 import { parseArgs } from 'node:util'
 
@@ -14,8 +14,15 @@ import {
     SenderEnv,
     toLogger,
 } from '../index'
-import { INPUT_FORMATS, InputFormat } from './input'
-import { DEFAULT_CONCURRENCY, replay, REPLAY_BATCH_DEADLINE_MS, ReplayProgress, ReplayReport } from './replay'
+import { INPUT_FORMATS, InputError, InputFormat } from './input'
+import {
+    CheckpointError,
+    DEFAULT_CONCURRENCY,
+    replay,
+    REPLAY_BATCH_DEADLINE_MS,
+    ReplayProgress,
+    ReplayReport,
+} from './replay'
 
 export const HELP = `Usage: patterns-connector replay <file | -> --webhook-url URL [options]
 
@@ -62,11 +69,45 @@ function positiveInt(name: string, value: string | undefined, fallback: number):
     return number
 }
 
+const NUMERIC_OPTIONS = ['concurrency', 'batch-events', 'batch-bytes', 'timeout', 'retry-for']
+
+/**
+ * `--concurrency -1` would read as an option named -1 ("argument is ambiguous"): a value that looks like a
+ * number is joined to its numeric option, so it reaches the range check that names the flag.
+ */
+function joinNegativeNumbers(argv: string[]): string[] {
+    const joined: string[] = []
+    for (let i = 0; i < argv.length; i++) {
+        const arg = argv[i] as string
+        const value = argv[i + 1]
+        if (NUMERIC_OPTIONS.includes(arg.replace(/^--/, '')) && arg.startsWith('--') && /^-[\d.]/.test(value ?? '')) {
+            joined.push(`${arg}=${value}`)
+            i++
+        } else {
+            joined.push(arg)
+        }
+    }
+    return joined
+}
+
+/** Node's parseArgs messages, with the fix for the one that says "ambiguous". */
+function usageMessage(error: Error & { code?: string }): string {
+    const ambiguous = /Option '(-[^ ']+)[^']*' argument is ambiguous/.exec(error.message)
+    if (ambiguous) {
+        const flag = ambiguous[1] ?? 'the option'
+        return `${flag}: its value starts with "-"; write ${flag}=VALUE, or give it a value`
+    }
+    return error.message
+}
+
+/** Replay's own per-batch budget: time, not a count of attempts (--retry-for). */
+export const REPLAY_MAX_ATTEMPTS = 1_000_000
+
 export function parseReplayArgs(argv: string[], env: Record<string, string | undefined>) {
     let parsed
     try {
         parsed = parseArgs({
-            args: argv,
+            args: joinNegativeNumbers(argv),
             allowPositionals: true,
             strict: true,
             options: {
@@ -89,7 +130,7 @@ export function parseReplayArgs(argv: string[], env: Record<string, string | und
             },
         })
     } catch (error) {
-        throw new UsageError(`${(error as Error).message}. Run with --help for the options.`)
+        throw new UsageError(`${usageMessage(error as Error)}. Run with --help for the options.`)
     }
     const { values, positionals } = parsed
     if (values.help) {
@@ -106,6 +147,16 @@ export function parseReplayArgs(argv: string[], env: Record<string, string | und
     if (!webhookUrl && !values['dry-run']) {
         throw new UsageError('--webhook-url (or PATTERNS_WEBHOOK_URL) is required')
     }
+    const retryForMs = positiveInt('retry-for', values['retry-for'], REPLAY_BATCH_DEADLINE_MS / 1000) * 1000
+    // --retry-for is the whole budget of a batch: retries and Retry-After waits go on until it is spent.
+    const overrides = {
+        requestTimeoutMs: positiveInt('timeout', values.timeout, DEFAULT_REQUEST_TIMEOUT_MS / 1000) * 1000,
+        deadlineMs: retryForMs,
+        maxAttempts: REPLAY_MAX_ATTEMPTS,
+        retryAfterCapMs: retryForMs,
+        maxBatchEvents: positiveInt('batch-events', values['batch-events'], DEFAULT_MAX_BATCH_EVENTS),
+        maxBatchBytes: positiveInt('batch-bytes', values['batch-bytes'], DEFAULT_MAX_BATCH_BYTES),
+    }
     let config
     try {
         config = parseConfig(
@@ -117,12 +168,7 @@ export function parseReplayArgs(argv: string[], env: Record<string, string | und
                 customHeaders: values['custom-headers'] ?? env.PATTERNS_CUSTOM_HEADERS,
                 signingSecret: values['signing-secret'] ?? env.PATTERNS_SIGNING_SECRET,
             },
-            {
-                requestTimeoutMs: positiveInt('timeout', values.timeout, DEFAULT_REQUEST_TIMEOUT_MS / 1000) * 1000,
-                deadlineMs: positiveInt('retry-for', values['retry-for'], REPLAY_BATCH_DEADLINE_MS / 1000) * 1000,
-                maxBatchEvents: positiveInt('batch-events', values['batch-events'], DEFAULT_MAX_BATCH_EVENTS),
-                maxBatchBytes: positiveInt('batch-bytes', values['batch-bytes'], DEFAULT_MAX_BATCH_BYTES),
-            }
+            overrides
         )
     } catch (error) {
         // Config errors name the field and never contain its value.
@@ -137,6 +183,21 @@ export function parseReplayArgs(argv: string[], env: Record<string, string | und
         deadLetterFile: values['dead-letter'] ?? null,
         dryRun: values['dry-run'],
     }
+}
+
+/** A readable input file and its size, or why not (a missing file, a directory, no permission). */
+function openInputFile(path: string): { size: number; stream: ReadStream } | string {
+    let stats
+    try {
+        stats = statSync(path)
+    } catch (error) {
+        return `cannot read ${path}: ${(error as NodeJS.ErrnoException).code ?? 'error'}; give a file path, or - for standard input`
+    }
+    if (stats.isDirectory()) {
+        return `cannot read ${path}: it is a directory; give a file in it, or - for standard input`
+    }
+    // The default 64 KB reads: bigger reads only keep more decoded text alive while its events are in flight.
+    return { size: stats.size, stream: createReadStream(path) }
 }
 
 /** The sender environment for a Node process: real fetch, timers, and nothing logged per request. */
@@ -219,15 +280,13 @@ export async function runReplayCli(
     if (parsed.input === '-') {
         input = io.stdin
     } else {
-        try {
-            size = statSync(parsed.input).size
-        } catch (error) {
-            io.stderr.write(`error: cannot read ${parsed.input}: ${(error as NodeJS.ErrnoException).code ?? 'error'}\n`)
+        const opened = openInputFile(parsed.input)
+        if (typeof opened === 'string') {
+            io.stderr.write(`error: ${opened}\n`)
             return 2
         }
-        const stream = createReadStream(parsed.input, { highWaterMark: 1 << 20 })
-        bytesRead = () => stream.bytesRead
-        input = stream
+        ;({ size, stream: input } = opened)
+        bytesRead = () => opened.stream.bytesRead
     }
     const started = Date.now()
     const tty = Boolean(io.stderr.isTTY)
@@ -254,10 +313,12 @@ export async function runReplayCli(
     }
     let report: ReplayReport
     try {
-        report = await replay({ ...parsed, input, env: nodeEnv(), signal, onProgress, onWarning })
+        const inputLabel = parsed.input === '-' ? null : parsed.input
+        report = await replay({ ...parsed, input, inputLabel, env: nodeEnv(), signal, onProgress, onWarning })
     } catch (error) {
         io.stderr.write(`${tty ? '\n' : ''}error: ${(error as Error).message}\n`)
-        return 1
+        // An unusable input or checkpoint is found before anything is sent: bad usage.
+        return error instanceof InputError || error instanceof CheckpointError ? 2 : 1
     }
     if (tty) {
         io.stderr.write('\n')
