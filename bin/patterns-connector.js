@@ -7,6 +7,8 @@ const USAGE = `Usage: patterns-connector <command> [options]
 
 Commands:
   replay <file | ->   send exported PostHog events to the webhook (see: patterns-connector replay --help)
+  sync                feed events from PostHog's query API to the webhook, live and resumable
+                      (see: patterns-connector sync --help)
 `
 
 async function main() {
@@ -15,7 +17,7 @@ async function main() {
         process.stdout.write(USAGE)
         return command ? 0 : 2
     }
-    if (command !== 'replay') {
+    if (command !== 'replay' && command !== 'sync') {
         process.stderr.write(`error: unknown command "${command}"\n${USAGE}`)
         return 2
     }
@@ -26,7 +28,9 @@ async function main() {
         controller.abort()
         process.once('SIGINT', () => process.exit(130))
     })
-    const code = await runReplayCli(rest, process.env, process, controller.signal)
+    // Loaded on demand, so each command only loads its own code.
+    const run = command === 'sync' ? require('../sync/cli.ts').runSyncCli : runReplayCli
+    const code = await run(rest, process.env, process, controller.signal)
     return controller.signal.aborted ? 130 : code
 }
 
