@@ -87,6 +87,7 @@ export async function sync(options: SyncOptions): Promise<SyncReport> {
     }
     const report = await runPipeline<Cursor>({
         source: source(),
+        start: options.start,
         config: options.config,
         env: options.env,
         concurrency: options.concurrency,

@@ -1,0 +1,318 @@
+/** sync's pure policy: the page query, rows to events, PostHog's responses, limits, the checkpoint, the flags. */
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+
+import { bindingDifferences, resumeFrom, SourceBinding, writeSyncCheckpoint } from '../sync/checkpoint'
+import { behindNowMs, parseDuration, parsePostHogUrl, parseSyncArgs } from '../sync/cli'
+import { classifyQueryResponse, errorDetail, PostHogQueryError, queryBackoffMs, rateLimitWaitMs } from '../sync/posthog'
+import { afterCursor, buildPageQuery, cursorAfterShortPage, hogqlString, scanUpperMs } from '../sync/query'
+import { parseProperties, rowToEvent, toIsoUtc } from '../sync/rows'
+import { horizonFor } from '../sync/source'
+
+const target = { origin: 'https://us.posthog.com', projectId: '12345' }
+const NOW = Date.parse('2026-11-27T07:00:00Z')
+
+describe('the page query', () => {
+    const base = {
+        cursor: { ms: NOW - 3_600_000, uuid: '0190a1b2-0000-7000-8000-000000000001' },
+        upperMs: NOW - 60_000,
+        lateWindowMs: 7 * 86_400_000,
+        futureWindowMs: 86_400_000,
+        pageSize: 500,
+        allowedEvents: null,
+        excludedEvents: [],
+    }
+
+    it('pages by (created_at ms, uuid) and lets ClickHouse compare the UUIDs', () => {
+        const query = buildPageQuery(base)
+        expect(query).toContain(
+            `(toUnixTimestamp64Milli(created_at) > ${base.cursor.ms} OR (toUnixTimestamp64Milli(created_at) = ${base.cursor.ms} AND uuid > toUUID('0190a1b2-0000-7000-8000-000000000001')))`
+        )
+        expect(query).toContain('ORDER BY created_at_ms ASC, uuid ASC')
+        expect(query).toContain(`toUnixTimestamp64Milli(created_at) < ${base.upperMs}`)
+        expect(query).toMatch(/LIMIT 500$/)
+    })
+
+    it('bounds the timestamp scan: the late window before the cursor, a day after the upper bound', () => {
+        const query = buildPageQuery(base)
+        expect(query).toContain(`timestamp >= toDateTime(${(base.cursor.ms - 7 * 86_400_000) / 1000})`)
+        expect(query).toContain(`timestamp < toDateTime(${(base.upperMs + 86_400_000) / 1000})`)
+    })
+
+    it('starts inclusively at --since when no event was passed yet', () => {
+        expect(afterCursor({ ms: NOW, uuid: null })).toBe(`toUnixTimestamp64Milli(created_at) >= ${NOW}`)
+    })
+
+    it('puts event filters in the query, quoted as HogQL strings', () => {
+        const query = buildPageQuery({ ...base, allowedEvents: ['$pageview', "it's"], excludedEvents: ['a\\b'] })
+        expect(query).toContain("event IN ('$pageview', 'it\\'s')")
+        expect(query).toContain("event NOT IN ('a\\\\b')")
+        expect(hogqlString("x'y")).toBe("'x\\'y'")
+    })
+
+    it('refuses a page size above PostHog’s 50,000 row cap and a cursor uuid that is not a UUID', () => {
+        expect(() => buildPageQuery({ ...base, pageSize: 50_001 })).toThrow('pageSize must be between 1 and 50000')
+        expect(() => afterCursor({ ms: 1, uuid: "x') OR 1=1 --" })).toThrow('cursor.uuid is not a UUID')
+    })
+
+    it('steps through old ranges a day at a time and never past the horizon', () => {
+        const cursor = { ms: NOW - 10 * 86_400_000, uuid: null }
+        expect(scanUpperMs(cursor, NOW, 86_400_000)).toBe(NOW - 9 * 86_400_000)
+        expect(scanUpperMs({ ms: NOW - 1000, uuid: null }, NOW, 86_400_000)).toBe(NOW)
+        expect(cursorAfterShortPage({ ms: 5, uuid: 'u' }, 9)).toEqual({ ms: 9, uuid: null })
+        expect(cursorAfterShortPage({ ms: 9, uuid: 'u' }, 9)).toEqual({ ms: 9, uuid: 'u' })
+    })
+
+    it('keeps the horizon the lag behind now, and never past --until', () => {
+        expect(horizonFor(NOW, 60_000, null)).toBe(NOW - 60_000)
+        expect(horizonFor(NOW, 60_000, NOW - 3_600_000)).toBe(NOW - 3_600_000)
+    })
+})
+
+describe('rows to events', () => {
+    const at = { uuid: 0, event: 1, distinct_id: 2, timestamp: 3, properties: 4, elements_chain: 5, created_at_ms: 6 }
+
+    it('builds the event the plugin sends, with $set and $set_once lifted from properties', () => {
+        const row = [
+            '0190a1b2-0000-7000-8000-000000000009',
+            '$identify',
+            'user-1',
+            '2026-11-20T10:00:00.123000Z',
+            '{"$set":{"plan":"pro"},"$set_once":{"first":"/"},"$browser":"Firefox"}',
+            '',
+            1795000000123,
+        ]
+        expect(rowToEvent(row, at, 7)).toEqual({
+            createdAtMs: 1795000000123,
+            event: {
+                uuid: '0190a1b2-0000-7000-8000-000000000009',
+                event: '$identify',
+                distinct_id: 'user-1',
+                team_id: 7,
+                ip: null,
+                timestamp: '2026-11-20T10:00:00.123Z',
+                properties: { $set: { plan: 'pro' }, $set_once: { first: '/' }, $browser: 'Firefox' },
+                $set: { plan: 'pro' },
+                $set_once: { first: '/' },
+            },
+        })
+    })
+
+    it('reads PostHog datetimes with or without microseconds, Z, or an offset', () => {
+        expect(toIsoUtc('2020-01-15T12:00:00Z')).toBe('2020-01-15T12:00:00.000Z')
+        expect(toIsoUtc('2022-12-24T17:00:41.165000Z')).toBe('2022-12-24T17:00:41.165Z')
+        expect(toIsoUtc('2022-12-24T12:00:41.165000-05:00')).toBe('2022-12-24T17:00:41.165Z')
+        expect(toIsoUtc('2022-12-24 17:00:41.165000')).toBe('2022-12-24T17:00:41.165Z')
+        expect(() => toIsoUtc('soon')).toThrow('unreadable datetime')
+    })
+
+    it('parses properties from their JSON text; an empty text is no properties', () => {
+        expect(parseProperties('')).toEqual({})
+        expect(parseProperties('{"a":1}')).toEqual({ a: 1 })
+        expect(() => parseProperties('[1]')).toThrow('not a JSON object')
+    })
+})
+
+describe("PostHog's responses", () => {
+    const body = (detail: string) => JSON.stringify({ type: 'x', code: 'y', detail, attr: null })
+
+    it('a 200 gives the rows and columns', () => {
+        const outcome = classifyQueryResponse(
+            200,
+            '{"results":[[1]],"columns":["a"],"hasMore":null}',
+            null,
+            NOW,
+            target
+        )
+        expect(outcome).toEqual({ kind: 'ok', response: { results: [[1]], columns: ['a'], hasMore: null } })
+    })
+
+    it('a 401 names the key and the fix, and is configuration', () => {
+        const outcome = classifyQueryResponse(
+            401,
+            body('Personal API key found in request Authorization header is invalid.'),
+            null,
+            NOW,
+            target
+        )
+        expect(outcome.kind).toBe('fatal')
+        const error = (outcome as { error: PostHogQueryError }).error
+        expect(error.message).toContain('PostHog refused the API key (HTTP 401: Personal API key found')
+        expect(error.message).toContain('POSTHOG_API_KEY')
+        expect(error.isConfig).toBe(true)
+    })
+
+    it('a 403 names the query:read scope, a 404 the project and the host', () => {
+        const forbidden = classifyQueryResponse(
+            403,
+            body("API key missing required scope 'query:read'"),
+            null,
+            NOW,
+            target
+        )
+        expect((forbidden as { error: Error }).error.message).toContain("missing required scope 'query:read'")
+        expect((forbidden as { error: Error }).error.message).toContain('needs the query:read scope')
+        const missing = classifyQueryResponse(404, body('Project not found.'), null, NOW, target)
+        expect((missing as { error: Error }).error.message).toContain('no project 12345 at https://us.posthog.com')
+    })
+
+    it('a 400 quotes the HogQL error and is not retried', () => {
+        const outcome = classifyQueryResponse(400, body("mismatched input 'SELEC'"), null, NOW, target)
+        expect(outcome.kind).toBe('fatal')
+        expect((outcome as { error: PostHogQueryError }).error.message).toBe(
+            "PostHog refused the query (HTTP 400: mismatched input 'SELEC')"
+        )
+        expect((outcome as { error: PostHogQueryError }).error.isConfig).toBe(false)
+    })
+
+    it('a 429 waits as long as Retry-After says; without it, the backoff decides', () => {
+        expect(classifyQueryResponse(429, body('throttled'), '7', NOW, target)).toEqual({
+            kind: 'retry',
+            reason: 'HTTP 429: throttled',
+            waitMs: 7_000,
+        })
+        expect(
+            classifyQueryResponse(429, body('Exceeded maximum concurrency limit: 3'), null, NOW, target)
+        ).toMatchObject({
+            kind: 'retry',
+            waitMs: null,
+        })
+    })
+
+    it('5xx and 408 are retried; a redirect is never followed', () => {
+        expect(classifyQueryResponse(504, body('Query has hit the max execution time'), null, NOW, target).kind).toBe(
+            'retry'
+        )
+        expect(classifyQueryResponse(502, '<html>bad gateway</html>', null, NOW, target).kind).toBe('retry')
+        expect(classifyQueryResponse(308, '', null, NOW, target).kind).toBe('fatal')
+    })
+
+    it('quotes detail, or the start of a body that is not JSON', () => {
+        expect(errorDetail(body('Project not found.'))).toBe('Project not found.')
+        expect(errorDetail('  <h1>Bad   gateway</h1> ')).toBe('<h1>Bad gateway</h1>')
+    })
+})
+
+describe('limits and delays', () => {
+    it('backs off exponentially with full jitter, capped at 30 s', () => {
+        expect([0, 1, 2, 3, 10].map((attempt) => queryBackoffMs(attempt, () => 1))).toEqual([
+            1000, 2000, 4000, 8000, 30000,
+        ])
+        expect(queryBackoffMs(4, () => 0)).toBe(0)
+    })
+
+    it('waits until the oldest query leaves the minute window once the per-minute limit is used', () => {
+        const starts = [NOW - 50_000, NOW - 40_000, NOW - 30_000]
+        expect(rateLimitWaitMs(starts, NOW, { perMinute: 3, perHour: 100 })).toBe(10_000)
+        expect(rateLimitWaitMs(starts, NOW, { perMinute: 4, perHour: 100 })).toBe(0)
+    })
+
+    it('also holds the hourly limit', () => {
+        const starts = [NOW - 3_000_000, NOW - 2_000_000]
+        expect(rateLimitWaitMs(starts, NOW, { perMinute: 10, perHour: 2 })).toBe(600_000)
+    })
+})
+
+describe('the checkpoint', () => {
+    let dir: string
+    beforeEach(() => (dir = mkdtempSync(join(tmpdir(), 'sync-ckpt-'))))
+    afterEach(() => rmSync(dir, { recursive: true, force: true }))
+
+    const binding: SourceBinding = {
+        host: 'https://us.posthog.com',
+        projectId: '12345',
+        allowedEvents: ['b', 'a'],
+        excludedEvents: [],
+        since: '2026-11-01T00:00:00.000Z',
+    }
+
+    it('starts at --since on a first run, and at the saved cursor after', () => {
+        const file = join(dir, 'sync.ckpt')
+        expect(resumeFrom(file, binding, true)).toMatchObject({
+            cursor: { ms: Date.parse(binding.since), uuid: null },
+            resumed: false,
+        })
+        writeSyncCheckpoint(file, binding, { ms: 5, uuid: '0190a1b2-0000-7000-8000-000000000001' }, NOW)
+        expect(resumeFrom(file, { ...binding, allowedEvents: ['a', 'b'], since: 'ignored' }, false)).toMatchObject({
+            cursor: { ms: 5, uuid: '0190a1b2-0000-7000-8000-000000000001' },
+            resumed: true,
+        })
+    })
+
+    it('refuses a checkpoint of another host, project or filter, naming what differs', () => {
+        const file = join(dir, 'sync.ckpt')
+        writeSyncCheckpoint(file, binding, { ms: 5, uuid: null }, NOW)
+        expect(() => resumeFrom(file, { ...binding, projectId: '999' }, false)).toThrow(
+            '--project-id "12345" then, "999" now'
+        )
+        expect(
+            bindingDifferences(binding, { ...binding, host: 'https://eu.posthog.com', excludedEvents: ['x'] }, false)
+        ).toEqual([
+            '--posthog-url "https://us.posthog.com" then, "https://eu.posthog.com" now',
+            '--excluded-events [] then, ["x"] now',
+        ])
+        expect(bindingDifferences(binding, { ...binding, since: '2026-11-02T00:00:00Z' }, true)).toHaveLength(1)
+    })
+
+    it('refuses a file that is not a sync checkpoint', () => {
+        const file = join(dir, 'replay.ckpt')
+        writeFileSync(file, '{"version":1,"next":10,"done":[]}')
+        expect(() => resumeFrom(file, binding, false)).toThrow('is not a sync checkpoint written by this tool')
+    })
+
+    it('is written whole: the temporary file is renamed over the old one', () => {
+        const file = join(dir, 'sync.ckpt')
+        writeSyncCheckpoint(file, binding, { ms: 1, uuid: null }, NOW)
+        writeSyncCheckpoint(file, binding, { ms: 2, uuid: null }, NOW)
+        expect(JSON.parse(readFileSync(file, 'utf8')).cursor).toEqual({ ms: 2, uuid: null })
+    })
+})
+
+describe('flags', () => {
+    const env = { PATTERNS_WEBHOOK_URL: 'https://hooks.example.com/wh/abcdef123', POSTHOG_API_KEY: 'phx_secret_key_1' }
+    const required = ['--posthog-url', 'https://us.posthog.com', '--project-id', '12345']
+
+    it('reads durations in ms, s, m, h, d, or bare seconds', () => {
+        expect(['500ms', '30s', '2m', '1h', '7d', '90'].map((t) => parseDuration('lag', t))).toEqual([
+            500, 30_000, 120_000, 3_600_000, 604_800_000, 90_000,
+        ])
+        expect(() => parseDuration('lag', 'soon')).toThrow('--lag: expected a duration')
+    })
+
+    it('refuses plain http except on loopback, and paths, and credentials in the URL', () => {
+        expect(parsePostHogUrl('http://127.0.0.1:8000')).toBe('http://127.0.0.1:8000')
+        expect(parsePostHogUrl('https://us.posthog.com/')).toBe('https://us.posthog.com')
+        expect(() => parsePostHogUrl('http://posthog.example.com')).toThrow('plain http would send the API key')
+        expect(() => parsePostHogUrl('https://us.posthog.com/project/1')).toThrow('give the origin only')
+        expect(() => parsePostHogUrl('https://u:p@us.posthog.com')).toThrow('must not contain user:password@')
+    })
+
+    it('defaults --since to now and --until to now minus the lag', () => {
+        const args = parseSyncArgs(required, env, NOW)
+        expect(args).toMatchObject({ sinceMs: NOW, untilMs: NOW - 60_000, follow: false, pageSize: 10_000 })
+    })
+
+    it('names the flag and the fix for each mistake', () => {
+        const parse =
+            (argv: string[], e: Record<string, string> = env) =>
+            () =>
+                parseSyncArgs(argv, e, NOW)
+        expect(parse(['--project-id', '1'])).toThrow('--posthog-url is required')
+        expect(parse([...required.slice(0, 2), '--project-id', 'abc'])).toThrow(
+            "--project-id: expected the project's numeric id"
+        )
+        expect(parse(required, { ...env, POSTHOG_API_KEY: '' })).toThrow('POSTHOG_API_KEY is required')
+        expect(parse(required, { ...env, POSTHOG_API_KEY: 'phc_project_key' })).toThrow('project API key (phc_...)')
+        expect(parse([...required, '--follow', '--until', '2026-11-27T00:00:00Z'])).toThrow('--until and --follow')
+        expect(parse([...required, '--page-size', '50001'])).toThrow(
+            '--page-size: expected a whole number from 1 to 50000'
+        )
+        expect(parse([...required, '--since', 'yesterday'])).toThrow('--since: expected an ISO 8601 time')
+    })
+
+    it('measures how far behind now the feed is', () => {
+        expect(behindNowMs({ cursorMs: NOW - 5_000, caughtUp: false, horizonMs: NOW - 60_000 }, NOW)).toBe(5_000)
+        expect(behindNowMs({ cursorMs: NOW - 5_000, caughtUp: true, horizonMs: NOW - 60_000 }, NOW)).toBe(60_000)
+    })
+})
