@@ -2,10 +2,19 @@
  * The four PostHog host eras the emulator reproduces: their fetch, their meta, their retry policy and their
  * concurrency. Facts from the project's HOSTS.md.
  */
+import * as nodeCrypto from 'node:crypto'
+import { createRequire } from 'node:module'
+import { PassThrough } from 'node:stream'
+import * as nodeUrl from 'node:url'
+import * as zlib from 'node:zlib'
+
 import type { PluginEvent, ProcessedPluginEvent } from '@posthog/plugin-scaffold'
+import * as scaffoldCurrent from '@posthog/plugin-scaffold'
 import nodeFetch from 'node-fetch'
+import * as scaffold2021 from 'plugin-scaffold-2021'
 
 import type { MetaFetch } from '../index'
+import type { BabelStandalone } from './transforms'
 
 export const ERA_NAMES = ['vm2021', 'vm2022', 'vm2024', 'cdp2025'] as const
 export type EraName = (typeof ERA_NAMES)[number]
@@ -17,9 +26,96 @@ export const CLASSIC_MICRO_BATCH = 10
 /** How many calls the CDP consumer starts at once: a whole Kafka batch. */
 export const CDP_KAFKA_BATCH = 500
 
+const requireModule = createRequire(__filename)
+
+/** Loads a @babel/standalone version on first use: worker threads get code already transpiled and skip it. */
+function lazyBabel(name: string): () => BabelStandalone {
+    let loaded: BabelStandalone | undefined
+    return () => (loaded ??= requireModule(name) as BabelStandalone)
+}
+const babel2021 = lazyBabel('babel-standalone-2021')
+/** node-fetch 2.6.1, the version the 2021 host's lock file pins (typed like the newer 2.x). */
+const nodeFetch2021 = requireModule('node-fetch-2021') as typeof nodeFetch
+const babelCurrent = lazyBabel('@babel/standalone')
+
+/** How a host handles a setupPlugin that throws: attempts, the first wait and its growth, and what is retried. */
+export interface SetupPolicy {
+    /** Attempts in all, the first included; after the last failure the plugin is disabled. */
+    maxAttempts: number
+    firstWaitMs: number
+    factor: number
+    /** true: only a RetryError is retried, any other error disables the plugin at once. */
+    onlyRetryError: boolean
+}
+
+/** The 2021 LazyPluginVM: 10 attempts, waiting 3 s, 6 s, 12 s, … (about 25 minutes in all), whatever the error. */
+export const SETUP_2021: SetupPolicy = { maxAttempts: 10, firstWaitMs: 3_000, factor: 2, onlyRetryError: false }
+/** 2022 docs: a RetryError in setup gets up to 5 retries; any other error disables the plugin at once. */
+export const SETUP_2022: SetupPolicy = { maxAttempts: 6, firstWaitMs: 3_000, factor: 2, onlyRetryError: true }
+/** The CDP executor: a setup error fails the function at once. */
+export const SETUP_CDP: SetupPolicy = { maxAttempts: 1, firstWaitMs: 0, factor: 1, onlyRetryError: true }
+
+/** Waits before each retry of setupPlugin: 3 s, 6 s, … for the 2021 host. */
+export function setupRetryWaits(policy: SetupPolicy): number[] {
+    return Array.from({ length: policy.maxAttempts - 1 }, (_, n) => policy.firstWaitMs * policy.factor ** n)
+}
+
+/**
+ * A module the 2021 host whitelisted but this emulator does not install (aws-sdk, BigQuery, …): importing it
+ * works, as in the host; using it says why it cannot.
+ */
+function notInstalled(name: string): unknown {
+    return new Proxy(
+        {},
+        {
+            get: (_target, key) => {
+                if (typeof key === 'symbol' || key === 'then') {
+                    return undefined
+                }
+                throw new Error(`'${name}' is whitelisted in the 2021 host but not installed in this emulator`)
+            },
+        }
+    )
+}
+
+/** The 2021 host's 16 importable modules. `crypto` is the default import; `stream` has only PassThrough. */
+export const IMPORTS_2021: Record<string, unknown> = {
+    '@google-cloud/bigquery': notInstalled('@google-cloud/bigquery'),
+    '@google-cloud/pubsub': notInstalled('@google-cloud/pubsub'),
+    '@google-cloud/storage': notInstalled('@google-cloud/storage'),
+    '@posthog/plugin-contrib': notInstalled('@posthog/plugin-contrib'),
+    '@posthog/plugin-scaffold': scaffold2021,
+    'aws-sdk': notInstalled('aws-sdk'),
+    'generic-pool': notInstalled('generic-pool'),
+    'node-fetch': nodeFetch2021,
+    'snowflake-sdk': notInstalled('snowflake-sdk'),
+    crypto: nodeCrypto,
+    jsonwebtoken: notInstalled('jsonwebtoken'),
+    faker: notInstalled('faker'),
+    pg: notInstalled('pg'),
+    stream: { PassThrough },
+    url: nodeUrl,
+    zlib,
+}
+
+/** What every later era is known to provide (HOSTS.md: others came and went; don't use them). */
+export const IMPORTS_CURRENT: Record<string, unknown> = {
+    '@posthog/plugin-scaffold': scaffoldCurrent,
+    'node-fetch': nodeFetch,
+    crypto: nodeCrypto,
+    url: nodeUrl,
+}
+
 export interface Era {
     name: EraName
     description: string
+    /** The @babel/standalone version the host transpiled with. */
+    babel: () => BabelStandalone
+    /** What `import x from 'm'` gives, by module name; anything else is refused at load time. */
+    imports: Record<string, unknown>
+    /** The scaffold's RetryError of this era (in 0.12.9 its `name` is "Error"). */
+    RetryError: new (message?: string) => Error
+    setup: SetupPolicy
     /** Whether the sandbox has setTimeout, AbortController and friends. */
     timers: boolean
     /** The plugin's global `fetch`. */
@@ -90,9 +186,13 @@ export function getEra(name: string): Era {
         case 'vm2021':
             return {
                 name,
-                description: 'standalone plugin-server 1.10: node-fetch v2, no host retry, micro-batches of 10',
+                description: 'standalone plugin-server 1.10 (vm2 3.9.5, babel 7.13.7, node-fetch 2.6.1), no host retry',
+                babel: babel2021,
+                imports: IMPORTS_2021,
+                RetryError: scaffold2021.RetryError,
+                setup: SETUP_2021,
                 timers: false,
-                fetch: nodeFetch,
+                fetch: nodeFetch2021,
                 metaFetch: null,
                 hostRetryDelaysMs: [],
                 concurrency: CLASSIC_MICRO_BATCH,
@@ -102,6 +202,10 @@ export function getEra(name: string): Era {
             return {
                 name,
                 description: 'monorepo 2022–2023: node-fetch v2, RetryError retried after 3 s then 6 s',
+                babel: babelCurrent,
+                imports: IMPORTS_CURRENT,
+                RetryError: scaffoldCurrent.RetryError,
+                setup: SETUP_2022,
                 timers: false,
                 fetch: nodeFetch,
                 metaFetch: null,
@@ -113,6 +217,10 @@ export function getEra(name: string): Era {
             return {
                 name,
                 description: 'Aug 2023–2025: undici fetch with the host 10 s timeout, no host retry',
+                babel: babelCurrent,
+                imports: IMPORTS_CURRENT,
+                RetryError: scaffoldCurrent.RetryError,
+                setup: SETUP_2022,
                 timers: false,
                 fetch: vm2024Fetch,
                 metaFetch: null,
@@ -124,6 +232,10 @@ export function getEra(name: string): Era {
             return {
                 name,
                 description: 'CDP executor: meta.fetch and meta.logger, timers, whole Kafka batch at once',
+                babel: babelCurrent,
+                imports: IMPORTS_CURRENT,
+                RetryError: scaffoldCurrent.RetryError,
+                setup: SETUP_CDP,
                 timers: true,
                 fetch: fetch,
                 metaFetch: cdpMetaFetch,

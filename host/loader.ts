@@ -1,29 +1,18 @@
 /**
- * Loads a plugin file the way PostHog's classic plugin server does (see HOSTS.md in the project notes):
- * @babel/standalone with PostHog's presets, the import rewrite with its whitelist, 30 s loop and await guards,
- * and a node:vm context holding only the classic sandbox's globals.
+ * Loads a plugin the way PostHog's classic plugin server does (HOSTS.md, "Measured in PostHog's own 2021 host"):
+ * the era's @babel/standalone with PostHog's transforms, then a vm2 `VM` whose globals are exactly the host's,
+ * with host objects reaching the plugin through vm2's proxies. The exported methods come back bound to `meta`
+ * (always the last argument) and each guarded by 30 s as a whole.
  */
 import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { createContext, Script } from 'node:vm'
 
-import * as babel from '@babel/standalone'
-import * as scaffold from '@posthog/plugin-scaffold'
-import { RetryError } from '@posthog/plugin-scaffold'
-import * as nodeCrypto from 'crypto'
-import nodeFetch from 'node-fetch'
-import * as nodeUrl from 'url'
+import { VM } from 'vm2'
 
-/** How long a loop, an await or a whole exported method may run before the host kills it. */
-export const GUARD_MS = 30_000
+import type { Era } from './eras'
+import { GUARD_MS, transpile } from './transforms'
 
-/** The modules every classic era provides to plugins. */
-export const PLUGIN_IMPORTS: Record<string, unknown> = {
-    '@posthog/plugin-scaffold': scaffold,
-    'node-fetch': nodeFetch,
-    crypto: nodeCrypto,
-    url: nodeUrl,
-}
+export { GUARD_MS, transpile } from './transforms'
 
 export class PluginLoadError extends Error {
     constructor(message: string) {
@@ -32,194 +21,62 @@ export class PluginLoadError extends Error {
     }
 }
 
-type BabelPath = {
-    node: Record<string, unknown> & {
-        source?: { value: string }
-        specifiers?: Array<{
-            type: string
-            local: { name: string }
-            imported?: { name?: string; value?: string }
-        }>
-        loc?: { start: { line: number; column: number } }
-        body?: unknown
-        argument?: unknown
-    }
-    replaceWithMultiple: (nodes: unknown[]) => void
-    replaceWith: (node: unknown) => void
-    get: (key: string) => { unshiftContainer: (key: string, node: unknown) => void; node: unknown }
-    insertBefore: (node: unknown) => void
-    scope: { generateUidIdentifier: (name: string) => { name: string } }
-    parentPath: unknown
-}
-type Build = (...args: unknown[]) => unknown
-interface BabelTypes {
-    memberExpression: Build
-    identifier: Build
-    stringLiteral: Build
-    variableDeclaration: Build
-    variableDeclarator: Build
-    callExpression: Build
-    awaitExpression: Build
-    ensureBlock: Build
+/** What the host's guards reject with. */
+export class TimeoutError extends Error {
+    name = 'TimeoutError'
 }
 
-/** `import X from 'm'` and `import * as X` become `const X = __pluginHostImports['m']`, with no `.default` unwrapping. */
-function importRewrite(imports: Record<string, unknown>) {
-    return ({ types: t }: { types: BabelTypes }) => ({
-        visitor: {
-            ImportDeclaration: {
-                exit(path: BabelPath) {
-                    const source = path.node.source?.value ?? ''
-                    if (typeof imports[source] === 'undefined') {
-                        throw new Error(
-                            `Cannot import '${source}'! This package is not provided by PostHog in plugins.`
-                        )
-                    }
-                    const hostModule = t.memberExpression(
-                        t.identifier('__pluginHostImports'),
-                        t.stringLiteral(source),
-                        true
-                    )
-                    const declarations = (path.node.specifiers ?? []).map((spec) => {
-                        const value =
-                            spec.type === 'ImportSpecifier'
-                                ? t.memberExpression(
-                                      hostModule,
-                                      t.stringLiteral(spec.imported?.name ?? spec.imported?.value ?? ''),
-                                      true
-                                  )
-                                : hostModule
-                        return t.variableDeclaration('const', [
-                            t.variableDeclarator(t.identifier(spec.local.name), value),
-                        ])
-                    })
-                    path.replaceWithMultiple(declarations)
-                },
-            },
-            CallExpression: {
-                exit(path: BabelPath) {
-                    const node = path.node as unknown as {
-                        callee: { type: string; name?: string }
-                        arguments: Array<{ type: string; value?: string }>
-                    }
-                    const [arg] = node.arguments
-                    if (node.callee.type !== 'Identifier' || node.callee.name !== 'require' || !arg) {
-                        return
-                    }
-                    const source = arg.type === 'StringLiteral' ? (arg.value ?? '') : ''
-                    if (typeof imports[source] === 'undefined') {
-                        throw new Error(
-                            `Cannot import '${source}'! This package is not provided by PostHog in plugins.`
-                        )
-                    }
-                    path.replaceWith(
-                        t.memberExpression(t.identifier('__pluginHostImports'), t.stringLiteral(source), true)
-                    )
-                },
-            },
-        },
-    })
+export function timeoutMessage(ms: number): string {
+    const seconds = ms / 1000
+    return `Script execution timed out after promise waited for ${seconds} second${seconds === 1 ? '' : 's'}`
 }
 
-/** Every loop throws once it has run for 30 s. */
-function loopGuard() {
-    return ({
-        types: t,
-        template,
-    }: {
-        types: BabelTypes
-        template: { statement: (code: string) => () => unknown }
-    }) => {
-        const visit = (path: BabelPath): void => {
-            const started = path.scope.generateUidIdentifier('loopStart')
-            const line = path.node.loc ? `${path.node.loc.start.line}:${path.node.loc.start.column}` : '?'
-            path.insertBefore(
-                t.variableDeclaration('const', [
-                    t.variableDeclarator(
-                        t.identifier(started.name),
-                        t.callExpression(t.memberExpression(t.identifier('Date'), t.identifier('now')), [])
-                    ),
-                ])
-            )
-            const check = template.statement(
-                `if (Date.now() - ${started.name} > ${GUARD_MS}) { throw new Error("Script execution timed out after looping for ${GUARD_MS / 1000} seconds on line ${line}") }`
-            )()
-            t.ensureBlock(path.node)
-            path.get('body').unshiftContainer('body', check)
-        }
-        return {
-            visitor: {
-                WhileStatement: visit,
-                DoWhileStatement: visit,
-                ForStatement: visit,
-                ForInStatement: visit,
-                ForOfStatement: visit,
-            },
-        }
-    }
+/**
+ * The host's guard: a host async function racing the value against a host timer that is never cleared, as in
+ * PostHog. Every `await` and `.then` in the plugin goes through one; that cost is why awaits are expensive there.
+ * The timer is unref'd only so that a finished run can exit; it still lives its 30 s.
+ */
+export async function guard<T>(value: T | Promise<T>, ms = GUARD_MS): Promise<T> {
+    return await Promise.race([
+        value,
+        new Promise<never>((_resolve, reject) => {
+            setTimeout(() => reject(new TimeoutError(timeoutMessage(ms))), ms).unref()
+        }),
+    ])
 }
 
-/** Every `await x` becomes `await __asyncGuard(x)`, which rejects after 30 s. */
-function awaitGuard() {
-    return ({ types: t }: { types: BabelTypes }) => ({
-        visitor: {
-            AwaitExpression: {
-                exit(path: BabelPath) {
-                    const argument = path.node.argument as { type?: string; callee?: { name?: string } }
-                    if (argument.type === 'CallExpression' && argument.callee?.name === '__asyncGuard') {
-                        return
-                    }
-                    path.replaceWith(
-                        t.awaitExpression(t.callExpression(t.identifier('__asyncGuard'), [path.node.argument]))
-                    )
-                },
-            },
-        },
-    })
-}
-
-/** Transpiles plugin source with PostHog's options. Throws PostHog's own error text for a forbidden import. */
-export function transpile(source: string, imports: Record<string, unknown> = PLUGIN_IMPORTS): string {
-    const result = babel.transform(source, {
-        envName: 'production',
-        code: true,
-        babelrc: false,
-        configFile: false,
-        filename: 'index.ts',
-        presets: ['typescript', ['env', { targets: { node: process.versions.node } }]],
-        plugins: [importRewrite(imports), loopGuard(), awaitGuard()],
-    })
-    if (!result?.code) {
-        throw new PluginLoadError('the plugin transpiled to nothing')
-    }
-    return result.code
-}
-
-/** Rejects after `ms` unless the value settles first; the timer never keeps the process alive. */
-export function guard<T>(value: T | Promise<T>, ms: number, what: string): Promise<T> {
-    if (!value || typeof (value as { then?: unknown }).then !== 'function') {
-        return Promise.resolve(value)
-    }
-    let timer: NodeJS.Timeout | undefined
-    const timeout = new Promise<never>((_resolve, reject) => {
-        timer = setTimeout(() => reject(new Error(`Script execution timed out after ${ms / 1000} s: ${what}`)), ms)
-        timer.unref()
-    })
-    return Promise.race([value, timeout]).finally(() => clearTimeout(timer))
+export interface PluginConsole {
+    log: (...args: unknown[]) => void
+    info: (...args: unknown[]) => void
+    warn: (...args: unknown[]) => void
+    error: (...args: unknown[]) => void
+    debug: (...args: unknown[]) => void
 }
 
 export interface SandboxOptions {
-    /** What the plugin sees as the global `fetch`. */
-    fetch: unknown
-    /** Where the plugin's console writes. */
-    console: Pick<Console, 'log' | 'info' | 'warn' | 'error' | 'debug'>
-    /** The CDP executor runs plugins with Node's normal globals, timers included. */
-    timers: boolean
+    /** Where the plugin's console writes (the plugin's log in PostHog's UI). */
+    console: PluginConsole
+    /** `meta` as the host builds it, without `global` (each VM gets its own). `config` is frozen here. */
+    hostMeta: Record<string, unknown>
     /** Replaces the sandbox's Date.now, so tests can move the plugin's clock (and its loop guards) forward. */
     now?: () => number
+    /** Counts each call of the host guard, for tests. */
+    onGuard?: () => void
 }
 
-export type PluginMethods = Record<string, ((...args: unknown[]) => unknown) | undefined>
+export const METHOD_NAMES = ['setupPlugin', 'teardownPlugin', 'exportEvents', 'onEvent', 'processEvent'] as const
+export type MethodName = (typeof METHOD_NAMES)[number]
+export type PluginMethod = (...args: unknown[]) => Promise<unknown>
+export type PluginMethods = Partial<Record<MethodName, PluginMethod>>
+
+export interface PluginVm {
+    /** Exported methods, bound to meta and guarded by 30 s each; only those the plugin exports. */
+    methods: PluginMethods
+    /** The sandbox's `meta.global`, read through vm2's proxy. */
+    global: Record<string, unknown>
+    /** Calls a method with more fields in its meta (the CDP executor's per-event `person`). */
+    callWith: (name: MethodName, extraMeta: Record<string, unknown>, args: unknown[]) => Promise<unknown>
+}
 
 /** Reads plugin.json `main` (or index.js) from a plugin folder. */
 export function readPluginSource(pluginDir: string): string {
@@ -237,71 +94,94 @@ export function readPluginSource(pluginDir: string): string {
     }
 }
 
-/** Transpiles and runs plugin source in a classic sandbox, and returns its exported methods. */
-export function loadPlugin(source: string, options: SandboxOptions): PluginMethods {
-    let code: string
+/** Transpiles for an era, turning a refused import or a syntax error into a PluginLoadError with PostHog's text. */
+export function transpileForEra(source: string, era: Era): string {
     try {
-        code = transpile(source)
+        return transpile(source, era.babel(), Object.keys(era.imports))
     } catch (error) {
         throw new PluginLoadError((error as Error).message.replace(/^\/?index\.ts: /, ''))
     }
-    const moduleObject: { exports: Record<string, unknown> } = { exports: {} }
-    const globals: Record<string, unknown> = {
-        console: options.console,
-        fetch: options.fetch,
-        RetryError,
-        URL,
-        Buffer,
-        posthog: { capture: () => undefined, api: {} },
-        __pluginHostImports: PLUGIN_IMPORTS,
-        __asyncGuard: (value: unknown) => guard(value, GUARD_MS, 'await'),
-        exports: moduleObject.exports,
-        module: moduleObject,
+}
+
+const TIMER_GLOBALS: Record<string, unknown> = {
+    setTimeout,
+    clearTimeout,
+    setInterval,
+    clearInterval,
+    setImmediate,
+    clearImmediate,
+    queueMicrotask,
+    AbortController,
+    AbortSignal,
+    TextEncoder,
+    TextDecoder,
+    URLSearchParams,
+    structuredClone,
+}
+
+/**
+ * Finds the exports (exports, then exports.default, then module.exports; `global` only if nothing was exported),
+ * builds `meta` inside the sandbox with its own `global`, and binds each method to it behind the host's guard.
+ * Runs inside the VM, so `meta` and `global` are sandbox objects, as in the host.
+ */
+const BIND_METHODS = `((__guard, __names) => {
+    const __places = [exports, exports.default, module.exports].filter((d) => typeof d === 'object' && d !== null)
+    if (!__places.some((d) => Object.keys(d).length > 0)) {
+        __places.push(global)
     }
-    if (options.timers) {
-        Object.assign(globals, {
-            setTimeout,
-            clearTimeout,
-            setInterval,
-            clearInterval,
-            setImmediate,
-            clearImmediate,
-            queueMicrotask,
-            AbortController,
-            AbortSignal,
-            TextEncoder,
-            TextDecoder,
-            URLSearchParams,
-            structuredClone,
-        })
+    const __meta = Object.assign({}, __pluginHostMeta, { global: {} })
+    const __methods = {}
+    for (const __name of __names) {
+        const __place = __places.find((d) => d[__name])
+        const __fn = __place ? __place[__name] : undefined
+        if (typeof __fn === 'function') {
+            __methods[__name] = (...args) => __guard(__fn(...args, __meta))
+        }
     }
-    const context = createContext(globals)
+    const callWith = (name, extra, args) => {
+        const __place = __places.find((d) => d[name])
+        return __guard(__place[name](...args, Object.assign({}, __meta, extra)))
+    }
+    return { methods: __methods, global: __meta.global, callWith }
+})`
+
+/** Runs transpiled plugin code in a fresh vm2 sandbox with the era's globals and returns its bound methods. */
+export function createPluginVm(code: string, era: Era, options: SandboxOptions): PluginVm {
+    const vm = new VM({ timeout: GUARD_MS, sandbox: {} })
+    const hostGuard = options.onGuard
+        ? (value: unknown) => {
+              options.onGuard?.()
+              return guard(value)
+          }
+        : guard
+    vm.freeze(options.console, 'console')
+    vm.freeze({ capture: () => undefined, api: {} }, 'posthog')
+    vm.freeze(era.fetch, 'fetch')
+    vm.freeze({ auth: {}, cloud: {} }, 'google')
+    vm.freeze(era.imports, '__pluginHostImports')
+    vm.freeze(era.RetryError, 'RetryError')
+    vm.freeze(URL, 'URL')
+    vm.freeze(hostGuard, '__asyncGuard')
+    vm.freeze(options.hostMeta, '__pluginHostMeta')
+    if (era.timers) {
+        for (const [name, value] of Object.entries(TIMER_GLOBALS)) {
+            vm.freeze(value, name)
+        }
+    }
     if (options.now) {
-        context.__hostNow = options.now
-        new Script('Date.now = () => __hostNow()').runInContext(context)
+        vm.freeze(options.now, '__hostNow')
+        vm.run('Date.now = () => __hostNow()')
     }
     try {
-        new Script(code, { filename: 'index.ts' }).runInContext(context, { timeout: GUARD_MS })
+        // The plugin's "use strict" is not the script's first statement here, so it runs in sloppy mode, as in
+        // the host: writes to the frozen config are ignored rather than thrown.
+        vm.run(`const module = { exports: {} };\nlet exports = {};\n${code};\n`)
+        const bind = vm.run(BIND_METHODS) as (guard: unknown, names: readonly string[]) => PluginVm
+        return bind(hostGuard, METHOD_NAMES)
     } catch (error) {
         const e = error as { name?: string; message?: string }
         throw new PluginLoadError(`${e.name ?? 'Error'}: ${e.message ?? String(error)}`)
     }
-    // PostHog looks up methods in exports, then exports.default, then module.exports.
-    const exportsObject = globals.exports as Record<string, unknown>
-    const candidates = [exportsObject, exportsObject.default, moduleObject.exports] as Array<
-        Record<string, unknown> | undefined
-    >
-    const methods: PluginMethods = {}
-    for (const name of ['setupPlugin', 'teardownPlugin', 'onEvent', 'exportEvents', 'processEvent', 'composeWebhook']) {
-        for (const candidate of candidates) {
-            const fn = candidate?.[name]
-            if (typeof fn === 'function') {
-                methods[name] = fn as (...args: unknown[]) => unknown
-                break
-            }
-        }
-    }
-    return methods
 }
 
 /** The project's plugin folder: the repository root. */

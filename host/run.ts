@@ -1,48 +1,79 @@
-/** Runs a plugin through an emulated PostHog host: load, setupPlugin, then onEvent at the era's concurrency. */
+/**
+ * Runs a plugin through an emulated PostHog host: transpile for the era, set up the plugin, then hand it the
+ * events. Classic eras default to the production Kafka path (host/kafka.ts: worker threads, processEvent before
+ * onEvent); `path: 'direct'` starts the calls of each micro-batch together in this thread instead.
+ */
 import type { ProcessedPluginEvent } from '@posthog/plugin-scaffold'
 
 import type { PatternsConfig, SenderStats } from '../index'
-import { getEra } from './eras'
-import { guard, GUARD_MS, loadPlugin, PluginLoadError, PluginMethods, readPluginSource } from './loader'
+import { Era, getEra } from './eras'
+import { CallOutcome, pluginConsole, PluginInstance, SetupStatus } from './instance'
+import { DEFAULT_TASKS_PER_WORKER, DEFAULT_WORKERS, eachMessage, microBatches, WorkerPool, WorkerReport } from './kafka'
+import { createPluginVm, PluginLoadError, PluginVm, readPluginSource, transpileForEra } from './loader'
 
-/** Microtask turns between two calls of the same burst. */
+/** Microtask turns between two calls of the same burst on the direct path. */
 export const CALL_STAGGER_MICROTASKS = 2
+/** Messages per Kafka batch handed to the consumer; it cuts each into micro-batches. */
+export const KAFKA_BATCH_MESSAGES = 500
+
+export const PATHS = ['kafka', 'direct'] as const
+export type HostPath = (typeof PATHS)[number]
 
 export interface JobOptions {
     era: string
     webhookUrl: string
     /** Other plugin config fields, as strings like PostHog passes them. */
-    config?: Partial<PatternsConfig>
+    config?: Partial<PatternsConfig> & Record<string, string | undefined>
     events: Iterable<ProcessedPluginEvent> | AsyncIterable<ProcessedPluginEvent>
     /** Plugin folder (plugin.json + main). Defaults to the project root. */
     pluginDir: string
     /** Plugin source to load instead of the folder's main file. */
     source?: string
+    /** `kafka` (default for the classic eras) or `direct` (the only path of cdp2025). */
+    path?: HostPath
+    /** Kafka path: worker threads (WORKER_CONCURRENCY, default: one per core). */
+    workers?: number
+    /** Kafka path: tasks in flight per worker thread (TASKS_PER_WORKER, default 10). */
+    tasksPerWorker?: number
+    /** Direct path: calls started together, instead of the era's own. */
+    concurrency?: number
     /** Scales the host's own retry waits (vm2022), so tests need not sit through 3 s and 6 s. */
     hostRetryScale?: number
-    onProgress?: (progress: { done: number; failed: number }) => void
-    /** Calls started together, instead of the era's own (for benchmarks). */
-    concurrency?: number
-    /** Also hand each of the plugin's log lines to this, as they come. */
+    /** Scales the waits between setupPlugin attempts (3 s, 6 s, … about 25 minutes in the 2021 host). */
+    setupRetryScale?: number
+    /** Before finishing, wait until setup succeeded or the plugin was disabled (use with a small scale). */
+    settleSetup?: boolean
+    onProgress?: (progress: { done: number; failed: number; skipped: number }) => void
+    /** Also hand each of the plugin's log lines (and the host's setup lines) to this, as they come. */
     log?: (line: string) => void
 }
 
 export interface JobResult {
     era: string
+    path: HostPath
     events: number
     /** Calls to onEvent that resolved: the webhook accepted the event or the plugin filtered it. */
     resolved: number
     failed: number
+    /** Events the host never gave the plugin because its setup had failed: lost without any record. */
+    skipped: number
     hostRetries: number
+    /**
+     * Failures grouped by a short cause. The label is "RetryError" when the error is an instance of the era's
+     * RetryError class (whose `name` is "Error" in 2021), otherwise the error's name.
+     */
     failuresByCause: Record<string, number>
     /** uuids of the events whose onEvent call threw in the end. */
     failedUuids: string[]
-    /** Every message of every error that reached the host, and every log line: for secret scans. */
+    /** "label: message" of every error that reached the host: for secret scans. */
     errorMessages: string[]
+    /** Every plugin log line and host line. */
     logs: string[]
-    /** The plugin's own counters, read from meta.global. */
+    /** The plugin's own counters, read from meta.global (summed over the worker threads). */
     sender: SenderStats | null
-    /** The longest single onEvent call, delivered or not: the host kills a call at 30 s. */
+    /** setupPlugin as each VM saw it (one per worker thread on the Kafka path). */
+    setup: SetupStatus[]
+    /** The longest single onEvent attempt, delivered or not: the host kills a call at 30 s. */
     maxCallMs: number
     latencyP50Ms: number
     latencyP95Ms: number
@@ -58,148 +89,127 @@ export function percentile(sorted: readonly number[], p: number): number {
 }
 
 /** A short, secret-free label for grouping failures. */
-export function failureCause(error: { name?: string; message?: string }): string {
-    const message = error.message ?? ''
+export function failureCause(label: string, message: string): string {
     const detail =
         /HTTP \d{3}/.exec(message)?.[0] ??
         /network error( \w+)?/.exec(message)?.[0] ??
         (/timed out/.test(message) ? 'timeout' : null) ??
         (/deadline/.test(message) ? 'deadline' : null) ??
         'other'
-    return `${error.name ?? 'Error'}: ${detail}`
+    return `${label}: ${detail}`
 }
 
-function sleep(ms: number): Promise<void> {
-    return new Promise((resolve) => setTimeout(resolve, ms))
-}
-
-/** Loads the plugin for an era. Throws PluginLoadError with PostHog's text when it cannot load. */
+/** Loads the plugin for an era into one VM, without setup: for tests that drive the methods themselves. */
 export function loadForEra(
-    options: Pick<JobOptions, 'era' | 'pluginDir' | 'source'> & { now?: () => number },
+    options: { era: string; pluginDir: string; source?: string; now?: () => number; config?: Record<string, string> },
     logs: string[],
     echo?: (line: string) => void
-) {
+): { era: Era; methods: PluginVm['methods']; vm: PluginVm } {
     const era = getEra(options.era)
-    const record =
-        (level: string) =>
-        (...args: unknown[]): void => {
-            const line = `${level}: ${args.map(String).join(' ')}`
-            logs.push(line)
-            echo?.(line)
-        }
-    const pluginConsole = {
-        log: record('log'),
-        info: record('info'),
-        warn: record('warn'),
-        error: record('error'),
-        debug: record('debug'),
+    const code = transpileForEra(options.source ?? readPluginSource(options.pluginDir), era)
+    const log = (line: string): void => {
+        logs.push(line)
+        echo?.(line)
     }
-    const source = options.source ?? readPluginSource(options.pluginDir)
-    const methods = loadPlugin(source, {
-        fetch: era.fetch,
-        console: pluginConsole,
-        timers: era.timers,
-        now: options.now,
-    })
-    if (!methods.onEvent) {
+    const config = Object.freeze({ ...options.config })
+    const hostMeta = era.metaFetch
+        ? { config, logger: pluginConsole(log), fetch: era.metaFetch, geoip: {} }
+        : { config, attachments: {}, cache: {}, storage: {}, jobs: {}, metrics: {}, utils: {}, geoip: {} }
+    const vm = createPluginVm(code, era, { console: pluginConsole(log), hostMeta, now: options.now })
+    if (!vm.methods.onEvent) {
         throw new PluginLoadError('the plugin exports no onEvent')
     }
-    return { era, methods, pluginConsole }
+    return { era, methods: vm.methods, vm }
 }
 
-export async function runJob(options: JobOptions): Promise<JobResult> {
-    const started = Date.now()
-    const logs: string[] = []
-    const { era, methods, pluginConsole } = loadForEra(options, logs, options.log)
-    const global: Record<string, unknown> = {}
-    const config = { webhookUrl: options.webhookUrl, ...options.config }
-    const baseMeta: Record<string, unknown> = era.metaFetch
-        ? { config, global, logger: pluginConsole, fetch: era.metaFetch, geoip: {} }
-        : {
-              config,
-              global,
-              attachments: {},
-              cache: {},
-              storage: {},
-              jobs: {},
-              metrics: {},
-              utils: {},
-              geoip: {},
-          }
-    const call = (name: keyof PluginMethods & string, ...args: unknown[]) =>
-        guard(
-            Promise.resolve().then(() => methods[name]?.(...args)),
-            GUARD_MS,
-            name
-        )
+function addStats(total: SenderStats | null, more: SenderStats | null): SenderStats | null {
+    if (!total || !more) {
+        return total ?? more
+    }
+    const sum = { ...total, failuresByCause: { ...total.failuresByCause } }
+    for (const [key, value] of Object.entries(more)) {
+        if (typeof value === 'number') {
+            ;(sum as unknown as Record<string, number>)[key] =
+                ((total as unknown as Record<string, number>)[key] ?? 0) + value
+        }
+    }
+    for (const [cause, count] of Object.entries(more.failuresByCause ?? {})) {
+        sum.failuresByCause[cause] = (sum.failuresByCause[cause] ?? 0) + count
+    }
+    return sum
+}
 
-    if (methods.setupPlugin) {
-        await call('setupPlugin', baseMeta)
+/** Tallies what the host saw of each call. */
+class Tally {
+    readonly latencies: number[] = []
+
+    constructor(readonly result: JobResult) {}
+
+    record(uuid: string, outcome: CallOutcome | null, calledAt: number): void {
+        const result = this.result
+        if (!outcome) {
+            // processEvent dropped the event: nothing for onEvent to do.
+            result.resolved++
+            return
+        }
+        if (outcome.kind === 'skipped') {
+            result.skipped++
+            return
+        }
+        result.hostRetries += outcome.hostRetries
+        result.maxCallMs = Math.max(result.maxCallMs, outcome.ms)
+        if (outcome.kind === 'ok') {
+            result.resolved++
+            this.latencies.push(Date.now() - calledAt)
+            return
+        }
+        const label = outcome.retryable ? 'RetryError' : outcome.name
+        result.failed++
+        result.failedUuids.push(uuid)
+        result.errorMessages.push(`${label}: ${outcome.message}`)
+        const cause = failureCause(label, outcome.message)
+        result.failuresByCause[cause] = (result.failuresByCause[cause] ?? 0) + 1
     }
 
-    const result: JobResult = {
+    progress(options: JobOptions): void {
+        const { resolved, failed, skipped } = this.result
+        options.onProgress?.({ done: resolved + failed + skipped, failed, skipped })
+    }
+}
+
+async function microtaskTurns(count: number): Promise<void> {
+    for (let turn = 0; turn < count; turn++) {
+        await Promise.resolve()
+    }
+}
+
+/** The direct path: micro-batches of calls started together in this thread, a few microtask turns apart. */
+async function runDirect(options: JobOptions, era: Era, code: string, tally: Tally, log: (line: string) => void) {
+    const instance = new PluginInstance({
         era: era.name,
-        events: 0,
-        resolved: 0,
-        failed: 0,
-        hostRetries: 0,
-        failuresByCause: {},
-        failedUuids: [],
-        errorMessages: [],
-        logs,
-        sender: null,
-        maxCallMs: 0,
-        latencyP50Ms: 0,
-        latencyP95Ms: 0,
-        durationMs: 0,
-    }
-    const latencies: number[] = []
-
+        code,
+        config: configOf(options),
+        setupRetryScale: options.setupRetryScale ?? 1,
+        hostRetryScale: options.hostRetryScale ?? 1,
+        log,
+    })
+    await instance.started()
     const runOne = async (event: ProcessedPluginEvent, position: number): Promise<void> => {
-        // Calls of one burst reach the plugin a few microtask turns apart, as the host's own awaits space them.
-        for (let turn = 0; turn < position * CALL_STAGGER_MICROTASKS; turn++) {
-            await Promise.resolve()
-        }
+        await microtaskTurns(position * CALL_STAGGER_MICROTASKS)
         const shaped = era.shapeEvent(event)
-        const meta = shaped.person ? { ...baseMeta, person: shaped.person } : baseMeta
         const calledAt = Date.now()
-        for (let attempt = 0; ; attempt++) {
-            const attemptStarted = Date.now()
-            try {
-                await call('onEvent', shaped.event, meta).finally(() => {
-                    result.maxCallMs = Math.max(result.maxCallMs, Date.now() - attemptStarted)
-                })
-                result.resolved++
-                latencies.push(Date.now() - calledAt)
-                return
-            } catch (error) {
-                const e = error as { name?: string; message?: string }
-                const delay = era.hostRetryDelaysMs[attempt]
-                if (e.name === 'RetryError' && delay !== undefined) {
-                    result.hostRetries++
-                    await sleep(delay * (options.hostRetryScale ?? 1))
-                    continue
-                }
-                result.failed++
-                result.failedUuids.push(event.uuid)
-                result.errorMessages.push(`${e.name ?? 'Error'}: ${e.message ?? String(error)}`)
-                const cause = failureCause(e)
-                result.failuresByCause[cause] = (result.failuresByCause[cause] ?? 0) + 1
-                return
-            }
-        }
+        const outcome = await instance.onEvent(shaped.event, shaped.person ? { person: shaped.person } : undefined)
+        tally.record(event.uuid, outcome, calledAt)
     }
-
-    // Micro-batches started together; the next one starts only after every call of this one settled.
     let group: ProcessedPluginEvent[] = []
     const flush = async (): Promise<void> => {
         const calls = group.map((event, position) => runOne(event, position))
         group = []
         await Promise.all(calls)
-        options.onProgress?.({ done: result.resolved + result.failed, failed: result.failed })
+        tally.progress(options)
     }
     for await (const event of options.events) {
-        result.events++
+        tally.result.events++
         group.push(event)
         if (group.length >= (options.concurrency ?? era.concurrency)) {
             await flush()
@@ -208,14 +218,117 @@ export async function runJob(options: JobOptions): Promise<JobResult> {
     if (group.length > 0) {
         await flush()
     }
-    if (methods.teardownPlugin) {
-        await call('teardownPlugin', baseMeta)
+    if (options.settleSetup) {
+        await instance.settled()
     }
-    const sender = global.sender as { stats?: SenderStats } | undefined
-    result.sender = sender?.stats ? { ...sender.stats } : null
-    latencies.sort((a, b) => a - b)
-    result.latencyP50Ms = percentile(latencies, 50)
-    result.latencyP95Ms = percentile(latencies, 95)
+    tally.result.sender = await instance.senderStats()
+    tally.result.setup = [{ ...instance.setup }]
+    await instance.teardown()
+}
+
+/** The Kafka path: worker threads, each message's processEvent task before its onEvent task. */
+async function runKafka(options: JobOptions, era: Era, code: string, tally: Tally, log: (line: string) => void) {
+    const workers = options.workers ?? DEFAULT_WORKERS
+    const tasksPerWorker = options.tasksPerWorker ?? DEFAULT_TASKS_PER_WORKER
+    const pool = new WorkerPool(
+        workers,
+        tasksPerWorker,
+        {
+            era: era.name,
+            code,
+            config: configOf(options),
+            setupRetryScale: options.setupRetryScale ?? 1,
+            hostRetryScale: options.hostRetryScale ?? 1,
+        },
+        (line) => log(line)
+    )
+    let reports: WorkerReport[] = []
+    try {
+        await pool.started()
+        const consume = async (messages: Array<{ uuid: string; json: string }>): Promise<void> => {
+            for (const group of microBatches(messages, workers * tasksPerWorker)) {
+                await Promise.all(
+                    group.map(async ({ uuid, json }) => {
+                        const calledAt = Date.now()
+                        tally.record(uuid, await eachMessage(pool, json), calledAt)
+                    })
+                )
+                tally.progress(options)
+            }
+        }
+        let batch: Array<{ uuid: string; json: string }> = []
+        for await (const event of options.events) {
+            tally.result.events++
+            batch.push({ uuid: event.uuid, json: JSON.stringify(era.shapeEvent(event).event) })
+            if (batch.length >= KAFKA_BATCH_MESSAGES) {
+                await consume(batch)
+                batch = []
+            }
+        }
+        await consume(batch)
+        reports = await pool.reports(options.settleSetup ?? false)
+    } finally {
+        await pool.close()
+    }
+    tally.result.sender = reports.reduce<SenderStats | null>((sum, report) => addStats(sum, report.stats), null)
+    tally.result.setup = reports.map((report) => report.setup)
+}
+
+function configOf(options: JobOptions): Record<string, string> {
+    const config: Record<string, string> = { webhookUrl: options.webhookUrl }
+    for (const [key, value] of Object.entries(options.config ?? {})) {
+        if (typeof value === 'string') {
+            config[key] = value
+        }
+    }
+    return config
+}
+
+export function defaultPath(era: Era): HostPath {
+    return era.name === 'cdp2025' ? 'direct' : 'kafka'
+}
+
+export async function runJob(options: JobOptions): Promise<JobResult> {
+    const started = Date.now()
+    const era = getEra(options.era)
+    const path = options.path ?? defaultPath(era)
+    if (path === 'kafka' && era.name === 'cdp2025') {
+        throw new Error('cdp2025 has no classic Kafka path: its consumer starts a whole batch at once (use direct)')
+    }
+    // The host would retry a plugin that fails to transpile like any setup failure; here it stops the run at once.
+    const code = transpileForEra(options.source ?? readPluginSource(options.pluginDir), era)
+    const result: JobResult = {
+        era: era.name,
+        path,
+        events: 0,
+        resolved: 0,
+        failed: 0,
+        skipped: 0,
+        hostRetries: 0,
+        failuresByCause: {},
+        failedUuids: [],
+        errorMessages: [],
+        logs: [],
+        sender: null,
+        setup: [],
+        maxCallMs: 0,
+        latencyP50Ms: 0,
+        latencyP95Ms: 0,
+        durationMs: 0,
+    }
+    const log = (line: string): void => {
+        result.logs.push(line)
+        options.log?.(line)
+    }
+    const tally = new Tally(result)
+    if (path === 'kafka') {
+        await runKafka(options, era, code, tally, log)
+    } else {
+        await runDirect(options, era, code, tally, log)
+    }
+    tally.latencies.sort((a, b) => a - b)
+    result.latencyP50Ms = percentile(tally.latencies, 50)
+    result.latencyP95Ms = percentile(tally.latencies, 95)
     result.durationMs = Date.now() - started
     return result
 }

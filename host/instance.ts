@@ -1,0 +1,255 @@
+/**
+ * One plugin config as one host thread holds it: a lazily set-up VM (setupPlugin retried with growing waits, as
+ * the 2021 LazyPluginVM did, events skipped without any record meanwhile), and the host's side of each call.
+ * The direct path uses one in the main thread; the Kafka path one per worker thread.
+ */
+import type { SenderStats } from '../index'
+import { Era, getEra, setupRetryWaits } from './eras'
+import { createPluginVm, PluginConsole, PluginVm } from './loader'
+
+export interface InstanceOptions {
+    era: string
+    /** Plugin code already transpiled for the era. */
+    code: string
+    config: Record<string, string>
+    /** Scales the host's waits between setupPlugin attempts (3 s, 6 s, …), so tests need not sit through them. */
+    setupRetryScale: number
+    /** Scales the vm2022 host's own retry waits of a RetryError (3 s, 6 s). */
+    hostRetryScale: number
+    /** Every plugin log line and host line, as it comes. */
+    log: (line: string) => void
+    now?: () => number
+    onGuard?: () => void
+}
+
+/** What the host saw of one onEvent call. */
+export type CallOutcome =
+    | { kind: 'ok'; hostRetries: number; ms: number }
+    /** The plugin was not set up (setup failing or the plugin disabled): the host skipped it without a record. */
+    | { kind: 'skipped' }
+    | { kind: 'failed'; name: string; message: string; retryable: boolean; hostRetries: number; ms: number }
+
+export interface SetupStatus {
+    state: 'loading' | 'ready' | 'retrying' | 'disabled'
+    attempts: number
+    /** The last setupPlugin error, as the host logged it. */
+    lastError: string | null
+    /** The wait before the next attempt, unscaled, while retrying. */
+    nextWaitMs: number | null
+}
+
+function sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => setTimeout(resolve, ms))
+}
+
+export function pluginConsole(log: (line: string) => void): PluginConsole {
+    const record =
+        (level: string) =>
+        (...args: unknown[]): void =>
+            log(`${level}: ${args.map(String).join(' ')}`)
+    return {
+        log: record('log'),
+        info: record('info'),
+        warn: record('warn'),
+        error: record('error'),
+        debug: record('debug'),
+    }
+}
+
+/** A tiny in-memory `meta.cache`, enough for plugins that count or remember across setup attempts. */
+function memoryCache(): Record<string, (...args: never[]) => Promise<unknown>> {
+    const values = new Map<string, unknown>()
+    return {
+        get: async (key: string, fallback: unknown = null) => (values.has(key) ? values.get(key) : fallback),
+        set: async (key: string, value: unknown) => void values.set(key, value),
+        incr: async (key: string) => {
+            const next = Number(values.get(key) ?? 0) + 1
+            values.set(key, next)
+            return next
+        },
+        expire: async () => true,
+    }
+}
+
+export function hostMetaFor(era: Era, config: Record<string, string>, log: (line: string) => void) {
+    // Frozen, as PostHog's vm.freeze leaves it: the plugin's writes are ignored.
+    const frozenConfig = Object.freeze({ ...config })
+    if (era.metaFetch) {
+        return { config: frozenConfig, logger: pluginConsole(log), fetch: era.metaFetch, geoip: {} }
+    }
+    const storage = memoryCache()
+    return {
+        config: frozenConfig,
+        attachments: {},
+        cache: memoryCache(),
+        storage: { get: storage.get, set: storage.set, del: async () => undefined },
+        jobs: {},
+        metrics: {},
+        utils: {},
+        geoip: {},
+    }
+}
+
+export class PluginInstance {
+    readonly era: Era
+    readonly setup: SetupStatus = { state: 'loading', attempts: 0, lastError: null, nextWaitMs: null }
+    private vm: Promise<PluginVm | null>
+    private retryTimer: NodeJS.Timeout | null = null
+    private settledListeners: Array<() => void> = []
+    private readonly hostMeta: Record<string, unknown>
+
+    constructor(readonly options: InstanceOptions) {
+        this.era = getEra(options.era)
+        this.hostMeta = hostMetaFor(this.era, options.config, options.log)
+        this.vm = this.attempt()
+    }
+
+    /** Resolves once the first setup attempt has finished, whatever its outcome. */
+    async started(): Promise<void> {
+        await this.vm
+    }
+
+    /** Resolves once setup succeeded or the plugin was disabled (tests use it with scaled waits). */
+    settled(): Promise<void> {
+        if (this.setup.state === 'ready' || this.setup.state === 'disabled') {
+            return Promise.resolve()
+        }
+        return new Promise((resolve) => this.settledListeners.push(resolve))
+    }
+
+    /** A fresh VM and setupPlugin in it, like each attempt of the host's lazy VM. */
+    private async attempt(): Promise<PluginVm | null> {
+        this.setup.attempts++
+        this.setup.state = 'loading'
+        try {
+            const vm = createPluginVm(this.options.code, this.era, {
+                console: pluginConsole(this.options.log),
+                hostMeta: this.hostMeta,
+                now: this.options.now,
+                onGuard: this.options.onGuard,
+            })
+            await vm.methods.setupPlugin?.()
+            this.setup.state = 'ready'
+            this.setup.nextWaitMs = null
+            this.notifySettled()
+            return vm
+        } catch (error) {
+            return this.setupFailed(error)
+        }
+    }
+
+    private setupFailed(error: unknown): null {
+        const e = error as { name?: string; message?: string }
+        this.setup.lastError = `${e.name ?? 'Error'}: ${e.message ?? String(error)}`
+        const policy = this.era.setup
+        const wait = setupRetryWaits(policy)[this.setup.attempts - 1]
+        const retried = !policy.onlyRetryError || error instanceof this.era.RetryError
+        if (wait === undefined || !retried) {
+            this.setup.state = 'disabled'
+            this.setup.nextWaitMs = null
+            this.options.log(
+                `host: setupPlugin failed (${this.setup.lastError}); plugin disabled after ${this.setup.attempts} attempt(s)`
+            )
+            this.notifySettled()
+            return null
+        }
+        this.setup.state = 'retrying'
+        this.setup.nextWaitMs = wait
+        this.options.log(
+            `host: setupPlugin failed (${this.setup.lastError}); retrying in ${wait / 1000} s, skipping every event meanwhile`
+        )
+        this.retryTimer = setTimeout(() => {
+            this.retryTimer = null
+            this.vm = this.attempt()
+        }, wait * this.options.setupRetryScale)
+        return null
+    }
+
+    private notifySettled(): void {
+        for (const listener of this.settledListeners.splice(0)) {
+            listener()
+        }
+    }
+
+    /** The plugin's own counters, from `meta.global.sender`, copied out of the sandbox. */
+    async senderStats(): Promise<SenderStats | null> {
+        const vm = await this.vm
+        const sender = vm?.global.sender as { stats?: SenderStats } | undefined
+        return sender?.stats ? (JSON.parse(JSON.stringify(sender.stats)) as SenderStats) : null
+    }
+
+    /** The host's processEvent step: the plugin's processEvent if it has one, then the host's bookkeeping. */
+    async processEvent(event: Record<string, unknown>): Promise<Record<string, unknown> | null> {
+        const vm = await this.vm
+        let processed: Record<string, unknown> | null = event
+        const processEvent = vm?.methods.processEvent
+        if (processEvent) {
+            try {
+                processed = ((await processEvent(event)) as Record<string, unknown> | null) ?? null
+            } catch {
+                // The host records the error and passes the event on unchanged.
+            }
+            if (!processed) {
+                return null
+            }
+        }
+        if (vm?.methods.onEvent) {
+            // The host marks the plugins that will see the event later, in its properties.
+            processed.properties = {
+                ...(processed.properties as Record<string, unknown>),
+                $plugins_succeeded: processEvent ? ['plugin (1)'] : [],
+                $plugins_failed: [],
+                $plugins_deferred: ['plugin (1)'],
+            }
+        }
+        return processed
+    }
+
+    /** One onEvent call as the host makes it, with the vm2022 host's own retries of a RetryError. */
+    async onEvent(event: unknown, extraMeta?: Record<string, unknown>): Promise<CallOutcome> {
+        const vm = await this.vm
+        const onEvent = vm?.methods.onEvent
+        if (!vm || !onEvent) {
+            return { kind: 'skipped' }
+        }
+        // The longest single attempt: the host's guard kills an attempt at 30 s.
+        let longest = 0
+        for (let attempt = 0; ; attempt++) {
+            const started = Date.now()
+            try {
+                await (extraMeta ? vm.callWith('onEvent', extraMeta, [event]) : onEvent(event))
+                return { kind: 'ok', hostRetries: attempt, ms: Math.max(longest, Date.now() - started) }
+            } catch (error) {
+                longest = Math.max(longest, Date.now() - started)
+                const retryable = error instanceof this.era.RetryError
+                const delay = this.era.hostRetryDelaysMs[attempt]
+                if (retryable && delay !== undefined) {
+                    await sleep(delay * this.options.hostRetryScale)
+                    continue
+                }
+                const e = error as { name?: string; message?: string }
+                return {
+                    kind: 'failed',
+                    name: typeof e.name === 'string' ? e.name : 'Error',
+                    message: typeof e.message === 'string' ? e.message : String(error),
+                    retryable,
+                    hostRetries: attempt,
+                    ms: longest,
+                }
+            }
+        }
+    }
+
+    async teardown(): Promise<void> {
+        if (this.retryTimer) {
+            clearTimeout(this.retryTimer)
+            this.retryTimer = null
+        }
+        const vm = await this.vm
+        try {
+            await vm?.methods.teardownPlugin?.()
+        } catch (error) {
+            this.options.log(`host: teardownPlugin failed: ${(error as Error).message}`)
+        }
+    }
+}
