@@ -1,0 +1,604 @@
+/**
+ * HogQL → ClickHouse SQL for the stand-in: PostHog's own parser builds the AST, and this file prints the subset a
+ * sync needs the way PostHog's printer does (team scoping, `toTimeZone` on datetimes, JSON property access,
+ * timezone-aware `now()`/`toDateTime()`, the 100/50,000 row caps). Anything outside the subset is refused with a
+ * HogQL query error rather than guessed at. Pure: no I/O, the parser is passed in.
+ *
+ * Sources for each rule are in standin/FACTS.md (sections 4, 6 and 7).
+ */
+
+/** A node of the AST that `@posthog/hogql-parser` returns as JSON. */
+export interface HogQLNode {
+    node: string
+    [key: string]: unknown
+}
+
+/** The part of the WebAssembly parser the stand-in uses. */
+export interface HogQLParser {
+    parseSelect(input: string, isInternal?: boolean): string
+}
+
+export type HogQLErrorCode = 'hogql_syntax_error' | 'hogql_query_error'
+
+/** A query PostHog would refuse with a 400: `code` is PostHog's `code_name` for it. */
+export class HogQLError extends Error {
+    readonly code: HogQLErrorCode
+    constructor(message: string, code: HogQLErrorCode = 'hogql_query_error') {
+        super(message)
+        this.name = 'HogQLError'
+        this.code = code
+    }
+}
+
+/** PostHog's text for OFFSET on a personal-API-key query (posthog/hogql/user_query_validator.py). */
+export const OFFSET_NOT_ALLOWED_MESSAGE =
+    'OFFSET is not supported on queries made with a personal API key. ' +
+    'For pagination, use keyset pagination on the `timestamp` column, e.g. ' +
+    '`WHERE timestamp > :last_seen_timestamp ORDER BY timestamp LIMIT N`. ' +
+    'For bulk data extraction, use batch exports: https://posthog.com/docs/cdp/batch-exports'
+
+export interface CompileContext {
+    /** The ClickHouse table holding the events, e.g. `standin_1.events`. */
+    table: string
+    teamId: number
+    /** Rows returned without a LIMIT (PostHog: 100). */
+    defaultRows: number
+    /** The cap on any LIMIT (PostHog: 50,000). */
+    maxRows: number
+    /** PostHog refuses OFFSET from personal API keys unless the organisation is on an allow-list. */
+    allowOffset: boolean
+    /** The project's timezone; PostHog prints it into every datetime. */
+    timezone: string
+}
+
+export interface CompiledQuery {
+    /** The ClickHouse SELECT to run (no FORMAT, no SETTINGS). */
+    sql: string
+    /** The query as HogQL text, with the LIMIT PostHog applied. */
+    hogql: string
+    /** Result column names, as PostHog names them: the alias, else the printed expression. */
+    columns: string[]
+    /** The ClickHouse alias of each result column, to read them back by name. */
+    aliases: string[]
+    /** Set when the query had no LIMIT: PostHog fetched `pageSize + 1` rows and reports `hasMore`. */
+    paginator: { pageSize: number } | null
+    /** The LIMIT applied when the query had one (after the cap). */
+    limit: number | null
+}
+
+interface EventField {
+    column: string
+    datetime?: boolean
+}
+
+/** The events table's HogQL fields the stand-in serves (posthog/hogql/database/schema/events.py). */
+export const EVENT_FIELDS: Readonly<Record<string, EventField>> = {
+    uuid: { column: 'uuid' },
+    event: { column: 'event' },
+    properties: { column: 'properties' },
+    timestamp: { column: 'timestamp', datetime: true },
+    team_id: { column: 'team_id' },
+    distinct_id: { column: 'distinct_id' },
+    elements_chain: { column: 'elements_chain' },
+    created_at: { column: 'created_at', datetime: true },
+    person_id: { column: 'person_id' },
+    $session_id: { column: '$session_id' },
+    $window_id: { column: '$window_id' },
+}
+
+/** PostHog tables the stand-in does not serve: a clear refusal instead of "unknown table". */
+const OTHER_POSTHOG_TABLES = ['persons', 'person_distinct_ids', 'sessions', 'groups', 'cohort_people', 'query_log']
+
+interface FunctionSpec {
+    clickhouse: string
+    min: number
+    max: number
+    aggregate?: boolean
+}
+
+/** HogQL functions the stand-in prints, with their ClickHouse names (posthog/hogql/functions/mapping.py). */
+const FUNCTIONS: Readonly<Record<string, FunctionSpec>> = {
+    count: { clickhouse: 'count', min: 0, max: 1, aggregate: true },
+    min: { clickhouse: 'min', min: 1, max: 1, aggregate: true },
+    max: { clickhouse: 'max', min: 1, max: 1, aggregate: true },
+    toUUID: { clickhouse: 'toUUIDOrNull', min: 1, max: 1 },
+    toString: { clickhouse: 'toString', min: 1, max: 1 },
+    toInt: { clickhouse: 'toInt64OrNull', min: 1, max: 1 },
+    toFloat: { clickhouse: 'toFloat64OrNull', min: 1, max: 1 },
+    toUnixTimestamp: { clickhouse: 'toUnixTimestamp', min: 1, max: 2 },
+    toUnixTimestamp64Milli: { clickhouse: 'toUnixTimestamp64Milli', min: 1, max: 1 },
+    toUnixTimestamp64Micro: { clickhouse: 'toUnixTimestamp64Micro', min: 1, max: 1 },
+    fromUnixTimestamp: { clickhouse: 'fromUnixTimestamp', min: 1, max: 1 },
+    toDate: { clickhouse: 'toDate', min: 1, max: 1 },
+    lower: { clickhouse: 'lower', min: 1, max: 1 },
+    upper: { clickhouse: 'upper', min: 1, max: 1 },
+    length: { clickhouse: 'length', min: 1, max: 1 },
+    concat: { clickhouse: 'concat', min: 2, max: Infinity },
+    startsWith: { clickhouse: 'startsWith', min: 2, max: 2 },
+    endsWith: { clickhouse: 'endsWith', min: 2, max: 2 },
+    isNull: { clickhouse: 'isNull', min: 1, max: 1 },
+    isNotNull: { clickhouse: 'isNotNull', min: 1, max: 1 },
+    ifNull: { clickhouse: 'ifNull', min: 2, max: 2 },
+    coalesce: { clickhouse: 'coalesce', min: 1, max: Infinity },
+    if: { clickhouse: 'if', min: 3, max: 3 },
+    tuple: { clickhouse: 'tuple', min: 1, max: Infinity },
+    equals: { clickhouse: 'equals', min: 2, max: 2 },
+    notEquals: { clickhouse: 'notEquals', min: 2, max: 2 },
+    less: { clickhouse: 'less', min: 2, max: 2 },
+    greater: { clickhouse: 'greater', min: 2, max: 2 },
+    lessOrEquals: { clickhouse: 'lessOrEquals', min: 2, max: 2 },
+    greaterOrEquals: { clickhouse: 'greaterOrEquals', min: 2, max: 2 },
+    and: { clickhouse: 'and', min: 2, max: Infinity },
+    or: { clickhouse: 'or', min: 2, max: Infinity },
+    not: { clickhouse: 'not', min: 1, max: 1 },
+    plus: { clickhouse: 'plus', min: 2, max: 2 },
+    minus: { clickhouse: 'minus', min: 2, max: 2 },
+    multiply: { clickhouse: 'multiply', min: 2, max: 2 },
+    divide: { clickhouse: 'divide', min: 2, max: 2 },
+    intDiv: { clickhouse: 'intDiv', min: 2, max: 2 },
+    modulo: { clickhouse: 'modulo', min: 2, max: 2 },
+    JSONExtractString: { clickhouse: 'JSONExtractString', min: 2, max: Infinity },
+    JSONExtractRaw: { clickhouse: 'JSONExtractRaw', min: 2, max: Infinity },
+    JSONHas: { clickhouse: 'JSONHas', min: 2, max: Infinity },
+    ...Object.fromEntries(
+        ['Second', 'Minute', 'Hour', 'Day', 'Week', 'Month'].flatMap((unit) => [
+            [`toInterval${unit}`, { clickhouse: `toInterval${unit}`, min: 1, max: 1 }],
+            [`add${unit}s`, { clickhouse: `add${unit}s`, min: 2, max: 2 }],
+            [`subtract${unit}s`, { clickhouse: `subtract${unit}s`, min: 2, max: 2 }],
+        ])
+    ),
+}
+
+/** Functions PostHog prints with the project timezone appended (`tz_aware`), and their own argument counts. */
+const TIMEZONE_FUNCTIONS = new Set(['now', 'NOW', 'today', 'yesterday', 'toDateTime', 'toDateTime64'])
+
+const COMPARE_FUNCTIONS: Readonly<Record<string, string>> = {
+    '==': 'equals',
+    '!=': 'notEquals',
+    '<': 'less',
+    '>': 'greater',
+    '<=': 'lessOrEquals',
+    '>=': 'greaterOrEquals',
+    like: 'like',
+    ilike: 'ilike',
+    'not like': 'notLike',
+    'not ilike': 'notILike',
+    in: 'in',
+    'not in': 'notIn',
+    '=~': 'match',
+}
+
+const ARITHMETIC_FUNCTIONS: Readonly<Record<string, string>> = {
+    '+': 'plus',
+    '-': 'minus',
+    '*': 'multiply',
+    '/': 'divide',
+    '%': 'modulo',
+}
+
+type Dialect = 'hogql' | 'clickhouse'
+
+interface PrintContext {
+    dialect: Dialect
+    compile: CompileContext
+    /** Names the events table may be referred to by: `events` and the FROM alias. */
+    tableNames: Set<string>
+    /** Aliases defined in the SELECT list; HogQL lets other clauses refer to them. */
+    selectAliases: Set<string>
+}
+
+function unsupported(what: string): HogQLError {
+    return new HogQLError(`${what} is not supported by the PostHog stand-in (PostHog itself may accept it).`)
+}
+
+function child(node: HogQLNode, key: string): HogQLNode | null {
+    const value = node[key]
+    return value && typeof value === 'object' && !Array.isArray(value) ? (value as HogQLNode) : null
+}
+
+function children(node: HogQLNode, key: string): HogQLNode[] {
+    const value = node[key]
+    return Array.isArray(value) ? (value as HogQLNode[]) : []
+}
+
+function chainOf(node: HogQLNode): string[] {
+    return Array.isArray(node.chain) ? node.chain.map((part) => String(part)) : []
+}
+
+/** A ClickHouse string literal. */
+export function clickhouseString(value: string): string {
+    return `'${value.replace(/\\/g, '\\\\').replace(/'/g, "\\'")}'`
+}
+
+/** An identifier, backquoted when it is not a plain name (as PostHog's printers do). */
+export function quoteIdentifier(name: string, dialect: Dialect = 'clickhouse'): string {
+    if (/^[A-Za-z_][A-Za-z0-9_]*$/.test(name) || (dialect === 'hogql' && /^[A-Za-z_$][A-Za-z0-9_$]*$/.test(name))) {
+        return name
+    }
+    return '`' + name.replace(/\\/g, '\\\\').replace(/`/g, '\\`') + '`'
+}
+
+function printConstant(value: unknown): string {
+    if (value === null || value === undefined) {
+        return 'NULL'
+    }
+    if (typeof value === 'string') {
+        return clickhouseString(value)
+    }
+    if (typeof value === 'boolean') {
+        return value ? 'true' : 'false'
+    }
+    if (typeof value === 'number') {
+        if (!Number.isFinite(value)) {
+            throw new HogQLError(`Unsupported constant: ${String(value)}`)
+        }
+        return String(value)
+    }
+    if (Array.isArray(value)) {
+        return `[${value.map(printConstant).join(', ')}]`
+    }
+    throw new HogQLError(`Unsupported constant type: ${typeof value}`)
+}
+
+/** `{name}` placeholders become constants from the request's `values`, as PostHog's runner does. */
+export function replacePlaceholders(node: unknown, values: Record<string, unknown> | undefined): unknown {
+    if (Array.isArray(node)) {
+        return node.map((item) => replacePlaceholders(item, values))
+    }
+    if (!node || typeof node !== 'object') {
+        return node
+    }
+    const current = node as HogQLNode
+    if (current.node === 'Placeholder') {
+        const expr = child(current, 'expr')
+        const chain = expr ? chainOf(expr) : []
+        if (!expr || expr.node !== 'Field' || chain.length !== 1) {
+            throw new HogQLError('Placeholder expressions are not yet supported')
+        }
+        const name = chain[0] as string
+        if (!values || Object.keys(values).length === 0) {
+            throw new HogQLError(`Unresolved placeholder: {${name}}`)
+        }
+        if (!(name in values) || values[name] === null || values[name] === undefined) {
+            throw new HogQLError(
+                `Placeholder {${name}} is not available in this context. You can use the following: ` +
+                    Object.keys(values).join(', ')
+            )
+        }
+        return valueToNode(values[name])
+    }
+    const copy: HogQLNode = { node: current.node }
+    for (const [key, value] of Object.entries(current)) {
+        copy[key] = key === 'node' ? value : replacePlaceholders(value, values)
+    }
+    return copy
+}
+
+function valueToNode(value: unknown): HogQLNode {
+    if (Array.isArray(value)) {
+        return { node: 'Array', exprs: value.map(valueToNode) }
+    }
+    if (value !== null && typeof value === 'object') {
+        throw new HogQLError('Placeholder values must be strings, numbers, booleans or lists of them')
+    }
+    return { node: 'Constant', value }
+}
+
+/** How HogQL names a field in `columns` and `hogql`: the chain without the table name. */
+function hogqlFieldName(chain: string[], ctx: PrintContext): string {
+    const parts = chain.length > 1 && ctx.tableNames.has(chain[0] as string) ? chain.slice(1) : chain
+    return parts.map((part) => quoteIdentifier(part, 'hogql')).join('.')
+}
+
+function printField(node: HogQLNode, ctx: PrintContext): string {
+    const chain = chainOf(node)
+    if (ctx.dialect === 'hogql') {
+        return hogqlFieldName(chain, ctx)
+    }
+    const parts = chain.length > 1 && ctx.tableNames.has(chain[0] as string) ? chain.slice(1) : chain
+    const [first, ...rest] = parts
+    if (first === undefined || first === '*') {
+        throw unsupported('`*`')
+    }
+    if (rest.length === 0 && ctx.selectAliases.has(first) && parts.length === chain.length) {
+        return quoteIdentifier(first)
+    }
+    const field = EVENT_FIELDS[first]
+    if (!field) {
+        throw new HogQLError(`Unable to resolve field: ${first}`)
+    }
+    const column = `events.${quoteIdentifier(field.column)}`
+    if (rest.length > 0) {
+        if (first !== 'properties') {
+            throw new HogQLError(`Unable to resolve field: ${parts.join('.')}`)
+        }
+        // PostHog's printer for `properties.x`: the raw JSON value, unquoted, with '' and JSON null as NULL.
+        const keys = rest.map(clickhouseString).join(', ')
+        return `replaceRegexpAll(nullIf(nullIf(JSONExtractRaw(${column}, ${keys}), ''), 'null'), '^"|"$', '')`
+    }
+    return field.datetime ? `toTimeZone(${column}, ${clickhouseString(ctx.compile.timezone)})` : column
+}
+
+function printCall(name: string, args: HogQLNode[], ctx: PrintContext): string {
+    const printed = args.map((arg) => printExpr(arg, ctx))
+    if (ctx.dialect === 'hogql') {
+        if (name === 'count' && args.length === 1 && args[0]?.node === 'Field' && chainOf(args[0])[0] === '*') {
+            return 'count(*)'
+        }
+        return `${name}(${printed.join(', ')})`
+    }
+    const tz = clickhouseString(ctx.compile.timezone)
+    if (TIMEZONE_FUNCTIONS.has(name)) {
+        return printTimezoneCall(name, args, printed, tz)
+    }
+    const spec = FUNCTIONS[name]
+    if (!spec) {
+        throw unsupported(`The function \`${name}\``)
+    }
+    if (args.length < spec.min || args.length > spec.max) {
+        throw new HogQLError(`Function '${name}' expects ${spec.min}..${spec.max} arguments, found ${args.length}`)
+    }
+    if (name === 'count' && args.length === 1 && args[0]?.node === 'Field' && chainOf(args[0])[0] === '*') {
+        return 'count()'
+    }
+    return `${spec.clickhouse}(${printed.join(', ')})`
+}
+
+/** `now()`, `toDateTime()` & co. get the project timezone (and precision 6) appended, as PostHog prints them. */
+function printTimezoneCall(name: string, args: HogQLNode[], printed: string[], tz: string): string {
+    if (name === 'now' || name === 'NOW') {
+        if (args.length > 0) {
+            throw new HogQLError(`Function '${name}' expects 0 arguments, found ${args.length}`)
+        }
+        return `now64(6, ${tz})`
+    }
+    if (name === 'today' || name === 'yesterday') {
+        return `${name}()`
+    }
+    if (name === 'toDateTime64') {
+        if (args.length < 1 || args.length > 3) {
+            throw new HogQLError(`Function 'toDateTime64' expects 1..3 arguments, found ${args.length}`)
+        }
+        const [value, precision = '6', zone = tz] = printed
+        return `toDateTime64(${value}, ${precision}, ${zone})`
+    }
+    // toDateTime
+    if (args.length < 1 || args.length > 2) {
+        throw new HogQLError(`Function 'toDateTime' expects 1..2 arguments, found ${args.length}`)
+    }
+    const zone = printed[1] ?? tz
+    const arg = args[0] as HogQLNode
+    if (arg.node === 'Constant' && typeof arg.value === 'string') {
+        return `parseDateTime64BestEffort(${printed[0]}, 6, ${zone})`
+    }
+    if (arg.node === 'Constant' && typeof arg.value === 'number') {
+        return `toDateTime(${printed[0]}, ${zone})`
+    }
+    if (arg.node === 'Field' && isDatetimeField(arg)) {
+        return `toDateTime(${printed[0]}, ${zone})`
+    }
+    return `parseDateTime64BestEffortOrNull(${printed[0]}, 6, ${zone})`
+}
+
+function isDatetimeField(node: HogQLNode): boolean {
+    const chain = chainOf(node)
+    const name = chain[chain.length - 1]
+    return name !== undefined && EVENT_FIELDS[name]?.datetime === true
+}
+
+function printCompare(node: HogQLNode, ctx: PrintContext): string {
+    const op = String(node.op)
+    const left = child(node, 'left') as HogQLNode
+    const right = child(node, 'right') as HogQLNode
+    const fn = COMPARE_FUNCTIONS[op]
+    if (!fn) {
+        throw unsupported(`The operator \`${op}\``)
+    }
+    if (right.node === 'Constant' && (right.value === null || right.value === undefined)) {
+        if (op === '==') {
+            return `isNull(${printExpr(left, ctx)})`
+        }
+        if (op === '!=') {
+            return `isNotNull(${printExpr(left, ctx)})`
+        }
+    }
+    return `${fn}(${printExpr(left, ctx)}, ${printExpr(right, ctx)})`
+}
+
+export function printExpr(node: HogQLNode, ctx: PrintContext): string {
+    switch (node.node) {
+        case 'Constant':
+            return printConstant(node.value)
+        case 'Field':
+            return printField(node, ctx)
+        case 'Alias':
+            return printExpr(child(node, 'expr') as HogQLNode, ctx)
+        case 'Call':
+            return printCall(String(node.name), children(node, 'args'), ctx)
+        case 'Not':
+            return `not(${printExpr(child(node, 'expr') as HogQLNode, ctx)})`
+        case 'And':
+        case 'Or': {
+            const exprs = children(node, 'exprs').map((expr) => printExpr(expr, ctx))
+            return exprs.length === 1 ? (exprs[0] as string) : `${node.node.toLowerCase()}(${exprs.join(', ')})`
+        }
+        case 'CompareOperation':
+            return printCompare(node, ctx)
+        case 'ArithmeticOperation': {
+            const fn = ARITHMETIC_FUNCTIONS[String(node.op)]
+            if (!fn) {
+                throw unsupported(`The operator \`${String(node.op)}\``)
+            }
+            const left = printExpr(child(node, 'left') as HogQLNode, ctx)
+            return `${fn}(${left}, ${printExpr(child(node, 'right') as HogQLNode, ctx)})`
+        }
+        case 'Tuple':
+            return `tuple(${children(node, 'exprs')
+                .map((expr) => printExpr(expr, ctx))
+                .join(', ')})`
+        case 'Array':
+            return `[${children(node, 'exprs')
+                .map((expr) => printExpr(expr, ctx))
+                .join(', ')}]`
+        case 'BetweenExpr': {
+            const expr = printExpr(child(node, 'expr') as HogQLNode, ctx)
+            const low = printExpr(child(node, 'low') as HogQLNode, ctx)
+            const high = printExpr(child(node, 'high') as HogQLNode, ctx)
+            return `(${expr} ${node.negated ? 'NOT ' : ''}BETWEEN ${low} AND ${high})`
+        }
+        default:
+            throw unsupported(`The expression \`${node.node}\``)
+    }
+}
+
+/** Refuses the clauses the stand-in does not print, naming the first one found. */
+function checkClauses(select: HogQLNode): void {
+    const refused: Array<[string, string]> = [
+        ['ctes', 'WITH'],
+        ['group_by', 'GROUP BY'],
+        ['having', 'HAVING'],
+        ['prewhere', 'PREWHERE'],
+        ['window_exprs', 'WINDOW'],
+        ['array_join_op', 'ARRAY JOIN'],
+        ['limit_by', 'LIMIT BY'],
+        ['qualify', 'QUALIFY'],
+    ]
+    for (const [key, clause] of refused) {
+        const value = select[key]
+        if (value !== null && value !== undefined && !(Array.isArray(value) && value.length === 0)) {
+            throw unsupported(clause)
+        }
+    }
+    if (select.limit_with_ties) {
+        throw unsupported('LIMIT … WITH TIES')
+    }
+}
+
+function tableOf(select: HogQLNode): { alias: string | null } {
+    const from = child(select, 'select_from')
+    if (!from) {
+        throw unsupported('A SELECT without FROM events')
+    }
+    const table = child(from, 'table')
+    if (!table || table.node !== 'Field') {
+        throw unsupported('A subquery in FROM')
+    }
+    if (from.next_join) {
+        throw unsupported('JOIN')
+    }
+    if (from.sample) {
+        throw unsupported('SAMPLE')
+    }
+    const name = chainOf(table).join('.')
+    if (name !== 'events') {
+        if (OTHER_POSTHOG_TABLES.includes(name)) {
+            throw unsupported(`The table \`${name}\` (only \`events\` is served)`)
+        }
+        throw new HogQLError(`Unknown table \`${name}\`.`)
+    }
+    return { alias: typeof from.alias === 'string' ? from.alias : null }
+}
+
+function constantInteger(node: HogQLNode | null): number | null {
+    return node && node.node === 'Constant' && typeof node.value === 'number' && Number.isInteger(node.value)
+        ? node.value
+        : null
+}
+
+/** Parses with PostHog's parser; a parse failure is PostHog's 400 `hogql_syntax_error` with the parser's text. */
+export function parseHogQL(parser: HogQLParser, query: string): HogQLNode {
+    const result = JSON.parse(parser.parseSelect(query, true)) as HogQLNode & { error?: boolean; message?: string }
+    if (result.error) {
+        throw new HogQLError(String(result.message), 'hogql_syntax_error')
+    }
+    return result
+}
+
+/** The whole translation: parse, fill placeholders, check the shape, print both dialects. */
+export function compileHogQL(
+    parser: HogQLParser,
+    query: string,
+    values: Record<string, unknown> | undefined,
+    compile: CompileContext
+): CompiledQuery {
+    const parsed = parseHogQL(parser, query)
+    if (parsed.node === 'SelectSetQuery') {
+        throw unsupported('UNION / INTERSECT / EXCEPT')
+    }
+    if (parsed.node !== 'SelectQuery') {
+        throw unsupported(`A \`${parsed.node}\` query`)
+    }
+    const select = replacePlaceholders(parsed, values) as HogQLNode
+    checkClauses(select)
+    const { alias } = tableOf(select)
+    const items = children(select, 'select')
+    const selectAliases = new Set(items.filter((item) => item.node === 'Alias').map((item) => String(item.alias)))
+    const tableNames = new Set(['events', ...(alias ? [alias] : [])])
+    const hogqlCtx: PrintContext = { dialect: 'hogql', compile, tableNames, selectAliases }
+    const chCtx: PrintContext = { dialect: 'clickhouse', compile, tableNames, selectAliases }
+    const columns = items.map((item) => (item.node === 'Alias' ? String(item.alias) : printExpr(item, hogqlCtx)))
+    const printedItems = items.map((item, i) => `${printExpr(item, chCtx)} AS ${quoteIdentifier(columns[i] as string)}`)
+
+    const where = child(select, 'where')
+    const teamScope = `equals(events.team_id, ${compile.teamId})`
+    const whereSql = where ? `and(${teamScope}, ${printExpr(where, chCtx)})` : teamScope
+    const orderBy = children(select, 'order_by').map((order) => {
+        const expr = printExpr(child(order, 'expr') as HogQLNode, chCtx)
+        return `${expr} ${order.order === 'DESC' ? 'DESC' : 'ASC'}`
+    })
+    const hogqlOrderBy = children(select, 'order_by').map(
+        (order) =>
+            `${printExpr(child(order, 'expr') as HogQLNode, hogqlCtx)} ${order.order === 'DESC' ? 'DESC' : 'ASC'}`
+    )
+
+    const offsetNode = child(select, 'offset')
+    if (offsetNode && !compile.allowOffset) {
+        throw new HogQLError(OFFSET_NOT_ALLOWED_MESSAGE)
+    }
+    const limitNode = child(select, 'limit')
+    let limitSql: string
+    let limit: number | null = null
+    let paginator: CompiledQuery['paginator'] = null
+    if (!limitNode) {
+        // PostHog's HogQLHasMorePaginator: fetch one row more than the page to know whether there is more.
+        paginator = { pageSize: compile.defaultRows }
+        limitSql = `${compile.defaultRows + 1}`
+    } else {
+        const constant = constantInteger(limitNode)
+        if (constant !== null) {
+            limit = Math.min(constant, compile.maxRows)
+            limitSql = String(limit)
+        } else {
+            limitSql = `min2(${compile.maxRows}, ${printExpr(limitNode, chCtx)})`
+        }
+    }
+    const offsetSql = offsetNode ? printExpr(offsetNode, chCtx) : paginator ? '0' : null
+
+    const distinct = select.distinct ? 'DISTINCT ' : ''
+    const sql = [
+        `SELECT ${distinct}${printedItems.join(', ')}`,
+        `FROM ${compile.table} AS events`,
+        `WHERE ${whereSql}`,
+        orderBy.length > 0 ? `ORDER BY ${orderBy.join(', ')}` : null,
+        `LIMIT ${limitSql}`,
+        offsetSql !== null ? `OFFSET ${offsetSql}` : null,
+    ]
+        .filter((line): line is string => line !== null)
+        .join('\n')
+    const hogqlItems = items.map((item, i) =>
+        item.node === 'Alias'
+            ? `${printExpr(item, hogqlCtx)} AS ${quoteIdentifier(columns[i] as string, 'hogql')}`
+            : columns[i]
+    )
+    const hogql = [
+        `SELECT ${distinct}${hogqlItems.join(', ')}`,
+        `FROM events${alias ? ` AS ${quoteIdentifier(alias, 'hogql')}` : ''}`,
+        where ? `WHERE ${printExpr(where, hogqlCtx)}` : null,
+        hogqlOrderBy.length > 0 ? `ORDER BY ${hogqlOrderBy.join(', ')}` : null,
+        `LIMIT ${limitSql}`,
+        offsetSql !== null ? `OFFSET ${offsetSql}` : null,
+    ]
+        .filter((line): line is string => line !== null)
+        .join('\n')
+    return { sql, hogql, columns, aliases: columns, paginator, limit }
+}

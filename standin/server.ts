@@ -1,0 +1,763 @@
+/**
+ * A PostHog stand-in for tests and the local job: a real node:http server answering PostHog's query API
+ * (`POST /api/projects/:project_id/query/`, also `/api/environments/:id/query/`) with PostHog's request and response
+ * shapes, auth, limits and errors (standin/FACTS.md), built on real components: every query is parsed by PostHog's
+ * own HogQL parser (`@posthog/hogql-parser`, WebAssembly) and run on a real ClickHouse engine (chdb) over an `events`
+ * table with PostHog's column types and sort key.
+ *
+ * API
+ *
+ *     const posthog = await startPostHogStandIn({ apiKey: 'phx_test', projectId: 1 })
+ *     await posthog.insertEvents([{ event: '$pageview', distinct_id: 'u1', timestamp: '2026-11-27T10:00:00Z' }])
+ *     await posthog.seed({ count: 1_000_000, sameTimestamp: 3 })      // generated inside ClickHouse
+ *     await posthog.insertLateEvents(5, { ageMs: 3_600_000 })         // timestamp an hour ago, created_at now
+ *     posthog.setFaults({ script: ['429', '500', 'slow'] })           // or rates with a seed
+ *     posthog.url, posthog.queries, posthog.requests, posthog.log
+ *     await posthog.close()
+ *
+ * `startPostHogStandIn` runs in this process (chdb's engine alone takes ~200 MB of RSS and grows with the data, so
+ * a process that measures its own memory should use `spawnPostHogStandIn` from standin/spawn.ts instead: the same
+ * interface, served from a child process). Options and defaults: see `StandInOptions` and `DEFAULT_LIMITS`.
+ *
+ * The API key never appears in a log line, an error body or `log`.
+ */
+import { createHash } from 'node:crypto'
+import { createServer, IncomingMessage, Server, ServerResponse } from 'node:http'
+import { AddressInfo } from 'node:net'
+
+import { EngineError, EventStore, OUTPUT_SETTINGS } from './engine'
+import { eventJsonLine, normalizeEvent, SeedOptions, seedSql, StandInEvent, StoredEvent } from './events'
+import { CompiledQuery, compileHogQL, HogQLError, HogQLParser, quoteIdentifier } from './hogql'
+import { checkThrottles, Clock, ConcurrencyLimiter, parseRate, SlidingWindowThrottle, throttledDetail } from './limits'
+
+export type { SeedOptions, StandInEvent, StoredEvent } from './events'
+
+/** PostHog's limits for API queries (standin/FACTS.md §4–5). Tests lower them through `limits`. */
+export const DEFAULT_LIMITS: StandInLimits = {
+    burstRate: '240/minute',
+    sustainedRate: '2400/hour',
+    concurrentQueries: 3,
+    concurrencyWaitMs: 30_000,
+    maxExecutionSeconds: 10,
+    defaultRows: 100,
+    maxRows: 50_000,
+    cacheTtlMs: 6 * 3600 * 1000,
+}
+
+/** PostHog's cap on a request body (`DATA_UPLOAD_MAX_MEMORY_SIZE`, 20 MB). */
+export const MAX_BODY_BYTES = 20 * 1024 * 1024
+
+export interface StandInLimits {
+    /** DRF rate string of the burst throttle. PostHog: `240/minute`. */
+    burstRate: string
+    /** DRF rate string of the sustained throttle. PostHog: `2400/hour` (legacy teams: `120/hour`). */
+    sustainedRate: string
+    /** Queries running at once per project. PostHog: 3. */
+    concurrentQueries: number
+    /** How long a query waits for a slot before a 429. PostHog: 30 s. */
+    concurrencyWaitMs: number
+    /** ClickHouse `max_execution_time` for a query. PostHog: 10 s for API queries. */
+    maxExecutionSeconds: number
+    /** Rows without a LIMIT. PostHog: 100. */
+    defaultRows: number
+    /** Cap on any LIMIT. PostHog: 50,000. */
+    maxRows: number
+    /** How long a result is served from cache to a non-forcing `refresh`. PostHog: 6 h. 0 disables the cache. */
+    cacheTtlMs: number
+}
+
+export type ScriptedFault = 'ok' | '429' | '500' | 'slow'
+
+/** Injected failures, applied to query requests that passed auth and the real throttles. */
+export interface StandInFaults {
+    /** Consumed one per query request, before the random faults: a deterministic sequence. */
+    script?: ScriptedFault[]
+    /** Probability per query request of a 429 with Retry-After. */
+    rate429?: number
+    /** Probability per query request of a 500. */
+    rate500?: number
+    /** Probability per query request of a query that runs past the execution timeout (→ 504). */
+    rateSlow?: number
+    /** Seed of the random faults (same seed, same faults). Default 1. */
+    seed?: number
+    /** Retry-After of an injected 429, in seconds. Default 1. */
+    retryAfterSeconds?: number
+    /** How long a slow query runs. Default: 50 ms past `maxExecutionSeconds` (so it times out). */
+    slowMs?: number
+    /** After every `every`-th answered query, store `count` events `ageMs` old by timestamp, created now. */
+    late?: { every: number; count: number; ageMs: number }
+}
+
+export interface ApiKey {
+    key: string
+    /** Default `['query:read']`. */
+    scopes?: string[]
+}
+
+export interface StandInOptions {
+    /** Default 0 (any free port). */
+    port?: number
+    /** Default 127.0.0.1. */
+    host?: string
+    /** The personal API key that may query (with `query:read`). */
+    apiKey: string
+    projectId: number
+    /** More keys, e.g. one without the scope to test the 403. */
+    extraKeys?: ApiKey[]
+    /** Keep the events in this directory across restarts (one directory per process). Default: temporary. */
+    dataDir?: string
+    faults?: StandInFaults
+    limits?: Partial<StandInLimits>
+    /** Accept OFFSET, as PostHog does for organisations on its allow-list. Default false (PostHog refuses it). */
+    allowOffset?: boolean
+    /** Enables `/_standin/*` control endpoints (used by spawnPostHogStandIn) for requests bearing this token. */
+    controlToken?: string
+    clock?: Clock
+}
+
+/** What the stand-in received: never the Authorization header. */
+export interface RecordedRequest {
+    method: string
+    path: string
+    status: number
+    body?: unknown
+}
+
+export interface StandInStats {
+    /** Query requests received (any outcome). */
+    requests: number
+    /** Queries that ran on the engine. */
+    queries: number
+    cacheHits: number
+    /** 429s from the real throttles and the concurrency limit. */
+    throttled: number
+    /** Faults injected, by kind. */
+    faults: { '429': number; '500': number; slow: number }
+    /** Late events stored by the `late` fault. */
+    lateEvents: number
+}
+
+/** The interface shared by the in-process stand-in and the spawned one. */
+export interface PostHogStandInClient {
+    url: string
+    projectId: number
+    insertEvents(events: StandInEvent[], options?: { createdAt?: string | Date }): Promise<StoredEvent[]>
+    insertLateEvents(count: number, options?: { ageMs?: number; event?: string }): Promise<StoredEvent[]>
+    seed(options: SeedOptions): Promise<void>
+    count(): Promise<number>
+    setFaults(faults: StandInFaults): Promise<void> | void
+    setLimits(limits: Partial<StandInLimits>): Promise<void> | void
+    stats(): Promise<StandInStats>
+    close(): Promise<void>
+}
+
+export interface PostHogStandIn extends PostHogStandInClient {
+    readonly queries: number
+    readonly requests: number
+    /** The last 10,000 requests, oldest first. */
+    readonly log: RecordedRequest[]
+    setFaults(faults: StandInFaults): void
+    setLimits(limits: Partial<StandInLimits>): void
+}
+
+type ErrorType = 'validation_error' | 'authentication_error' | 'invalid_request' | 'throttled_error' | 'server_error'
+
+/** PostHog's error body (drf-exceptions-hog). */
+export function errorBody(type: ErrorType, code: string, detail: string, attr: string | null = null) {
+    return { type, code, detail, attr }
+}
+
+class HttpError extends Error {
+    constructor(
+        readonly status: number,
+        readonly body: ReturnType<typeof errorBody>,
+        readonly headers: Record<string, string> = {}
+    ) {
+        super(body.detail)
+    }
+}
+
+const TIMEOUT_DETAIL =
+    'Query has hit the max execution time before completing. See our docs for how to improve your query ' +
+    'performance. You may need to materialize.'
+/** ClickHouse error codes PostHog passes to the user as a 400 with their name (posthog/errors.py). */
+const USER_ERROR_CODES: Readonly<Record<number, string>> = {
+    43: 'illegal_type_of_argument',
+    386: 'no_common_type',
+    215: 'not_an_aggregate',
+    46: 'unknown_function',
+    53: 'type_mismatch',
+    184: 'illegal_aggregation',
+    42: 'number_of_arguments_doesnt_match',
+    376: 'cannot_parse_uuid',
+}
+
+const QUERY_PATH = /^\/api\/(projects|environments)\/([^/]+)\/query\/?$/
+const LOG_LIMIT = 10_000
+
+/** A small seeded PRNG (mulberry32) so random faults repeat with their seed. */
+function seededRandom(seed: number): () => number {
+    let state = seed >>> 0
+    return () => {
+        state = (state + 0x6d2b79f5) >>> 0
+        let t = state
+        t = Math.imul(t ^ (t >>> 15), t | 1)
+        t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
+        return ((t ^ (t >>> 14)) >>> 0) / 4294967296
+    }
+}
+
+/** orjson's rendering of a UTC datetime: RFC 3339 with `Z`, microseconds only when non-zero. */
+export function posthogDateTime(ms: number): string {
+    const iso = new Date(ms).toISOString()
+    return iso.endsWith('.000Z') ? iso.replace('.000Z', 'Z') : iso.replace('Z', '000Z')
+}
+
+/** The ClickHouse expression that renders a result column as PostHog's JSON renderer would. */
+export function formatColumn(alias: string, type: string): string {
+    const column = quoteIdentifier(alias)
+    const base = type.replace(/^Nullable\((.*)\)$/, '$1')
+    if (base.startsWith('DateTime64')) {
+        return (
+            `if(toMicrosecond(${column}) = 0, formatDateTime(${column}, '%Y-%m-%dT%H:%i:%SZ', 'UTC'), ` +
+            `formatDateTime(toDateTime64(${column}, 6), '%Y-%m-%dT%H:%i:%S.%fZ', 'UTC'))`
+        )
+    }
+    if (base.startsWith('DateTime')) {
+        return `formatDateTime(${column}, '%Y-%m-%dT%H:%i:%SZ', 'UTC')`
+    }
+    return column
+}
+
+interface CachedResult {
+    at: number
+    results: string
+    hasMore: boolean | null
+    types: Array<[string, string]>
+    clickhouse: string
+    compiled: CompiledQuery
+}
+
+function readBody(req: IncomingMessage): Promise<string> {
+    return new Promise((resolve, reject) => {
+        const chunks: Buffer[] = []
+        let size = 0
+        req.on('data', (chunk: Buffer) => {
+            size += chunk.length
+            if (size > MAX_BODY_BYTES) {
+                reject(new HttpError(413, errorBody('invalid_request', 'request_too_large', 'Request body too large.')))
+                req.destroy()
+                return
+            }
+            chunks.push(chunk)
+        })
+        req.on('end', () => resolve(Buffer.concat(chunks).toString('utf8')))
+        req.on('error', reject)
+    })
+}
+
+function bearerToken(req: IncomingMessage): string | null {
+    const header = req.headers.authorization
+    if (!header) {
+        return null
+    }
+    const match = /^Bearer\s+(.+)$/i.exec(header.trim())
+    return match ? (match[1] as string).trim() : ''
+}
+
+function sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => setTimeout(resolve, ms))
+}
+
+let parserPromise: Promise<HogQLParser> | undefined
+
+/** PostHog's HogQL parser, loaded once per process (its CommonJS entry wraps the WebAssembly build). */
+export function loadParser(): Promise<HogQLParser> {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    parserPromise ??= (require('@posthog/hogql-parser') as () => Promise<HogQLParser>)()
+    return parserPromise
+}
+
+class StandIn {
+    readonly log: RecordedRequest[] = []
+    readonly counters: StandInStats = {
+        requests: 0,
+        queries: 0,
+        cacheHits: 0,
+        throttled: 0,
+        faults: { '429': 0, '500': 0, slow: 0 },
+        lateEvents: 0,
+    }
+    private limits: StandInLimits
+    private faults: StandInFaults = {}
+    private random: () => number = seededRandom(1)
+    private script: ScriptedFault[] = []
+    private throttles: SlidingWindowThrottle[] = []
+    private readonly concurrency: ConcurrencyLimiter
+    private readonly cache = new Map<string, CachedResult>()
+    private readonly keys = new Map<string, string[]>()
+    private answered = 0
+    private readonly clock: Clock
+
+    constructor(
+        private readonly options: StandInOptions,
+        readonly store: EventStore,
+        private readonly parser: HogQLParser
+    ) {
+        this.clock = options.clock ?? Date.now
+        this.limits = { ...DEFAULT_LIMITS, ...options.limits }
+        this.concurrency = new ConcurrencyLimiter(
+            this.limits.concurrentQueries,
+            this.limits.concurrencyWaitMs,
+            this.clock,
+            sleep
+        )
+        this.setLimits({})
+        this.setFaults(options.faults ?? {})
+        this.keys.set(options.apiKey, ['query:read'])
+        for (const extra of options.extraKeys ?? []) {
+            this.keys.set(extra.key, extra.scopes ?? ['query:read'])
+        }
+    }
+
+    setLimits(limits: Partial<StandInLimits>): void {
+        this.limits = { ...this.limits, ...limits }
+        const burst = parseRate(this.limits.burstRate)
+        const sustained = parseRate(this.limits.sustainedRate)
+        this.throttles = [
+            new SlidingWindowThrottle(burst.numRequests, burst.durationMs, this.clock),
+            new SlidingWindowThrottle(sustained.numRequests, sustained.durationMs, this.clock),
+        ]
+        this.concurrency.configure(this.limits.concurrentQueries, this.limits.concurrencyWaitMs)
+        this.cache.clear()
+    }
+
+    setFaults(faults: StandInFaults): void {
+        this.faults = { ...faults }
+        this.script = [...(faults.script ?? [])]
+        this.random = seededRandom(faults.seed ?? 1)
+    }
+
+    async handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+        const path = (req.url ?? '/').split('?')[0] as string
+        const record: RecordedRequest = { method: req.method ?? 'GET', path, status: 0 }
+        let status = 500
+        try {
+            if (path.startsWith('/_standin/') && this.options.controlToken) {
+                const body = await this.control(req, path)
+                status = 200
+                send(res, 200, body ?? { ok: true })
+                return
+            }
+            const match = QUERY_PATH.exec(path)
+            if (!match) {
+                throw new HttpError(404, errorBody('invalid_request', 'not_found', 'Endpoint not found.'))
+            }
+            this.counters.requests += 1
+            const text = await this.query(req, match[2] as string, record, res)
+            status = 200
+            sendText(res, 200, text)
+        } catch (error) {
+            const httpError =
+                error instanceof HttpError
+                    ? error
+                    : new HttpError(500, errorBody('server_error', 'error', 'A server error occurred.'))
+            status = httpError.status
+            send(res, httpError.status, httpError.body, httpError.headers)
+        } finally {
+            record.status = status
+            if (!path.startsWith('/_standin/')) {
+                this.log.push(record)
+                if (this.log.length > LOG_LIMIT) {
+                    this.log.splice(0, this.log.length - LOG_LIMIT)
+                }
+            }
+        }
+    }
+
+    /** The query endpoint, in PostHog's order: authenticate, permissions, project, throttles, then the query. */
+    private async query(req: IncomingMessage, projectId: string, record: RecordedRequest, res: ServerResponse) {
+        if (req.method !== 'POST') {
+            const detail = `Method "${req.method ?? ''}" not allowed.`
+            throw new HttpError(405, errorBody('invalid_request', 'method_not_allowed', detail))
+        }
+        const raw = await readBody(req)
+        const key = this.authenticate(req)
+        if (String(this.options.projectId) !== projectId) {
+            throw new HttpError(404, errorBody('invalid_request', 'not_found', 'Project not found.'))
+        }
+        const keyId = createHash('sha256').update(key).digest('hex')
+        const wait = checkThrottles(this.throttles, keyId)
+        if (wait !== null) {
+            this.counters.throttled += 1
+            const body = errorBody('throttled_error', 'throttled', throttledDetail(wait))
+            throw new HttpError(429, body, { 'Retry-After': String(wait) })
+        }
+        const body = parseRequest(raw)
+        record.body = body
+        const fault = this.nextFault()
+        if (fault === '429') {
+            this.counters.faults['429'] += 1
+            const seconds = this.faults.retryAfterSeconds ?? 1
+            const detail = throttledDetail(seconds)
+            throw new HttpError(429, errorBody('throttled_error', 'throttled', detail), {
+                'Retry-After': String(seconds),
+            })
+        }
+        if (fault === '500') {
+            this.counters.faults['500'] += 1
+            throw new HttpError(500, errorBody('server_error', 'error', 'A server error occurred.'))
+        }
+        const text = await this.answer(body, fault === 'slow', res)
+        this.answered += 1
+        await this.maybeInsertLate()
+        return text
+    }
+
+    private authenticate(req: IncomingMessage): string {
+        const key = bearerToken(req)
+        if (key === null) {
+            const detail = 'Authentication credentials were not provided.'
+            throw new HttpError(401, errorBody('authentication_error', 'not_authenticated', detail))
+        }
+        const scopes = this.keys.get(key)
+        if (!scopes) {
+            const detail = 'Personal API key found in request Authorization header is invalid.'
+            throw new HttpError(401, errorBody('authentication_error', 'authentication_failed', detail))
+        }
+        if (!scopes.includes('*') && !scopes.includes('query:read') && !scopes.includes('query:write')) {
+            const detail = "API key missing required scope 'query:read'"
+            throw new HttpError(403, errorBody('authentication_error', 'permission_denied', detail))
+        }
+        return key
+    }
+
+    private nextFault(): ScriptedFault {
+        const scripted = this.script.shift()
+        if (scripted) {
+            return scripted
+        }
+        const roll = this.random()
+        const { rate429 = 0, rate500 = 0, rateSlow = 0 } = this.faults
+        if (roll < rate429) {
+            return '429'
+        }
+        if (roll < rate429 + rate500) {
+            return '500'
+        }
+        if (roll < rate429 + rate500 + rateSlow) {
+            return 'slow'
+        }
+        return 'ok'
+    }
+
+    private async maybeInsertLate(): Promise<void> {
+        const late = this.faults.late
+        if (late && late.every > 0 && this.answered % late.every === 0) {
+            const stored = await this.insertLateEvents(late.count, { ageMs: late.ageMs })
+            this.counters.lateEvents += stored.length
+        }
+    }
+
+    /** Cache, concurrency slot, compile, run, render: the body of a 200. */
+    private async answer(request: QueryRequestBody, slow: boolean, res: ServerResponse): Promise<string> {
+        const cacheKey = createHash('sha256')
+            .update(JSON.stringify([this.options.projectId, request.query.query, request.query.values ?? null]))
+            .digest('hex')
+        const forced = request.refresh === true || String(request.refresh).startsWith('force_')
+        const cached = this.cache.get(cacheKey)
+        const now = this.clock()
+        if (!forced && cached && now - cached.at < this.limits.cacheTtlMs) {
+            this.counters.cacheHits += 1
+            return this.render(cached, cacheKey, true)
+        }
+        const compiled = this.compile(request)
+        const release = await this.concurrency.acquire(String(this.options.projectId))
+        if (!release) {
+            this.counters.throttled += 1
+            const detail =
+                `Exceeded maximum concurrency limit: ${this.concurrency.limit} for key: ` +
+                `api:query:per-org:${this.options.projectId} and task: ${cacheKey.slice(0, 16)}`
+            throw new HttpError(429, errorBody('throttled_error', 'throttled', detail))
+        }
+        try {
+            if (slow) {
+                this.counters.faults.slow += 1
+                await this.slowQuery(res)
+            }
+            const result = await this.execute(compiled)
+            if (this.limits.cacheTtlMs > 0) {
+                this.cache.set(cacheKey, result)
+            }
+            return this.render(result, cacheKey, false)
+        } finally {
+            release()
+        }
+    }
+
+    /** A query that runs for `slowMs`; past the execution timeout ClickHouse would have stopped it: a 504. */
+    private async slowQuery(res: ServerResponse): Promise<void> {
+        const timeoutMs = this.limits.maxExecutionSeconds * 1000
+        const slowMs = this.faults.slowMs ?? timeoutMs + 50
+        await sleep(Math.min(slowMs, timeoutMs))
+        if (slowMs >= timeoutMs && !res.destroyed) {
+            throw new HttpError(504, errorBody('server_error', 'error', TIMEOUT_DETAIL))
+        }
+    }
+
+    private compile(request: QueryRequestBody): CompiledQuery {
+        try {
+            return compileHogQL(this.parser, request.query.query, request.query.values, {
+                table: this.store.table,
+                teamId: this.options.projectId,
+                defaultRows: this.limits.defaultRows,
+                maxRows: this.limits.maxRows,
+                allowOffset: this.options.allowOffset ?? false,
+                timezone: 'UTC',
+            })
+        } catch (error) {
+            if (error instanceof HogQLError) {
+                throw new HttpError(400, errorBody('validation_error', error.code, error.message))
+            }
+            throw error
+        }
+    }
+
+    /** Runs the compiled query on ClickHouse and renders each row as a JSON array, as PostHog's renderer would. */
+    private async execute(compiled: CompiledQuery): Promise<CachedResult> {
+        const settings = `SETTINGS max_execution_time = ${this.limits.maxExecutionSeconds}, readonly = 2, ${OUTPUT_SETTINGS}`
+        try {
+            const described = await this.store.describe(compiled.sql)
+            const types = compiled.columns.map((name, i): [string, string] => [name, described[i]?.type ?? 'String'])
+            const select = compiled.aliases.map((alias, i) => formatColumn(alias, types[i]?.[1] ?? 'String'))
+            const sql = `SELECT ${select.join(', ')}\nFROM (\n${compiled.sql}\n)\n${settings}`
+            this.counters.queries += 1
+            let lines = (await this.store.run(sql)).replace(/\n+$/, '')
+            let hasMore: boolean | null = null
+            if (compiled.paginator) {
+                const rows = lines.length === 0 ? [] : lines.split('\n')
+                hasMore = rows.length > compiled.paginator.pageSize
+                lines = rows.slice(0, compiled.paginator.pageSize).join('\n')
+            }
+            const results = lines.length === 0 ? '[]' : `[${lines.replace(/\n/g, ',')}]`
+            return { at: this.clock(), results, hasMore, types, clickhouse: compiled.sql, compiled }
+        } catch (error) {
+            throw queryError(error)
+        }
+    }
+
+    /** The 200 body with the key order of a production response; `results` is spliced in as ClickHouse wrote it. */
+    private render(result: CachedResult, cacheKey: string, isCached: boolean): string {
+        const token = `__results_${cacheKey}__`
+        const { compiled } = result
+        const body = {
+            cache_key: `cache_${this.options.projectId}_${cacheKey}`,
+            cache_target_age: posthogDateTime(result.at + this.limits.cacheTtlMs),
+            calculation_trigger: null,
+            clickhouse: result.clickhouse,
+            columns: compiled.columns,
+            error: null,
+            explain: null,
+            hasMore: result.hasMore,
+            hogql: compiled.hogql,
+            is_cached: isCached,
+            last_refresh: posthogDateTime(result.at),
+            limit: compiled.paginator ? compiled.paginator.pageSize : null,
+            metadata: null,
+            modifiers: {
+                convertToProjectTimezone: true,
+                personsOnEventsMode: 'person_id_override_properties_on_events',
+            },
+            next_allowed_client_refresh: posthogDateTime(result.at + 60_000),
+            offset: compiled.paginator ? 0 : null,
+            query: null,
+            query_metadata: null,
+            query_status: null,
+            resolved_date_range: null,
+            results: token,
+            timezone: 'UTC',
+            timings: null,
+            types: result.types,
+        }
+        return JSON.stringify(body).replace(`"${token}"`, () => result.results)
+    }
+
+    async insertEvents(events: StandInEvent[], options: { createdAt?: string | Date } = {}): Promise<StoredEvent[]> {
+        const stored = events.map(normalizeEvent)
+        const lines = stored.map((event) => eventJsonLine(event, this.options.projectId, options.createdAt))
+        await this.store.insertJsonLines(lines.join('\n'))
+        return stored
+    }
+
+    /** Events that happened `ageMs` ago (by their timestamp) but are stored now: PostHog's late arrivals. */
+    async insertLateEvents(count: number, options: { ageMs?: number; event?: string } = {}): Promise<StoredEvent[]> {
+        const at = this.clock() - (options.ageMs ?? 3600_000)
+        const events = Array.from({ length: count }, (_, i) => ({
+            event: options.event ?? 'late event',
+            distinct_id: `late-user-${i % 10}`,
+            properties: { late: true, n: i },
+            timestamp: posthogDateTime(at + i),
+        }))
+        return this.insertEvents(events)
+    }
+
+    async seed(options: SeedOptions): Promise<void> {
+        await this.store.run(seedSql(this.store.table, this.options.projectId, options, this.clock()), 'CSV')
+    }
+
+    /** `/_standin/*`: the control API spawnPostHogStandIn's client calls, behind its own token. */
+    private async control(req: IncomingMessage, path: string): Promise<unknown> {
+        if (req.headers['x-standin-control'] !== this.options.controlToken) {
+            throw new HttpError(403, errorBody('authentication_error', 'permission_denied', 'Bad control token.'))
+        }
+        const raw = await readBody(req)
+        const body = (raw ? JSON.parse(raw) : {}) as Record<string, unknown>
+        switch (path) {
+            case '/_standin/events':
+                return this.insertEvents(body.events as StandInEvent[], body as { createdAt?: string })
+            case '/_standin/late':
+                return this.insertLateEvents(Number(body.count), body as { ageMs?: number; event?: string })
+            case '/_standin/seed':
+                return this.seed(body as unknown as SeedOptions)
+            case '/_standin/faults':
+                return this.setFaults(body as StandInFaults)
+            case '/_standin/limits':
+                return this.setLimits(body as Partial<StandInLimits>)
+            case '/_standin/stats':
+                return this.counters
+            case '/_standin/count':
+                return { count: await this.store.count(this.options.projectId) }
+            default:
+                throw new HttpError(404, errorBody('invalid_request', 'not_found', 'Endpoint not found.'))
+        }
+    }
+}
+
+interface QueryRequestBody {
+    query: { kind: 'HogQLQuery'; query: string; values?: Record<string, unknown> }
+    refresh?: unknown
+    name?: unknown
+}
+
+/** Validates the request body the way PostHog's QueryRequest model does for the fields the stand-in reads. */
+function parseRequest(raw: string): QueryRequestBody {
+    let parsed: unknown
+    try {
+        parsed = JSON.parse(raw)
+    } catch (error) {
+        const detail = `JSON parse error - ${(error as Error).message}`
+        throw new HttpError(400, errorBody('invalid_request', 'parse_error', detail))
+    }
+    const body = parsed as Partial<QueryRequestBody> | null
+    if (!body || typeof body !== 'object' || !body.query || typeof body.query !== 'object') {
+        throw new HttpError(400, errorBody('validation_error', 'invalid_input', 'Field required', 'query'))
+    }
+    if (body.query.kind !== 'HogQLQuery') {
+        const detail = `The PostHog stand-in serves HogQLQuery only, not ${JSON.stringify(body.query.kind)}.`
+        throw new HttpError(400, errorBody('validation_error', 'invalid_input', detail, 'query'))
+    }
+    if (typeof body.query.query !== 'string') {
+        throw new HttpError(400, errorBody('validation_error', 'invalid_input', 'Field required', 'query__query'))
+    }
+    const values = body.query.values
+    if (values !== undefined && values !== null && (typeof values !== 'object' || Array.isArray(values))) {
+        const detail = 'Input should be a valid dictionary'
+        throw new HttpError(400, errorBody('validation_error', 'invalid_input', detail, 'query__values'))
+    }
+    return body as QueryRequestBody
+}
+
+/** ClickHouse failures as PostHog reports them: timeout 504, user errors 400, anything else 500. */
+function queryError(error: unknown): HttpError {
+    if (error instanceof HttpError) {
+        return error
+    }
+    if (error instanceof EngineError) {
+        if (error.clickhouseCode === 159) {
+            return new HttpError(504, errorBody('server_error', 'error', TIMEOUT_DETAIL))
+        }
+        const name = error.clickhouseCode !== null ? USER_ERROR_CODES[error.clickhouseCode] : undefined
+        if (name) {
+            const message = error.message
+                .replace(/^[\s\S]*?DB::Exception:\s*/, '')
+                .replace(/\s*Stack trace:[\s\S]*$/, '')
+            return new HttpError(400, errorBody('validation_error', name, message.trim()))
+        }
+    }
+    return new HttpError(500, errorBody('server_error', 'error', 'ClickHouse error while executing query.'))
+}
+
+function send(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
+    sendText(res, status, JSON.stringify(body), headers)
+}
+
+function sendText(res: ServerResponse, status: number, text: string, headers: Record<string, string> = {}): void {
+    if (res.headersSent || res.destroyed) {
+        return
+    }
+    res.writeHead(status, {
+        'Content-Type': 'application/json',
+        'Content-Length': Buffer.byteLength(text),
+        ...headers,
+    })
+    res.end(text)
+}
+
+function validateOptions(options: StandInOptions): void {
+    if (typeof options.apiKey !== 'string' || options.apiKey.length === 0) {
+        throw new Error('Expected `apiKey` to be a non-empty string')
+    }
+    if (!Number.isSafeInteger(options.projectId) || options.projectId < 1) {
+        throw new Error('Expected `projectId` to be a positive whole number')
+    }
+}
+
+/** Starts a stand-in in this process. See the file comment for the API. */
+export async function startPostHogStandIn(options: StandInOptions): Promise<PostHogStandIn> {
+    validateOptions(options)
+    const parser = await loadParser()
+    const store = await EventStore.open(options.dataDir)
+    const standIn = new StandIn(options, store, parser)
+    const server: Server = createServer((req, res) => {
+        void standIn.handle(req, res)
+    })
+    try {
+        await new Promise<void>((resolve, reject) => {
+            server.once('error', reject)
+            server.listen(options.port ?? 0, options.host ?? '127.0.0.1', () => resolve())
+        })
+    } catch (error) {
+        await store.close()
+        throw error
+    }
+    const address = server.address() as AddressInfo
+    const host = address.family === 'IPv6' ? `[${address.address}]` : address.address
+    let closed = false
+    return {
+        url: `http://${host}:${address.port}`,
+        projectId: options.projectId,
+        get queries() {
+            return standIn.counters.queries
+        },
+        get requests() {
+            return standIn.counters.requests
+        },
+        log: standIn.log,
+        insertEvents: (events, opts) => standIn.insertEvents(events, opts),
+        insertLateEvents: (count, opts) => standIn.insertLateEvents(count, opts),
+        seed: (opts) => standIn.seed(opts),
+        count: () => standIn.store.count(options.projectId),
+        setFaults: (faults) => standIn.setFaults(faults),
+        setLimits: (limits) => standIn.setLimits(limits),
+        stats: async () => structuredClone(standIn.counters),
+        close: async () => {
+            if (closed) {
+                return
+            }
+            closed = true
+            server.closeAllConnections()
+            await new Promise<void>((resolve) => server.close(() => resolve()))
+            await store.close()
+        },
+    }
+}
