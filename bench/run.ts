@@ -1,9 +1,9 @@
 /**
  * `npm run bench`: prints figures, compares each against a baseline measured in the same run. Not a test.
  *
- * 1. Plugin through the host emulator (vm2024 sandbox) at host concurrency 1, 10 and 100, webhook latency 0 and
- *    50 ms, against: one POST per event (what the original app did), and the raw limit (a plain loop POSTing
- *    the same events as arrays of 500).
+ * 1. Plugins in the emulated 2021 host (bench/plugins/table.ts): a do-nothing plugin, a serialise-only plugin (the
+ *    ceiling for a sender), the original per-event app (the baseline) and this plugin, on the direct and the
+ *    Kafka path, at 0, 20 and 50 ms webhook latency. `--only`, `--path`, `--latency` run a subset.
  * 2. Replay: events/s for 100k realistic events against the raw limit; peak RSS replaying 1M events generated on
  *    the fly, against an idle Node process.
  */
@@ -17,12 +17,12 @@ import { pipeline } from 'node:stream/promises'
 import { parseArgs } from 'node:util'
 
 import { PROJECT_PLUGIN_DIR } from '../host/loader'
-import { runJob } from '../host/run'
 import { sampleEvents } from '../host/sample-events'
 import { parseConfig } from '../index'
 import { startReceiver } from '../receiver/receiver'
 import { nodeEnv } from '../replay/cli'
 import { replay } from '../replay/replay'
+import { BENCH_LATENCIES_MS, BENCH_PATHS, BENCH_PLUGINS, parseList, runPluginTable } from './plugins/table'
 
 const RAW_BATCH = 500
 const REPLAY_CONCURRENCY = 4
@@ -53,39 +53,6 @@ async function post(url: string, body: string): Promise<void> {
     }
 }
 
-async function measurePlugin(count: number, concurrency: number, latencyMs: number): Promise<Figures> {
-    const { rx, close } = await receiverWith(latencyMs)
-    const started = Date.now()
-    const result = await runJob({
-        era: 'vm2024',
-        webhookUrl: rx.url,
-        events: sampleEvents(count),
-        pluginDir: PROJECT_PLUGIN_DIR,
-        concurrency,
-    })
-    const figures = { requests: rx.summary().requests, events: result.resolved, ms: Date.now() - started }
-    await close()
-    return figures
-}
-
-/** One POST per event, `concurrency` at a time, as the original app did under the same host. */
-async function measurePerEvent(count: number, concurrency: number, latencyMs: number): Promise<Figures> {
-    const { rx, close } = await receiverWith(latencyMs)
-    const started = Date.now()
-    let group: Promise<void>[] = []
-    for (const event of sampleEvents(count)) {
-        group.push(post(rx.url, JSON.stringify(event)))
-        if (group.length >= concurrency) {
-            await Promise.all(group)
-            group = []
-        }
-    }
-    await Promise.all(group)
-    const figures = { requests: rx.summary().requests, events: count, ms: Date.now() - started }
-    await close()
-    return figures
-}
-
 /** A plain loop's POSTer: collects JSON texts into arrays of RAW_BATCH and keeps `inFlight` requests going. */
 function rawPoster(url: string, inFlight: number) {
     const pending = new Set<Promise<void>>()
@@ -113,20 +80,6 @@ function rawPoster(url: string, inFlight: number) {
             await Promise.all(pending)
         },
     }
-}
-
-/** The raw limit: the same events as arrays of RAW_BATCH, by a plain loop. */
-async function measureRaw(count: number, latencyMs: number): Promise<Figures> {
-    const { rx, close } = await receiverWith(latencyMs)
-    const started = Date.now()
-    const poster = rawPoster(rx.url, 1)
-    for (const event of sampleEvents(count)) {
-        await poster.add(JSON.stringify(event))
-    }
-    await poster.finish()
-    const figures = { requests: rx.summary().requests, events: count, ms: Date.now() - started }
-    await close()
-    return figures
 }
 
 function jsonLines(count: number): Readable {
@@ -194,10 +147,6 @@ async function peakRssMb(args: string[], feed: Readable | null, env: NodeJS.Proc
     return Math.round(peakKb / 1024)
 }
 
-function row(cells: Array<string | number>, widths: number[]): string {
-    return cells.map((c, i) => String(c).padStart(widths[i] ?? 10)).join('  ')
-}
-
 function rate(f: Figures): number {
     return Math.round(f.events / Math.max(f.ms / 1000, 0.001))
 }
@@ -206,6 +155,12 @@ async function main(): Promise<void> {
     const { values } = parseArgs({
         options: {
             quick: { type: 'boolean', default: false },
+            only: { type: 'string' },
+            path: { type: 'string' },
+            latency: { type: 'string' },
+            events: { type: 'string' },
+            workers: { type: 'string', default: '1' },
+            repeat: { type: 'string' },
             'replay-events': { type: 'string', default: '100000' },
             'rss-events': { type: 'string', default: '1000000' },
         },
@@ -215,45 +170,20 @@ async function main(): Promise<void> {
         `Patterns Connector bench, ${new Date().toISOString().slice(0, 10)}, Node ${process.version}, ` +
             `${cpus().length} × ${cpus()[0]?.model ?? 'cpu'}\n\n`
     )
-    process.stdout.write('Plugin in the vm2024 host emulator, embedded receiver on loopback\n')
-    const widths = [11, 8, 7, 14, 11, 14, 11, 11]
-    process.stdout.write(
-        row(
-            [
-                'concurrency',
-                'latency',
-                'events',
-                'plugin req/ev',
-                'plugin ev/s',
-                'per-event req/ev',
-                'per-ev ev/s',
-                'raw ev/s',
-            ],
-            widths
-        ) + '\n'
+    await runPluginTable(
+        {
+            plugins: parseList('only', values.only, BENCH_PLUGINS, (text) => text as (typeof BENCH_PLUGINS)[number]),
+            paths: parseList('path', values.path, BENCH_PATHS, (text) => text as (typeof BENCH_PATHS)[number]),
+            latencies: parseList('latency', values.latency, BENCH_LATENCIES_MS, Number),
+            events: Number(values.events ?? (quick ? 500 : 3_000)),
+            workers: Number(values.workers),
+            repeat: Number(values.repeat ?? (quick ? 1 : 3)),
+        },
+        (text) => process.stdout.write(text)
     )
-    for (const latencyMs of [0, 50]) {
-        for (const concurrency of [1, 10, 100]) {
-            const count = quick ? 100 : latencyMs === 0 ? 2_000 : concurrency === 1 ? 100 : 1_000
-            const plugin = await measurePlugin(count, concurrency, latencyMs)
-            const perEvent = await measurePerEvent(count, concurrency, latencyMs)
-            const raw = await measureRaw(count, latencyMs)
-            process.stdout.write(
-                row(
-                    [
-                        concurrency,
-                        `${latencyMs} ms`,
-                        count,
-                        (plugin.requests / plugin.events).toFixed(3),
-                        rate(plugin),
-                        (perEvent.requests / perEvent.events).toFixed(3),
-                        rate(perEvent),
-                        rate(raw),
-                    ],
-                    widths
-                ) + '\n'
-            )
-        }
+    // A subset of the plugin table is a quick look at one figure: the replay part runs only in a full bench.
+    if (values.only !== undefined || values.path !== undefined || values.latency !== undefined) {
+        return
     }
 
     const replayEvents = quick ? 5_000 : Number(values['replay-events'])

@@ -78,6 +78,8 @@ export interface JobResult {
     latencyP50Ms: number
     latencyP95Ms: number
     durationMs: number
+    /** From the first event handed to the host to the last call settled: no loading, setup or thread start. */
+    eventsMs: number
 }
 
 export function percentile(sorted: readonly number[], p: number): number {
@@ -194,6 +196,7 @@ async function runDirect(options: JobOptions, era: Era, code: string, tally: Tal
         log,
     })
     await instance.started()
+    const eventsStarted = Date.now()
     const runOne = async (event: ProcessedPluginEvent, position: number): Promise<void> => {
         await microtaskTurns(position * CALL_STAGGER_MICROTASKS)
         const shaped = era.shapeEvent(event)
@@ -218,6 +221,7 @@ async function runDirect(options: JobOptions, era: Era, code: string, tally: Tal
     if (group.length > 0) {
         await flush()
     }
+    tally.result.eventsMs = Date.now() - eventsStarted
     if (options.settleSetup) {
         await instance.settled()
     }
@@ -245,6 +249,7 @@ async function runKafka(options: JobOptions, era: Era, code: string, tally: Tall
     let reports: WorkerReport[] = []
     try {
         await pool.started()
+        const eventsStarted = Date.now()
         const consume = async (messages: Array<{ uuid: string; json: string }>): Promise<void> => {
             for (const group of microBatches(messages, workers * tasksPerWorker)) {
                 await Promise.all(
@@ -266,6 +271,7 @@ async function runKafka(options: JobOptions, era: Era, code: string, tally: Tall
             }
         }
         await consume(batch)
+        tally.result.eventsMs = Date.now() - eventsStarted
         reports = await pool.reports(options.settleSetup ?? false)
     } finally {
         await pool.close()
@@ -315,6 +321,7 @@ export async function runJob(options: JobOptions): Promise<JobResult> {
         latencyP50Ms: 0,
         latencyP95Ms: 0,
         durationMs: 0,
+        eventsMs: 0,
     }
     const log = (line: string): void => {
         result.logs.push(line)
