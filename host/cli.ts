@@ -10,9 +10,10 @@ import type { ProcessedPluginEvent } from '@posthog/plugin-scaffold'
 
 import { FAULT_PRESETS, Receiver, resolveFaults, startReceiver } from '../receiver/receiver'
 import { readRecords } from '../replay/input'
-import { ERA_NAMES, getEra } from './eras'
+import { ERA_NAMES, getEra, setupRetryWaits } from './eras'
+import { DEFAULT_TASKS_PER_WORKER, DEFAULT_WORKERS } from './kafka'
 import { PluginLoadError, PROJECT_PLUGIN_DIR } from './loader'
-import { JobResult, runJob } from './run'
+import { defaultPath, HostPath, JobResult, PATHS, runJob } from './run'
 import { sampleEvents } from './sample-events'
 
 const DEFAULT_COUNT = 1_000
@@ -26,6 +27,12 @@ embedded webhook receiver that stores rows like a Patterns webhook node. Prints 
 
 Options:
   --era NAME           PostHog host era: ${ERA_NAMES.join(', ')} (default: vm2024)
+  --path PATH          how the host calls the plugin: kafka (the production path of the classic eras:
+                       worker threads, processEvent before each onEvent; default) or direct (calls of a
+                       micro-batch started together in one thread; the only path of cdp2025)
+  --workers N          Kafka path worker threads, each with its own VM (default: ${DEFAULT_WORKERS}, one per core)
+  --tasks-per-worker N Kafka path tasks in flight per thread (default: ${DEFAULT_TASKS_PER_WORKER})
+  --setup-retry-scale X  scales the host's waits between setupPlugin attempts (3 s, 6 s, …; default 1)
   --count N            number of sample events to generate (default: ${DEFAULT_COUNT})
   --events FILE        send the events in FILE instead (JSON Lines, a JSON array, or PostHog API pages)
   --webhook-url URL    send to a real webhook instead; no receiver is started
@@ -41,6 +48,7 @@ Examples:
   npm start
   npm start -- --era vm2021 --faults default-no429 --count 5000
   npm start -- --era cdp2025 --faults default
+  npm start -- --era vm2021 --path direct --count 3000
 `
 
 export class UsageError extends Error {}
@@ -56,6 +64,10 @@ export interface CliOptions {
     pluginDir: string
     quiet: boolean
     help: boolean
+    path: HostPath | undefined
+    workers: number | undefined
+    tasksPerWorker: number | undefined
+    setupRetryScale: number
 }
 
 export function parseCli(argv: string[], env: Record<string, string | undefined> = {}): CliOptions {
@@ -74,6 +86,10 @@ export function parseCli(argv: string[], env: Record<string, string | undefined>
                 'plugin-dir': { type: 'string', default: PROJECT_PLUGIN_DIR },
                 quiet: { type: 'boolean', default: false },
                 help: { type: 'boolean', short: 'h', default: false },
+                path: { type: 'string' },
+                workers: { type: 'string' },
+                'tasks-per-worker': { type: 'string' },
+                'setup-retry-scale': { type: 'string', default: '1' },
             },
             strict: true,
             allowPositionals: false,
@@ -98,6 +114,27 @@ export function parseCli(argv: string[], env: Record<string, string | undefined>
     if (!Number.isInteger(seed)) {
         throw new UsageError(`--seed: expected a whole number, got "${values.seed}".`)
     }
+    const path = values.path as HostPath | undefined
+    if (path !== undefined && !PATHS.includes(path)) {
+        throw new UsageError(`--path: unknown path "${values.path}". Choose one of: ${PATHS.join(', ')}.`)
+    }
+    if (path === 'kafka' && values.era === 'cdp2025') {
+        throw new UsageError('--path kafka: cdp2025 has no classic Kafka path; it starts a whole batch at once.')
+    }
+    const wholeOrUndefined = (flag: string, text: string | undefined): number | undefined => {
+        if (text === undefined) {
+            return undefined
+        }
+        const n = Number(text)
+        if (!Number.isInteger(n) || n < 1) {
+            throw new UsageError(`--${flag}: expected a whole number of at least 1, got "${text}".`)
+        }
+        return n
+    }
+    const setupRetryScale = Number(values['setup-retry-scale'])
+    if (!Number.isFinite(setupRetryScale) || setupRetryScale < 0) {
+        throw new UsageError(`--setup-retry-scale: expected a number ≥ 0, got "${values['setup-retry-scale']}".`)
+    }
     const webhookUrl = values['webhook-url'] ?? env.PATTERNS_WEBHOOK_URL ?? null
     if (webhookUrl && values.faults !== 'none') {
         throw new UsageError('--faults needs the embedded receiver; it cannot be used with --webhook-url.')
@@ -113,6 +150,10 @@ export function parseCli(argv: string[], env: Record<string, string | undefined>
         pluginDir: values['plugin-dir'],
         quiet: values.quiet,
         help: values.help,
+        path,
+        workers: wholeOrUndefined('workers', values.workers),
+        tasksPerWorker: wholeOrUndefined('tasks-per-worker', values['tasks-per-worker']),
+        setupRetryScale,
     }
 }
 
@@ -156,10 +197,11 @@ export function formatSummary(result: JobResult, receiver: ReturnType<Receiver['
     const requests = stats?.requests ?? 0
     const causes = Object.entries(result.failuresByCause)
     const rows: Array<[string, string]> = [
-        ['era', result.era],
+        ['era', `${result.era} (${result.path} path)`],
         ['events', String(result.events)],
         ['delivered', `${delivered}${stats?.filtered ? ` (+${stats.filtered} filtered out)` : ''}`],
         ['failed (thrown to host)', String(result.failed)],
+        ['skipped (setup failed)', String(result.skipped)],
         [
             'rows stored',
             receiver ? `${receiver.rows} (${receiver.duplicateRows} duplicates)` : 'n/a (external webhook)',
@@ -174,6 +216,46 @@ export function formatSummary(result: JobResult, receiver: ReturnType<Receiver['
     ]
     const width = Math.max(...rows.map(([k]) => k.length))
     return rows.map(([k, v]) => `  ${k.padEnd(width)}  ${v}`).join('\n')
+}
+
+/**
+ * A failed setupPlugin, said loudly: PostHog itself records nothing for the events it skips meanwhile.
+ * Empty when setup succeeded everywhere.
+ */
+export function formatSetupFailure(result: JobResult, era: string): string {
+    const failing = result.setup.filter((status) => status.state !== 'ready')
+    if (failing.length === 0 && result.skipped === 0) {
+        return ''
+    }
+    const policy = getEra(era).setup
+    const waits = setupRetryWaits(policy)
+    const totalMin = Math.round(waits.reduce((sum, ms) => sum + ms, 0) / 60_000)
+    const lastError = failing.find((status) => status.lastError)?.lastError ?? 'unknown error'
+    const states = failing.map((status) =>
+        status.state === 'disabled'
+            ? `disabled after ${status.attempts} attempt(s)`
+            : status.state === 'retrying'
+              ? `retrying: attempt ${status.attempts} of ${policy.maxAttempts} failed, next in ${(status.nextWaitMs ?? 0) / 1000} s`
+              : status.state
+    )
+    const lines = [
+        `SETUP FAILED: setupPlugin threw: ${lastError}`,
+        `${result.skipped} of ${result.events} events were SKIPPED: the host never called onEvent for them.`,
+        'PostHog would show nothing for them: no error, no log line, no metric (only the setup error in the',
+        "plugin's log). Those events are lost.",
+        waits.length > 0
+            ? `This host retries setup ${policy.maxAttempts} times, waiting ${waits
+                  .slice(0, 2)
+                  .map((ms) => `${ms / 1000} s`)
+                  .join(
+                      ', '
+                  )}, … (about ${totalMin} minutes in all), skipping every event meanwhile, then disables the plugin.`
+            : 'This host disables the plugin at once.',
+        `Setup now: ${[...new Set(states)].join('; ')}.`,
+    ]
+    const width = Math.max(...lines.map((line) => line.length))
+    const bar = '!'.repeat(width + 4)
+    return [bar, ...lines.map((line) => `! ${line.padEnd(width)} !`), bar].join('\n') + '\n'
 }
 
 export interface CliIO {
@@ -207,6 +289,11 @@ export async function runStartCli(argv: string[], env: Record<string, string | u
         const era = getEra(options.era)
         io.stdout.write(`Host era ${era.name}: ${era.description}\n`)
         io.stdout.write(
+            (options.path ?? defaultPath(era)) === 'kafka'
+                ? `Kafka path: ${options.workers ?? DEFAULT_WORKERS} worker thread(s) × ${options.tasksPerWorker ?? DEFAULT_TASKS_PER_WORKER} tasks, processEvent before each onEvent\n`
+                : `Direct path: ${era.concurrency} calls started together\n`
+        )
+        io.stdout.write(
             receiver
                 ? `Embedded receiver on ${new URL(webhookUrl).origin}, faults: ${options.faults}, rows in ${receiver.rowsFile}\n`
                 : 'Sending to the webhook given by --webhook-url\n'
@@ -221,7 +308,16 @@ export async function runStartCli(argv: string[], env: Record<string, string | u
             webhookUrl,
             events,
             pluginDir: options.pluginDir,
-            log: options.quiet ? undefined : (line) => io.stderr.write(`  [plugin] ${line}\n`),
+            path: options.path,
+            workers: options.workers,
+            tasksPerWorker: options.tasksPerWorker,
+            setupRetryScale: options.setupRetryScale,
+            log: options.quiet
+                ? undefined
+                : (line) =>
+                      io.stderr.write(
+                          line.startsWith('host: ') ? `  [host] ${line.slice(6)}\n` : `  [plugin] ${line}\n`
+                      ),
             onProgress: ({ done, failed }) => {
                 if (Date.now() - lastProgress < 1_000) {
                     return
@@ -236,7 +332,11 @@ export async function runStartCli(argv: string[], env: Record<string, string | u
             io.stderr.write('\r\x1b[K')
         }
         io.stdout.write(`\nSummary\n${formatSummary(result, receiver?.summary() ?? null)}\n`)
-        return result.failed > 0 ? 1 : 0
+        const setupFailure = formatSetupFailure(result, options.era)
+        if (setupFailure) {
+            io.stderr.write(`\n${setupFailure}`)
+        }
+        return result.failed > 0 || setupFailure ? 1 : 0
     } catch (error) {
         if (error instanceof PluginLoadError) {
             io.stderr.write(`error: the plugin failed to load: ${error.message}\n`)
