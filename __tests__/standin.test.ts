@@ -1,0 +1,470 @@
+/**
+ * The PostHog stand-in through real HTTP: PostHog's auth errors, HogQL errors from PostHog's own parser, row caps,
+ * throttles with Retry-After, the concurrency limit, encodings as PostHog renders them, ClickHouse's UUID order, the
+ * cache, late events and faults. One stand-in (one chdb engine) serves the whole file; each test uses its own
+ * event names so their rows never mix.
+ */
+import { backoffMs, checkThrottles, parseRate, SlidingWindowThrottle, throttledDetail } from '../standin/limits'
+import { loadParser, PostHogStandIn, startPostHogStandIn } from '../standin/server'
+import { posthogDateTime } from '../standin/server'
+
+const API_KEY = 'phx_St4ndIn_t3st_k3y_5f4e3d2c1b'
+const NO_SCOPE_KEY = 'phx_N0Sc0pe_k3y_11223344'
+const PROJECT = 7001
+const ROOMY = { burstRate: '10000/minute', sustainedRate: '100000/hour', cacheTtlMs: 0, concurrentQueries: 3 }
+
+let posthog: PostHogStandIn
+
+beforeAll(async () => {
+    posthog = await startPostHogStandIn({
+        apiKey: API_KEY,
+        projectId: PROJECT,
+        extraKeys: [{ key: NO_SCOPE_KEY, scopes: ['insight:read'] }],
+        limits: ROOMY,
+    })
+})
+
+afterAll(async () => {
+    // Nothing the stand-in recorded holds the key.
+    expect(JSON.stringify(posthog.log)).not.toContain(API_KEY)
+    await posthog.close()
+})
+
+beforeEach(() => {
+    posthog.setLimits({ ...ROOMY, maxExecutionSeconds: 10, concurrencyWaitMs: 30_000, defaultRows: 100 })
+    posthog.setFaults({})
+})
+
+interface Reply {
+    status: number
+    retryAfter: string | null
+    body: Record<string, unknown>
+}
+
+async function post(
+    payload: unknown,
+    options: { key?: string | null; path?: string } = {}
+): Promise<Reply & { results: unknown[][] }> {
+    const headers: Record<string, string> = { 'Content-Type': 'application/json' }
+    const key = options.key === undefined ? API_KEY : options.key
+    if (key !== null) {
+        headers.Authorization = `Bearer ${key}`
+    }
+    const response = await fetch(`${posthog.url}${options.path ?? `/api/projects/${PROJECT}/query/`}`, {
+        method: 'POST',
+        headers,
+        body: JSON.stringify(payload),
+    })
+    const body = (await response.json()) as Record<string, unknown>
+    return {
+        status: response.status,
+        retryAfter: response.headers.get('retry-after'),
+        body,
+        results: (body.results ?? []) as unknown[][],
+    }
+}
+
+function hogql(query: string, extra: Record<string, unknown> = {}, values?: Record<string, unknown>) {
+    return post({ query: { kind: 'HogQLQuery', query, ...(values ? { values } : {}) }, ...extra })
+}
+
+describe('authentication and routing', () => {
+    it('a wrong key gets 401 with PostHog body, and the body does not echo the key', async () => {
+        const reply = await post(
+            { query: { kind: 'HogQLQuery', query: 'SELECT 1 FROM events' } },
+            { key: 'phx_wrong_key_123' }
+        )
+        expect(reply.status).toBe(401)
+        expect(reply.body).toEqual({
+            type: 'authentication_error',
+            code: 'authentication_failed',
+            detail: 'Personal API key found in request Authorization header is invalid.',
+            attr: null,
+        })
+        expect(JSON.stringify(reply.body)).not.toContain('phx_wrong_key_123')
+    })
+
+    it('no Authorization header gets 401 not_authenticated', async () => {
+        const reply = await post({ query: { kind: 'HogQLQuery', query: 'SELECT 1 FROM events' } }, { key: null })
+        expect(reply.status).toBe(401)
+        expect(reply.body).toMatchObject({
+            code: 'not_authenticated',
+            detail: 'Authentication credentials were not provided.',
+        })
+    })
+
+    it('a key without query:read gets 403 naming the scope', async () => {
+        const reply = await post(
+            { query: { kind: 'HogQLQuery', query: 'SELECT 1 FROM events' } },
+            { key: NO_SCOPE_KEY }
+        )
+        expect(reply.status).toBe(403)
+        expect(reply.body).toEqual({
+            type: 'authentication_error',
+            code: 'permission_denied',
+            detail: "API key missing required scope 'query:read'",
+            attr: null,
+        })
+    })
+
+    it('an unknown project gets 404 Project not found', async () => {
+        const reply = await post(
+            { query: { kind: 'HogQLQuery', query: 'SELECT 1 FROM events' } },
+            { path: '/api/projects/999/query/' }
+        )
+        expect(reply.status).toBe(404)
+        expect(reply.body).toEqual({
+            type: 'invalid_request',
+            code: 'not_found',
+            detail: 'Project not found.',
+            attr: null,
+        })
+    })
+
+    it('serves the /api/environments/:id/query alias, with or without the trailing slash', async () => {
+        for (const path of [`/api/environments/${PROJECT}/query/`, `/api/environments/${PROJECT}/query`]) {
+            const reply = await post({ query: { kind: 'HogQLQuery', query: 'SELECT 1 FROM events LIMIT 1' } }, { path })
+            expect(reply.status).toBe(200)
+        }
+    })
+})
+
+describe('HogQL through PostHog parser', () => {
+    it('a syntax error is a 400 hogql_syntax_error whose detail is the parser own message', async () => {
+        const query = 'SELEC uuid FROM events'
+        const reply = await hogql(query)
+        const parser = await loadParser()
+        const parsed = JSON.parse(parser.parseSelect(query, true)) as { error: boolean; message: string }
+        expect(parsed.error).toBe(true)
+        expect(reply.status).toBe(400)
+        expect(reply.body).toEqual({
+            type: 'validation_error',
+            code: 'hogql_syntax_error',
+            detail: parsed.message,
+            attr: null,
+        })
+        expect(parsed.message).toBe("mismatched input 'SELEC' expecting {SELECT, WITH, '{', '(', '<'}")
+    })
+
+    it('an unknown field is a 400 hogql_query_error', async () => {
+        const reply = await hogql('SELECT nope FROM events')
+        expect(reply.status).toBe(400)
+        expect(reply.body).toMatchObject({ code: 'hogql_query_error', detail: 'Unable to resolve field: nope' })
+    })
+
+    it('OFFSET is refused with PostHog text for personal API keys', async () => {
+        const reply = await hogql('SELECT uuid FROM events ORDER BY uuid LIMIT 10 OFFSET 10')
+        expect(reply.status).toBe(400)
+        expect(String(reply.body.detail)).toMatch(/^OFFSET is not supported on queries made with a personal API key/)
+    })
+
+    it('what the stand-in does not print is a clear 400, not a guess', async () => {
+        const reply = await hogql('SELECT e.uuid FROM events e JOIN persons p ON e.person_id = p.id')
+        expect(reply.status).toBe(400)
+        expect(reply.body).toMatchObject({ type: 'validation_error', code: 'hogql_query_error' })
+        expect(String(reply.body.detail)).toContain('JOIN is not supported by the PostHog stand-in')
+    })
+
+    it('fills {placeholders} from values, and names a missing one', async () => {
+        await posthog.insertEvents([
+            { event: 'placeholder test', distinct_id: 'p1', timestamp: '2026-11-20T00:00:00Z' },
+        ])
+        const ok = await hogql('SELECT distinct_id FROM events WHERE event = {name}', {}, { name: 'placeholder test' })
+        expect(ok.results).toEqual([['p1']])
+        const missing = await hogql('SELECT distinct_id FROM events WHERE event = {other}', {}, { name: 'x' })
+        expect(missing.status).toBe(400)
+        expect(missing.body.detail).toBe(
+            'Placeholder {other} is not available in this context. You can use the following: name'
+        )
+    })
+})
+
+describe('results', () => {
+    it('encodes datetimes, UUIDs and properties as PostHog renders them, with columns and types', async () => {
+        await posthog.insertEvents([
+            {
+                uuid: '0190a1b2-0000-7000-8000-000000000001',
+                event: 'encoding test',
+                distinct_id: 'user/1',
+                properties: { $browser: 'Firefox', nested: { a: [1, 2] } },
+                timestamp: '2026-11-27T10:00:00.123456Z',
+                created_at: '2026-11-27T10:00:05Z',
+            },
+        ])
+        const reply = await hogql(
+            "SELECT uuid, event, distinct_id, properties, timestamp, created_at, properties.$browser AS browser, properties.missing FROM events WHERE event = 'encoding test'"
+        )
+        expect(reply.status).toBe(200)
+        expect(reply.body.columns).toEqual([
+            'uuid',
+            'event',
+            'distinct_id',
+            'properties',
+            'timestamp',
+            'created_at',
+            'browser',
+            'properties.missing',
+        ])
+        expect(reply.body.types).toEqual([
+            ['uuid', 'UUID'],
+            ['event', 'String'],
+            ['distinct_id', 'String'],
+            ['properties', 'String'],
+            ['timestamp', "DateTime64(6, 'UTC')"],
+            ['created_at', "DateTime64(6, 'UTC')"],
+            ['browser', 'Nullable(String)'],
+            ['properties.missing', 'Nullable(String)'],
+        ])
+        const [row] = reply.results
+        expect(row).toEqual([
+            '0190a1b2-0000-7000-8000-000000000001',
+            'encoding test',
+            'user/1',
+            JSON.stringify({ $browser: 'Firefox', nested: { a: [1, 2] } }),
+            '2026-11-27T10:00:00.123456Z',
+            '2026-11-27T10:00:05Z',
+            'Firefox',
+            null,
+        ])
+        expect(reply.body).toMatchObject({ timezone: 'UTC', is_cached: false, error: null, hasMore: false })
+    })
+
+    it('without LIMIT returns 100 rows with hasMore, limit and offset; with LIMIT caps at 50,000 and leaves them null', async () => {
+        await posthog.seed({ count: 50_010, eventNames: ['cap test'], start: '2026-10-01T00:00:00Z', seed: 11 })
+        const page = await hogql("SELECT uuid FROM events WHERE event = 'cap test'")
+        expect(page.results).toHaveLength(100)
+        expect(page.body).toMatchObject({ hasMore: true, limit: 100, offset: 0 })
+
+        const capped = await hogql("SELECT uuid FROM events WHERE event = 'cap test' LIMIT 100000")
+        expect(capped.results).toHaveLength(50_000)
+        expect(capped.body).toMatchObject({ hasMore: null, limit: null, offset: null })
+
+        const last = await hogql(
+            "SELECT uuid FROM events WHERE event = 'cap test' AND toUnixTimestamp64Micro(timestamp) % 5000000 = 0"
+        )
+        expect(last.body).toMatchObject({ hasMore: false, limit: 100 })
+        expect(last.results).toHaveLength(11)
+    })
+
+    it('orders UUIDs the way ClickHouse does (second half first), not as strings, in ORDER BY and in comparisons', async () => {
+        const uuids = [
+            '00000001-0000-0000-ffff-000000000000',
+            '00000000-0000-0000-0000-000000000002',
+            'ffffffff-0000-0000-0000-000000000001',
+            '00000000-0000-0001-0000-000000000000',
+        ]
+        await posthog.insertEvents(
+            uuids.map((uuid) => ({ uuid, event: 'uuid order', distinct_id: 'u', timestamp: '2026-11-01T00:00:00Z' }))
+        )
+        const ordered = await hogql("SELECT uuid FROM events WHERE event = 'uuid order' ORDER BY uuid")
+        const clickhouseOrder = ordered.results.map((row) => row[0])
+        expect(clickhouseOrder).toEqual([
+            '00000000-0000-0001-0000-000000000000',
+            'ffffffff-0000-0000-0000-000000000001',
+            '00000000-0000-0000-0000-000000000002',
+            '00000001-0000-0000-ffff-000000000000',
+        ])
+        expect(clickhouseOrder).not.toEqual([...uuids].sort())
+
+        const after = await hogql(
+            "SELECT uuid FROM events WHERE event = 'uuid order' AND uuid > {cursor} ORDER BY uuid",
+            {},
+            { cursor: 'ffffffff-0000-0000-0000-000000000001' }
+        )
+        // String order would say nothing is above ffffffff-…; ClickHouse compares the second halves.
+        expect(after.results.map((row) => row[0])).toEqual(clickhouseOrder.slice(2))
+    })
+
+    it('a (created_at, uuid) keyset cursor pages through events sharing one created_at without skipping or repeating', async () => {
+        await posthog.seed({
+            count: 250,
+            eventNames: ['tie test'],
+            sameTimestamp: 250,
+            start: '2026-09-01T00:00:00Z',
+            seed: 21,
+        })
+        const seen: string[] = []
+        let cursor = { created: '1970-01-01T00:00:00Z', uuid: '00000000-0000-0000-0000-000000000000' }
+        for (let page = 0; page < 10; page++) {
+            const reply = await hogql(
+                "SELECT uuid, created_at FROM events WHERE event = 'tie test' AND (created_at, uuid) > (toDateTime({c}), toUUID({u})) ORDER BY created_at, uuid LIMIT 60",
+                {},
+                { c: cursor.created, u: cursor.uuid }
+            )
+            expect(reply.status).toBe(200)
+            const rows = reply.results as string[][]
+            seen.push(...rows.map((row) => row[0] as string))
+            if (rows.length < 60) {
+                break
+            }
+            const last = rows[rows.length - 1] as string[]
+            cursor = { created: last[1] as string, uuid: last[0] as string }
+        }
+        expect(seen).toHaveLength(250)
+        expect(new Set(seen).size).toBe(250)
+    })
+
+    it('late events keep their old timestamp but get a new created_at, so a created_at cursor sees them', async () => {
+        const before = posthogDateTime(Date.now() - 1000)
+        const late = await posthog.insertLateEvents(4, { ageMs: 6 * 3600_000, event: 'late test' })
+        const reply = await hogql(
+            "SELECT uuid, timestamp, created_at FROM events WHERE event = 'late test' AND created_at > toDateTime({since}) ORDER BY created_at, uuid",
+            {},
+            { since: before }
+        )
+        expect(reply.results).toHaveLength(4)
+        expect(new Set(reply.results.map((row) => row[0]))).toEqual(new Set(late.map((event) => event.uuid)))
+        for (const row of reply.results) {
+            expect(Date.parse(row[2] as string) - Date.parse(row[1] as string)).toBeGreaterThan(5 * 3600_000)
+        }
+        const byTimestamp = await hogql(
+            "SELECT uuid FROM events WHERE event = 'late test' AND timestamp > toDateTime({since})",
+            {},
+            { since: before }
+        )
+        expect(byTimestamp.results).toEqual([])
+    })
+
+    it('serves a repeated query from cache until refresh is forced', async () => {
+        posthog.setLimits({ cacheTtlMs: 60_000 })
+        const query = "SELECT count() FROM events WHERE event = 'cache test'"
+        expect((await hogql(query)).results).toEqual([[0]])
+        await posthog.insertEvents([{ event: 'cache test', distinct_id: 'c', timestamp: '2026-11-27T00:00:00Z' }])
+        const cached = await hogql(query)
+        expect(cached.body.is_cached).toBe(true)
+        expect(cached.results).toEqual([[0]])
+        const forced = await hogql(query, { refresh: 'force_blocking' })
+        expect(forced.body.is_cached).toBe(false)
+        expect(forced.results).toEqual([[1]])
+    })
+})
+
+describe('limits', () => {
+    it('over the burst rate: 429 with Retry-After until the oldest request leaves the window', async () => {
+        posthog.setLimits({ burstRate: '3/minute' })
+        const statuses: number[] = []
+        let last: Reply | undefined
+        for (let i = 0; i < 4; i++) {
+            last = await hogql('SELECT 1 FROM events LIMIT 1')
+            statuses.push(last.status)
+        }
+        expect(statuses).toEqual([200, 200, 200, 429])
+        expect(last?.retryAfter).toBe('60')
+        expect(last?.body).toEqual({
+            type: 'throttled_error',
+            code: 'throttled',
+            detail: 'Request was throttled. Expected available in 60 seconds.',
+            attr: null,
+        })
+    })
+
+    it('over the sustained rate: Retry-After counts to the end of the hour', async () => {
+        posthog.setLimits({ sustainedRate: '2/hour' })
+        await hogql('SELECT 1 FROM events LIMIT 1')
+        await hogql('SELECT 1 FROM events LIMIT 1')
+        const third = await hogql('SELECT 1 FROM events LIMIT 1')
+        expect(third.status).toBe(429)
+        expect(third.retryAfter).toBe('3600')
+    })
+
+    it('over the concurrency limit a query waits, then gets 429 without Retry-After', async () => {
+        posthog.setLimits({ concurrentQueries: 1, concurrencyWaitMs: 300, maxExecutionSeconds: 5 })
+        posthog.setFaults({ script: ['slow', 'ok'], slowMs: 700 })
+        const first = hogql('SELECT 1 FROM events LIMIT 1')
+        await new Promise((resolve) => setTimeout(resolve, 100))
+        const started = Date.now()
+        const second = await hogql('SELECT 2 FROM events LIMIT 1')
+        expect(Date.now() - started).toBeGreaterThanOrEqual(250)
+        expect(second.status).toBe(429)
+        expect(second.retryAfter).toBeNull()
+        expect(String(second.body.detail)).toMatch(/^Exceeded maximum concurrency limit: 1 for key: /)
+        expect((await first).status).toBe(200)
+    })
+
+    it('a query past the execution time gets 504 with PostHog body', async () => {
+        posthog.setLimits({ maxExecutionSeconds: 0.3 })
+        posthog.setFaults({ script: ['slow'] })
+        const reply = await hogql('SELECT 1 FROM events LIMIT 1')
+        expect(reply.status).toBe(504)
+        expect(reply.body).toMatchObject({ type: 'server_error', code: 'error' })
+        expect(String(reply.body.detail)).toMatch(/^Query has hit the max execution time before completing/)
+    })
+})
+
+describe('faults', () => {
+    it('a scripted 429 carries the configured Retry-After, a scripted 500 PostHog server error, then queries pass', async () => {
+        posthog.setFaults({ script: ['429', '500'], retryAfterSeconds: 2 })
+        const throttled = await hogql('SELECT 1 FROM events LIMIT 1')
+        expect(throttled.status).toBe(429)
+        expect(throttled.retryAfter).toBe('2')
+        expect(throttled.body.detail).toBe('Request was throttled. Expected available in 2 seconds.')
+        const failed = await hogql('SELECT 1 FROM events LIMIT 1')
+        expect(failed.status).toBe(500)
+        expect(failed.body).toEqual({
+            type: 'server_error',
+            code: 'error',
+            detail: 'A server error occurred.',
+            attr: null,
+        })
+        expect((await hogql('SELECT 1 FROM events LIMIT 1')).status).toBe(200)
+    })
+
+    it('the late fault stores late events after every n-th answered query', async () => {
+        const before = (await posthog.stats()).lateEvents
+        posthog.setFaults({ late: { every: 1, count: 3, ageMs: 3600_000 } })
+        await hogql('SELECT 1 FROM events LIMIT 1')
+        await hogql('SELECT 1 FROM events LIMIT 1')
+        expect((await posthog.stats()).lateEvents - before).toBe(6)
+    })
+
+    it('random faults repeat with their seed', async () => {
+        const run = async () => {
+            posthog.setFaults({ rate429: 0.3, rate500: 0.3, seed: 42 })
+            const statuses: number[] = []
+            for (let i = 0; i < 8; i++) {
+                statuses.push((await hogql('SELECT 1 FROM events LIMIT 1')).status)
+            }
+            return statuses
+        }
+        const first = await run()
+        expect(first).toEqual(await run())
+        expect(new Set(first).size).toBeGreaterThan(1)
+    })
+})
+
+describe('throttle arithmetic (DRF SimpleRateThrottle)', () => {
+    it('lets N requests through per window and waits for the oldest to expire', () => {
+        let now = 0
+        const throttle = new SlidingWindowThrottle(2, 60_000, () => now)
+        expect(throttle.hit('k')).toBeNull()
+        now = 10_000
+        expect(throttle.hit('k')).toBeNull()
+        now = 15_000
+        expect(throttle.hit('k')).toBe(45) // the first request leaves the window at 60 s
+        now = 60_001
+        expect(throttle.hit('k')).toBeNull()
+    })
+
+    it('takes the longest wait of all throttles and rounds it up', () => {
+        let now = 0
+        const burst = new SlidingWindowThrottle(1, 1000, () => now)
+        const sustained = new SlidingWindowThrottle(1, 3_600_000, () => now)
+        expect(checkThrottles([burst, sustained], 'k')).toBeNull()
+        now = 500
+        expect(checkThrottles([burst, sustained], 'k')).toBe(3600)
+    })
+
+    it('parses DRF rates and words the detail like DRF', () => {
+        expect(parseRate('240/minute')).toEqual({ numRequests: 240, durationMs: 60_000 })
+        expect(parseRate('2400/hour')).toEqual({ numRequests: 2400, durationMs: 3_600_000 })
+        expect(() => parseRate('lots')).toThrow('Expected a rate like "240/minute"')
+        expect(throttledDetail(1)).toBe('Request was throttled. Expected available in 1 second.')
+        expect(throttledDetail(null)).toBe('Request was throttled.')
+        expect([1, 2, 3, 10].map(backoffMs)).toEqual([134, 201, 301.5, 1714])
+    })
+
+    it('renders datetimes as orjson does: microseconds only when non-zero', () => {
+        expect(posthogDateTime(Date.parse('2026-11-27T10:00:00Z'))).toBe('2026-11-27T10:00:00Z')
+        expect(posthogDateTime(Date.parse('2026-11-27T10:00:00.120Z'))).toBe('2026-11-27T10:00:00.120000Z')
+    })
+})
