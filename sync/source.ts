@@ -88,32 +88,49 @@ export function pageRecords(response: QueryResponse, teamId: number, previous: C
     return records
 }
 
+interface PagePlan {
+    response: Promise<QueryResponse>
+    upperMs: number
+    horizonMs: number
+}
+
 /**
  * Pages of records, in key order, from the cursor on. `scan` is where the next query starts: the last record's
  * key, or, after a short page, the end of the range that page covered. Only record positions reach the
- * checkpoint, so a resume may re-scan an empty range, never skip a full one.
+ * checkpoint, so a resume may re-scan an empty range, never skip a full one. After a full page the next query is
+ * sent at once, while the pipeline delivers this one: one query in flight, two pages in memory at most.
  */
 export async function* posthogSource(options: SourceOptions): AsyncGenerator<SourceRecord<Cursor>[]> {
     const now = options.now ?? (() => Date.now())
     const sleep = options.sleep ?? abortableSleep
     const lagMs = options.lagMs ?? DEFAULT_LAG_MS
     const pageSize = options.pageSize ?? DEFAULT_PAGE_SIZE
-    let scan = options.start
-    while (!options.signal?.aborted) {
+    const plan = (from: Cursor): PagePlan => {
         const horizonMs = horizonFor(now(), lagMs, options.follow ? null : options.untilMs)
-        const upperMs = scanUpperMs(scan, horizonMs, options.scanStepMs ?? DEFAULT_SCAN_STEP_MS)
-        const query = buildPageQuery({
-            cursor: scan,
-            upperMs,
-            lateWindowMs: options.lateWindowMs ?? DEFAULT_LATE_WINDOW_MS,
-            futureWindowMs: FUTURE_WINDOW_MS,
-            pageSize,
-            allowedEvents: options.allowedEvents,
-            excludedEvents: options.excludedEvents,
-        })
+        const upperMs = scanUpperMs(from, horizonMs, options.scanStepMs ?? DEFAULT_SCAN_STEP_MS)
+        const response = options.run(
+            buildPageQuery({
+                cursor: from,
+                upperMs,
+                lateWindowMs: options.lateWindowMs ?? DEFAULT_LATE_WINDOW_MS,
+                futureWindowMs: FUTURE_WINDOW_MS,
+                pageSize,
+                allowedEvents: options.allowedEvents,
+                excludedEvents: options.excludedEvents,
+            })
+        )
+        // Awaited below; until then a failure must not count as unhandled.
+        response.catch(() => undefined)
+        return { response, upperMs, horizonMs }
+    }
+    let scan = options.start
+    let next: PagePlan | null = null
+    while (!options.signal?.aborted) {
+        const { response: pending, upperMs, horizonMs } = next ?? plan(scan)
+        next = null
         let response: QueryResponse
         try {
-            response = await options.run(query)
+            response = await pending
         } catch (error) {
             if (error instanceof AbortedError) {
                 return
@@ -124,7 +141,9 @@ export async function* posthogSource(options: SourceOptions): AsyncGenerator<Sou
         scan = records[records.length - 1]?.position ?? scan
         // With a LIMIT, PostHog returns min(LIMIT, 50,000) rows and no hasMore: a full page may have more.
         const full = records.length >= pageSize || response.hasMore === true
-        if (!full) {
+        if (full) {
+            next = plan(scan)
+        } else {
             scan = cursorAfterShortPage(scan, upperMs)
         }
         const caughtUp = !full && upperMs >= horizonMs
