@@ -1,5 +1,6 @@
 #!/usr/bin/env node
-// Entry point for `npx patterns-connector`. The tools are TypeScript; tsx runs them without a build step.
+// Entry point for `npm exec --no -- patterns-connector` (in the checkout) or `node bin/patterns-connector.js`; never a
+// bare `npx`, which would fetch a package of this name from the registry. tsx runs the TypeScript without a build.
 require('tsx/cjs')
 const { runReplayCli } = require('../replay/cli.ts')
 
