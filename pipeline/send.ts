@@ -21,11 +21,6 @@ export interface SendOptions<P> {
     dryRun?: boolean
 }
 
-/** A failure a later try could fix. Older scaffolds name their RetryError "Error", hence the flag first. */
-function isRetryable(result: { error: Error | null; retryable?: boolean }): boolean {
-    return result.retryable ?? result.error?.name === 'RetryError'
-}
-
 /** Returns true when every item of the batch was delivered or dead-lettered. Never throws. */
 export async function sendBatch<P>(batch: Batch<P>, options: SendOptions<P>): Promise<boolean> {
     const { config, env, counts } = options
@@ -38,15 +33,12 @@ export async function sendBatch<P>(batch: Batch<P>, options: SendOptions<P>): Pr
         counts.delivered += batch.items.length
         return true
     }
-    // A retry is an attempt beyond the first of one request body (a 413 half is a new body). `deliver` numbers
-    // the attempts of each body; where it does not, an attempt right after a retryable failure is a retry.
-    let previousWasRetryable = false
-    const onAttempt = (outcome: { kind: string }, _durationMs: number, attempt?: number): void => {
+    // A retry is an attempt beyond the first of one request body; a 413 half is a new body, numbered from 1.
+    const onAttempt = (_outcome: unknown, _durationMs: number, attempt: number): void => {
         counts.requests++
-        if (attempt !== undefined ? attempt > 1 : previousWasRetryable) {
+        if (attempt > 1) {
             counts.retries++
         }
-        previousWasRetryable = outcome.kind === 'retry'
     }
     let results
     try {
@@ -56,11 +48,10 @@ export async function sendBatch<P>(batch: Batch<P>, options: SendOptions<P>): Pr
         return false
     }
     let acknowledged = true
-    for (const result of results) {
-        const { items, error } = result
+    for (const { items, error, retryable } of results) {
         if (!error) {
             counts.delivered += items.length
-        } else if (isRetryable(result)) {
+        } else if (retryable) {
             // Neither delivered nor refused: the batch stays unacknowledged, so a resume sends it again.
             counts.stopped ??= `the webhook kept failing: ${error.message}`
             acknowledged = false

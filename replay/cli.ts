@@ -41,16 +41,18 @@ Options (secrets can come from the environment instead, so they stay out of shel
   --batch-events N             events per request at most (default: ${DEFAULT_MAX_BATCH_EVENTS})
   --batch-bytes N              bytes per request at most (default: ${DEFAULT_MAX_BATCH_BYTES})
   --timeout SECONDS            per-request timeout (default: ${DEFAULT_REQUEST_TIMEOUT_MS / 1000})
-  --retry-for SECONDS          how long one batch keeps retrying before the run stops
-                               (default: ${REPLAY_BATCH_DEADLINE_MS / 1000})
+  --retry-for SECONDS          the whole budget of one batch: retries with backoff and Retry-After waits
+                               until it is spent, then the run stops (default: ${REPLAY_BATCH_DEADLINE_MS / 1000})
   --format FORMAT              auto, ${INPUT_FORMATS.join(', ')} (default: auto, from the first bytes)
-  --checkpoint FILE            resume from FILE and keep it up to date; the same command resumes
+  --checkpoint FILE            resume from FILE and keep it up to date; the same command resumes. It is
+                               bound to this input, its filters and the webhook: another one is refused
   --dead-letter FILE           append refused events and unreadable lines here (JSON Lines)
   --dry-run                    read, filter and batch, report what would be sent, send nothing
   -h, --help                   show this help
 
 Exit codes: 0 every event was delivered or deliberately filtered; 1 anything else (see the summary);
-2 bad usage. Ctrl-C finishes the requests in flight, writes the checkpoint and exits.
+2 bad usage: a flag, a missing, unreadable or compressed input, a checkpoint of another input.
+Compressed input goes through standard input: gunzip -c FILE | patterns-connector replay - [options] Ctrl-C finishes the requests in flight, writes the checkpoint and exits.
 `
 
 export class UsageError extends Error {}
