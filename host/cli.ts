@@ -265,6 +265,12 @@ export interface CliIO {
 
 /** The whole `npm start`, with its output streams injectable for tests. Returns the exit code. */
 export async function runStartCli(argv: string[], env: Record<string, string | undefined>, io: CliIO): Promise<number> {
+    // `--source posthog`: the same job fed from a PostHog stand-in through `sync` (sync/start.ts).
+    const source = argv.indexOf('--source')
+    if (source >= 0 && argv[source + 1] === 'posthog') {
+        const { runPostHogStart } = await import('../sync/start')
+        return runPostHogStart([...argv.slice(0, source), ...argv.slice(source + 2)], io)
+    }
     let options: CliOptions
     try {
         options = parseCli(argv, env)
