@@ -105,32 +105,60 @@ function usageMessage(error: Error & { code?: string }): string {
 /** Replay's own per-batch budget: time, not a count of attempts (--retry-for). */
 export const REPLAY_MAX_ATTEMPTS = 1_000_000
 
+const OPTIONS = {
+    'webhook-url': { type: 'string' },
+    'allowed-events': { type: 'string' },
+    'excluded-events': { type: 'string' },
+    'excluded-properties': { type: 'string' },
+    'custom-headers': { type: 'string' },
+    'signing-secret': { type: 'string' },
+    concurrency: { type: 'string' },
+    'batch-events': { type: 'string' },
+    'batch-bytes': { type: 'string' },
+    timeout: { type: 'string' },
+    'retry-for': { type: 'string' },
+    format: { type: 'string', default: 'auto' },
+    checkpoint: { type: 'string' },
+    'dead-letter': { type: 'string' },
+    'dry-run': { type: 'boolean', default: false },
+    help: { type: 'boolean', short: 'h', default: false },
+} as const
+
+type Values = ReturnType<typeof parseArgs<{ options: typeof OPTIONS; allowPositionals: true }>>['values']
+
+/** The plugin's config from the flags and the environment; errors name the field, never its value. */
+function replayConfig(values: Values, env: Record<string, string | undefined>, webhookUrl: string | undefined) {
+    const retryForMs = positiveInt('retry-for', values['retry-for'], REPLAY_BATCH_DEADLINE_MS / 1000) * 1000
+    // --retry-for is the whole budget of a batch: retries and Retry-After waits go on until it is spent.
+    const overrides = {
+        requestTimeoutMs: positiveInt('timeout', values.timeout, DEFAULT_REQUEST_TIMEOUT_MS / 1000) * 1000,
+        deadlineMs: retryForMs,
+        maxAttempts: REPLAY_MAX_ATTEMPTS,
+        retryAfterCapMs: retryForMs,
+        maxBatchEvents: positiveInt('batch-events', values['batch-events'], DEFAULT_MAX_BATCH_EVENTS),
+        maxBatchBytes: positiveInt('batch-bytes', values['batch-bytes'], DEFAULT_MAX_BATCH_BYTES),
+    }
+    try {
+        return parseConfig(
+            {
+                webhookUrl: webhookUrl ?? 'https://dry-run.invalid/',
+                allowedEventTypes: values['allowed-events'],
+                excludedEventTypes: values['excluded-events'],
+                excludedProperties: values['excluded-properties'],
+                customHeaders: values['custom-headers'] ?? env.PATTERNS_CUSTOM_HEADERS,
+                signingSecret: values['signing-secret'] ?? env.PATTERNS_SIGNING_SECRET,
+            },
+            overrides
+        )
+    } catch (error) {
+        throw new UsageError((error as Error).message)
+    }
+}
+
 export function parseReplayArgs(argv: string[], env: Record<string, string | undefined>) {
     let parsed
     try {
-        parsed = parseArgs({
-            args: joinNegativeNumbers(argv),
-            allowPositionals: true,
-            strict: true,
-            options: {
-                'webhook-url': { type: 'string' },
-                'allowed-events': { type: 'string' },
-                'excluded-events': { type: 'string' },
-                'excluded-properties': { type: 'string' },
-                'custom-headers': { type: 'string' },
-                'signing-secret': { type: 'string' },
-                concurrency: { type: 'string' },
-                'batch-events': { type: 'string' },
-                'batch-bytes': { type: 'string' },
-                timeout: { type: 'string' },
-                'retry-for': { type: 'string' },
-                format: { type: 'string', default: 'auto' },
-                checkpoint: { type: 'string' },
-                'dead-letter': { type: 'string' },
-                'dry-run': { type: 'boolean', default: false },
-                help: { type: 'boolean', short: 'h', default: false },
-            },
-        })
+        parsed = parseArgs({ args: joinNegativeNumbers(argv), allowPositionals: true, strict: true, options: OPTIONS })
     } catch (error) {
         throw new UsageError(`${usageMessage(error as Error)}. Run with --help for the options.`)
     }
@@ -149,37 +177,10 @@ export function parseReplayArgs(argv: string[], env: Record<string, string | und
     if (!webhookUrl && !values['dry-run']) {
         throw new UsageError('--webhook-url (or PATTERNS_WEBHOOK_URL) is required')
     }
-    const retryForMs = positiveInt('retry-for', values['retry-for'], REPLAY_BATCH_DEADLINE_MS / 1000) * 1000
-    // --retry-for is the whole budget of a batch: retries and Retry-After waits go on until it is spent.
-    const overrides = {
-        requestTimeoutMs: positiveInt('timeout', values.timeout, DEFAULT_REQUEST_TIMEOUT_MS / 1000) * 1000,
-        deadlineMs: retryForMs,
-        maxAttempts: REPLAY_MAX_ATTEMPTS,
-        retryAfterCapMs: retryForMs,
-        maxBatchEvents: positiveInt('batch-events', values['batch-events'], DEFAULT_MAX_BATCH_EVENTS),
-        maxBatchBytes: positiveInt('batch-bytes', values['batch-bytes'], DEFAULT_MAX_BATCH_BYTES),
-    }
-    let config
-    try {
-        config = parseConfig(
-            {
-                webhookUrl: webhookUrl ?? 'https://dry-run.invalid/',
-                allowedEventTypes: values['allowed-events'],
-                excludedEventTypes: values['excluded-events'],
-                excludedProperties: values['excluded-properties'],
-                customHeaders: values['custom-headers'] ?? env.PATTERNS_CUSTOM_HEADERS,
-                signingSecret: values['signing-secret'] ?? env.PATTERNS_SIGNING_SECRET,
-            },
-            overrides
-        )
-    } catch (error) {
-        // Config errors name the field and never contain its value.
-        throw new UsageError((error as Error).message)
-    }
     return {
         input: positionals[0] ?? '-',
         format: format as InputFormat | 'auto',
-        config,
+        config: replayConfig(values, env, webhookUrl),
         concurrency: positiveInt('concurrency', values.concurrency, DEFAULT_CONCURRENCY),
         checkpointFile: values.checkpoint ?? null,
         deadLetterFile: values['dead-letter'] ?? null,
@@ -255,14 +256,40 @@ export function summaryText(report: ReplayReport, dryRun: boolean): string {
     return rows.map(([k, v]) => `  ${k.padEnd(26)}${v}`).join('\n')
 }
 
+type Terminal = NodeJS.WritableStream & { isTTY?: boolean }
+
+/** Progress on one refreshed line on a terminal (every 5 s otherwise), and a bounded number of warning lines. */
+function terminal(stderr: Terminal, deadLetterFile: string | null, fraction: () => number | null) {
+    const started = Date.now()
+    const tty = Boolean(stderr.isTTY)
+    let lastPlain = Date.now()
+    const onProgress = (p: ReplayProgress): void => {
+        const line = progressLine(p, Date.now() - started, fraction())
+        if (tty) {
+            stderr.write(`\r\x1b[K${line}`)
+        } else if (Date.now() - lastPlain >= 5_000) {
+            lastPlain = Date.now()
+            stderr.write(`${line}\n`)
+        }
+    }
+    // Each problem gets a line, up to a limit, so a file full of bad lines cannot flood the terminal.
+    let warnings = 0
+    const onWarning = (message: string): void => {
+        warnings++
+        const where = deadLetterFile ? ` (kept in ${deadLetterFile})` : ''
+        if (warnings <= MAX_WARNING_LINES) {
+            stderr.write(`${tty ? '\r\x1b[K' : ''}warning: ${message}${where}\n`)
+        } else if (warnings === MAX_WARNING_LINES + 1) {
+            stderr.write('warning: more problems; the summary counts them all\n')
+        }
+    }
+    return { onProgress, onWarning }
+}
+
 export async function runReplayCli(
     argv: string[],
     env: Record<string, string | undefined>,
-    io: {
-        stdout: NodeJS.WritableStream & { isTTY?: boolean }
-        stderr: NodeJS.WritableStream & { isTTY?: boolean }
-        stdin: Readable
-    },
+    io: { stdout: Terminal; stderr: Terminal; stdin: Readable },
     signal?: AbortSignal
 ): Promise<number> {
     let parsed
@@ -290,29 +317,10 @@ export async function runReplayCli(
         ;({ size, stream: input } = opened)
         bytesRead = () => opened.stream.bytesRead
     }
-    const started = Date.now()
     const tty = Boolean(io.stderr.isTTY)
-    let lastPlain = Date.now()
-    const onProgress = (p: ReplayProgress): void => {
-        const line = progressLine(p, Date.now() - started, size ? bytesRead() / size : null)
-        if (tty) {
-            io.stderr.write(`\r\x1b[K${line}`)
-        } else if (Date.now() - lastPlain >= 5_000) {
-            lastPlain = Date.now()
-            io.stderr.write(`${line}\n`)
-        }
-    }
-    // Each problem gets a line, up to a limit, so a file full of bad lines cannot flood the terminal.
-    let warnings = 0
-    const onWarning = (message: string): void => {
-        warnings++
-        const where = parsed.deadLetterFile ? ` (kept in ${parsed.deadLetterFile})` : ''
-        if (warnings <= MAX_WARNING_LINES) {
-            io.stderr.write(`${tty ? '\r\x1b[K' : ''}warning: ${message}${where}\n`)
-        } else if (warnings === MAX_WARNING_LINES + 1) {
-            io.stderr.write('warning: more problems; the summary counts them all\n')
-        }
-    }
+    const { onProgress, onWarning } = terminal(io.stderr, parsed.deadLetterFile, () =>
+        size ? bytesRead() / size : null
+    )
     let report: ReplayReport
     try {
         const inputLabel = parsed.input === '-' ? null : parsed.input
