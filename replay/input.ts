@@ -51,15 +51,18 @@ const COMPRESSIONS = [
     { name: 'zip', magic: [0x50, 0x4b, 0x03, 0x04], tool: 'unzip', command: 'unzip -p' },
 ]
 
-/** Stops with the fix when the bytes are a compressed file: otherwise every "line" would be binary noise. */
-export function refuseCompressed(head: Buffer, label: string | null): void {
+/**
+ * Stops with the fix when the bytes are a compressed file: otherwise every "line" would be binary noise.
+ * `label` names the input; `pipeInto` is the command that reads decompressed bytes on standard input, if any.
+ */
+export function refuseCompressed(head: Buffer, label: string | null, pipeInto: string | null = null): void {
     const found = COMPRESSIONS.find((c) => c.magic.every((byte, i) => head[i] === byte))
     if (found) {
         const file = label ?? 'FILE'
-        throw new InputError(
-            `this input is ${found.name}: pipe it through ${found.tool} ` +
-                `(${found.command} ${file} | patterns-connector replay - [options])`
-        )
+        const fix = pipeInto
+            ? `pipe it through ${found.tool} (${found.command} ${file} | ${pipeInto})`
+            : `decompress it first, e.g. ${found.command} ${file} > events.jsonl`
+        throw new InputError(`this input is ${found.name}: ${fix}`)
     }
 }
 
@@ -236,15 +239,17 @@ export interface OpenedInput {
 
 /**
  * Reads records from an input stream, in chunks in input order, detecting the format unless one is given.
- * Throws an InputError for a compressed input; `label` names the input in that message.
+ * Throws an InputError for a compressed input, naming the input (`label`) and the command that could read it
+ * decompressed on standard input (`pipeInto`).
  */
 export async function readRecords(
     input: AsyncIterable<Buffer | string>,
     format: InputFormat | 'auto' = 'auto',
-    label: string | null = null
+    label: string | null = null,
+    pipeInto: string | null = null
 ): Promise<OpenedInput> {
     const { head, rest } = await sniff(input)
-    refuseCompressed(head, label)
+    refuseCompressed(head, label, pipeInto)
     const chosen = format === 'auto' ? detectFormat(head.toString('utf8')) : format
     const readers = { jsonl: jsonLines, json: jsonArray, pages: apiPages }
     // A copy, so a long first line is not kept alive by the fingerprint.

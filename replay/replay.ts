@@ -17,6 +17,9 @@ export { CHECKPOINT_VERSION, CheckpointError, readCheckpoint } from './checkpoin
 /** Replay has no host guard, so a batch may keep retrying this long before the run stops. */
 export const REPLAY_BATCH_DEADLINE_MS = 120_000
 
+/** How to run replay on standard input, for messages. */
+export const REPLAY_FROM_STDIN = 'patterns-connector replay - [options]'
+
 export type ReplayProgress = PipelineProgress
 
 export interface ReplayReport extends PipelineReport<number> {
@@ -83,7 +86,8 @@ function deadLetterWriter(file: string | null | undefined) {
 
 export async function replay(options: ReplayOptions): Promise<ReplayReport> {
     const { config, checkpointFile } = options
-    const opened = await readRecords(options.input, options.format ?? 'auto', options.inputLabel ?? null)
+    const label = options.inputLabel ?? null
+    const opened = await readRecords(options.input, options.format ?? 'auto', label, REPLAY_FROM_STDIN)
     let checkpoint = loadCheckpoint(checkpointFile ?? null, binding(opened.start, opened.format, config))
     const counts = { skipped: 0 }
     const report = await runPipeline<number>({
