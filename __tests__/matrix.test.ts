@@ -1,21 +1,23 @@
 /**
- * The acceptance matrix: the real index.ts, loaded by the host emulator in every era, against the embedded
- * receiver, with and without faults.
+ * The acceptance matrix: the real index.ts, loaded by the host emulator (vm2, PostHog's transforms) in every era,
+ * on each era's default path (the production Kafka path for the classic eras), against the embedded receiver,
+ * with and without faults.
  */
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import { ERA_NAMES } from '../host/eras'
-import { guard, PluginLoadError, PROJECT_PLUGIN_DIR } from '../host/loader'
-import { JobResult, loadForEra, runJob } from '../host/run'
+import { PROJECT_PLUGIN_DIR } from '../host/loader'
+import { HostPath, JobResult, loadForEra, runJob } from '../host/run'
 import { sampleEvent, sampleEvents } from '../host/sample-events'
 import { CALL_DEADLINE_MS, MAX_ATTEMPTS_WITHOUT_TIMERS } from '../index'
 import { FAULT_PRESETS, Receiver, seededRandom, startReceiver } from '../receiver/receiver'
 import { waitFor } from './helpers/io'
 import { startServer } from './helpers/server'
 
-const EVENTS = 1_000
+const EVENTS = 400
+const CLASSIC_ERAS = ['vm2021', 'vm2022', 'vm2024'] as const
 const TOKEN = 'mtx_T0ken_4c1d2e9a7b'
 const HEADER_VALUE = 'Bearer mtx-Header-Secret-31'
 const SIGNING_SECRET = 'whsec_bXR4LXNpZ25pbmcta2V5LTEyMzQ1Njc4'
@@ -37,18 +39,23 @@ async function run(
     era: string,
     preset: string,
     count = EVENTS,
-    seed = 11
+    seed = 11,
+    path?: HostPath
 ): Promise<{ result: JobResult; rx: Receiver }> {
     const rx = await startReceiver({ dataDir, path: `/api/v1/webhooks/${TOKEN}`, faults: FAULT_PRESETS[preset], seed })
     receiver = rx
     const result = await runJob({
         era,
+        path,
         webhookUrl: rx.url,
         config: { customHeaders: JSON.stringify({ Authorization: HEADER_VALUE }), signingSecret: SIGNING_SECRET },
         events: sampleEvents(count, seed),
         pluginDir: PROJECT_PLUGIN_DIR,
         hostRetryScale: 0.02,
     })
+    expect(result.path).toBe(path ?? (era === 'cdp2025' ? 'direct' : 'kafka'))
+    // A failed setup would skip every event silently; none of these runs may have one.
+    expect(result.skipped).toBe(0)
     return { result, rx }
 }
 
@@ -78,8 +85,9 @@ describe.each(ERA_NAMES)('era %s', (era) => {
         const { result, rx } = await run(era, 'none')
         expect(result.failed).toBe(0)
         expect(rx.summary()).toMatchObject({ rows: EVENTS, uniqueUuids: EVENTS, duplicateRows: 0 })
-        // At least the host's concurrency per request: 10 in the classic eras, hundreds in CDP.
-        expect(rx.summary().requests).toBeLessThanOrEqual(era === 'cdp2025' ? 4 : EVENTS / 10)
+        // Batched: hundreds per request in CDP; on the Kafka path the calls of a micro-batch arrive spread out, so
+        // a micro-batch of 10 per thread takes a few requests, but far fewer than one per event.
+        expect(rx.summary().requests).toBeLessThanOrEqual(era === 'cdp2025' ? 4 : EVENTS / 2)
         expectNoSecrets(result)
     })
 
@@ -99,15 +107,14 @@ describe.each(ERA_NAMES)('era %s', (era) => {
         }
     })
 
-    if (era === 'vm2021' || era === 'vm2024') {
-        it('delivers at least 99% under the default mix without 429s', async () => {
-            const { result, rx } = await run(era, 'default-no429')
-            const summary = rx.summary()
-            expect(summary.uniqueUuids).toBeGreaterThanOrEqual(EVENTS * 0.99)
-            expect(summary.duplicateRows).toBeLessThanOrEqual(summary.acceptResetRows)
-            expectNothingLostSilently(result, rx)
-        })
-    }
+    it('delivers at least 99% under 503 10%, 500 5%, reset 3%, accept-then-reset 1%, losing nothing silently', async () => {
+        const { result, rx } = await run(era, 'default-no429')
+        const summary = rx.summary()
+        expectNothingLostSilently(result, rx)
+        expect(summary.uniqueUuids).toBeGreaterThanOrEqual(EVENTS * 0.99)
+        expect(summary.duplicateRows).toBeLessThanOrEqual(summary.acceptResetRows)
+        expectNoSecrets(result)
+    })
 
     it('fails clearly on a 404 webhook without a retry storm', async () => {
         const { result, rx } = await run(era, 'gone', 100)
@@ -115,7 +122,8 @@ describe.each(ERA_NAMES)('era %s', (era) => {
         expect(result.errorMessages.every((m) => m.startsWith('Error: ') && m.includes('HTTP 404'))).toBe(true)
         expect(result.errorMessages[0]).toContain('perhaps the Patterns webhook node was deleted')
         // One request per batch, never a retry.
-        expect(rx.summary().requests).toBeLessThanOrEqual(era === 'cdp2025' ? 1 : 10)
+        expect(rx.summary().requests).toBe(result.sender?.requests)
+        expect(rx.summary().requests).toBeLessThanOrEqual(era === 'cdp2025' ? 1 : 50)
         expect(result.sender?.retries).toBe(0)
         expectNoSecrets(result)
     })
@@ -123,15 +131,33 @@ describe.each(ERA_NAMES)('era %s', (era) => {
 
 describe('hosts without timers', () => {
     it.each(['vm2021', 'vm2024'])(
-        '%s: a 503 webhook gets a bounded number of immediate retries per batch',
+        '%s direct path: a 503 webhook gets a bounded number of immediate retries per batch',
         async (era) => {
-            const { result, rx } = await run(era, 'down', 30)
+            const { result, rx } = await run(era, 'down', 30, 11, 'direct')
             // Three micro-batches of 10, each tried MAX_ATTEMPTS_WITHOUT_TIMERS times, then a RetryError per event.
             expect(rx.summary().requests).toBe(3 * MAX_ATTEMPTS_WITHOUT_TIMERS)
             expect(result.failed).toBe(30)
             expect(result.errorMessages.every((m) => m.startsWith('RetryError: ') && m.includes('HTTP 503'))).toBe(true)
         }
     )
+
+    it.each(['vm2021', 'vm2024'])(
+        '%s Kafka path: every batch to a 503 webhook is tried a bounded number of times, then each event throws',
+        async (era) => {
+            const { result, rx } = await run(era, 'down', 30)
+            expect(result.failed).toBe(30)
+            expect(rx.summary().requests % MAX_ATTEMPTS_WITHOUT_TIMERS).toBe(0)
+            expect(rx.summary().requests).toBeLessThanOrEqual(30 * MAX_ATTEMPTS_WITHOUT_TIMERS)
+            expect(result.errorMessages.every((m) => m.startsWith('RetryError: ') && m.includes('HTTP 503'))).toBe(true)
+        }
+    )
+
+    // Issue 7: the 2021 scaffold's RetryError is named "Error", so classifying by name counts it as permanent.
+    // Fails until the sender classifies failures by what it decided (the lead's fix in index.ts).
+    it('vm2021: the plugin counts a failure it gave up retrying as retryable, though RetryError.name is "Error"', async () => {
+        const { result } = await run('vm2021', 'down', 10, 11, 'direct')
+        expect(result.sender?.failuresByCause).toEqual({ retryable: 10 })
+    })
 })
 
 describe('a webhook that never answers', () => {
@@ -176,15 +202,19 @@ describe('a busy sender', () => {
         })
         try {
             const { methods } = loadForEra(
-                { era: 'vm2024', pluginDir: PROJECT_PLUGIN_DIR, now: () => Date.now() + skewMs },
+                {
+                    era: 'vm2024',
+                    pluginDir: PROJECT_PLUGIN_DIR,
+                    now: () => Date.now() + skewMs,
+                    config: { webhookUrl: server.url },
+                },
                 []
             )
-            const meta = { config: { webhookUrl: server.url }, global: {} }
-            await methods.setupPlugin?.(meta)
-            const first = methods.onEvent?.(sampleEvent(1, seededRandom(1)), meta) as Promise<void>
+            await methods.setupPlugin?.()
+            const first = methods.onEvent?.(sampleEvent(1, seededRandom(1))) as Promise<void>
             await waitFor(() => server.received.length > 0)
             // A second call queues behind the first POST; then 31 s pass in the sandbox before that POST returns.
-            const second = (methods.onEvent?.(sampleEvent(2, seededRandom(2)), meta) as Promise<void>).then(
+            const second = (methods.onEvent?.(sampleEvent(2, seededRandom(2))) as Promise<void>).then(
                 () => 'delivered',
                 (error: Error) => `${error.name}: ${error.message}`
             )
@@ -221,7 +251,7 @@ describe('what each era hands the plugin', () => {
         return JSON.parse(line?.slice('log: '.length) ?? '{}') as Record<string, unknown>
     }
 
-    it('vm2021: the older PluginEvent, classic meta, no timers', async () => {
+    it('vm2021: the older PluginEvent after the host’s processEvent step, classic meta, no timers', async () => {
         const view = await seen('vm2021')
         expect(view.keys).toEqual(expect.arrayContaining(['now', 'sent_at', 'site_url', 'uuid', 'ip']))
         expect(view.ip).toBe('string')
@@ -246,47 +276,13 @@ describe('what each era hands the plugin', () => {
 })
 
 describe('plugin loading', () => {
-    it.each([
-        ['exports', 'export function onEvent() {}'],
-        ['exports.default', 'export default { onEvent() {} }'],
-        ['module.exports', 'module.exports = { onEvent() {} }'],
-    ])('finds onEvent on %s, as PostHog does', (_where, source) => {
-        const { methods } = loadForEra({ era: 'vm2024', pluginDir: PROJECT_PLUGIN_DIR, source }, [])
-        expect(typeof methods.onEvent).toBe('function')
-    })
-
-    it('guards a method that never settles', async () => {
-        await expect(guard(new Promise(() => undefined), 50, 'onEvent')).rejects.toThrow(
-            'Script execution timed out after 0.05 s: onEvent'
+    it.each(CLASSIC_ERAS)('%s: index.ts loads in vm2 and exports what the hooks need', (era) => {
+        const logs: string[] = []
+        const { vm } = loadForEra(
+            { era, pluginDir: PROJECT_PLUGIN_DIR, config: { webhookUrl: 'https://example.com/x' } },
+            logs
         )
-    })
-
-    it('refuses a relative import with PostHog’s error text', () => {
-        const source = "import { helper } from './helper'\nexport const onEvent = () => helper()\n"
-        expect(() => loadForEra({ era: 'vm2024', pluginDir: PROJECT_PLUGIN_DIR, source }, [])).toThrow(
-            new PluginLoadError("Cannot import './helper'! This package is not provided by PostHog in plugins.")
-        )
-    })
-
-    it('refuses a module outside the whitelist', () => {
-        const source = "import zlib from 'zlib'\nexport const onEvent = () => zlib\n"
-        expect(() => loadForEra({ era: 'vm2021', pluginDir: PROJECT_PLUGIN_DIR, source }, [])).toThrow(
-            "Cannot import 'zlib'! This package is not provided by PostHog in plugins."
-        )
-    })
-
-    it('fails to load a plugin that calls setTimeout at top level', () => {
-        const source = 'setTimeout(() => undefined, 10)\nexport const onEvent = () => undefined\n'
-        expect(() => loadForEra({ era: 'vm2022', pluginDir: PROJECT_PLUGIN_DIR, source }, [])).toThrow(
-            'ReferenceError: setTimeout is not defined'
-        )
-    })
-
-    it('guards loops at 30 s and awaits through __asyncGuard', async () => {
-        const { transpile } = await import('../host/loader')
-        const code = transpile('export async function f() { while (true) { await g() } }\nasync function g() {}\n')
-        expect(code).toContain('Script execution timed out after looping for 30 seconds')
-        expect(code).toContain('await __asyncGuard(g())')
+        expect(Object.keys(vm.methods).sort()).toEqual(['onEvent', 'setupPlugin'])
     })
 })
 

@@ -34,15 +34,26 @@ function usageError(args: string[]): string {
 }
 
 describe('npm start', () => {
-    it('runs the sample events through the plugin and prints the summary', async () => {
+    it('runs the sample events through the plugin on the Kafka path and prints the summary', async () => {
         const { code, stdout, stderr } = await start(['--count', '200'])
         expect(code).toBe(0)
         expect(stdout).toContain('Host era vm2024')
+        expect(stdout).toMatch(/Kafka path: \d+ worker thread\(s\) × 10 tasks, processEvent before each onEvent/)
+        expect(stdout).toMatch(/era\s+vm2024 \(kafka path\)/)
         expect(stdout).toMatch(/rows stored\s+200 \(0 duplicates\)/)
-        expect(stdout).toMatch(/requests\s+20\n/)
-        expect(stdout).toMatch(/events per request\s+10\.0/)
+        expect(stdout).toMatch(/skipped \(setup failed\)\s+0\n/)
+        // Batched, though the calls of a micro-batch arrive spread out on this path.
+        expect(Number(/requests\s+(\d+)\n/.exec(stdout)?.[1])).toBeLessThanOrEqual(100)
         expect(stdout).toContain(join(dir, 'rows', 'rows.jsonl'))
         expect(stderr).toContain('[plugin] info: Sending events to http://127.0.0.1:')
+    })
+
+    it('runs the direct path on request: one POST per micro-batch of 10', async () => {
+        const { code, stdout } = await start(['--count', '200', '--path', 'direct', '--era', 'vm2021', '--quiet'])
+        expect(code).toBe(0)
+        expect(stdout).toMatch(/era\s+vm2021 \(direct path\)/)
+        expect(stdout).toMatch(/requests\s+20\n/)
+        expect(stdout).toMatch(/events per request\s+10\.0/)
     })
 
     it('shows resilience under a fault preset in another era', async () => {
@@ -86,6 +97,10 @@ describe('npm start errors', () => {
         [['--count', '0'], '--count: expected a whole number of at least 1'],
         [['--count', '5', '--events', 'x.jsonl'], '--count and --events cannot be used together'],
         [['--webhook-url', 'https://example.com/x', '--faults', 'down'], '--faults needs the embedded receiver'],
+        [['--path', 'pipe'], '--path: unknown path "pipe"'],
+        [['--path', 'kafka', '--era', 'cdp2025'], 'cdp2025 has no classic Kafka path'],
+        [['--workers', '0'], '--workers: expected a whole number of at least 1'],
+        [['--setup-retry-scale', 'fast'], '--setup-retry-scale: expected a number'],
     ])('%j is refused: %s', (args, message) => {
         expect(usageError(args)).toContain(message)
     })
@@ -122,10 +137,31 @@ describe('npm start errors', () => {
         )
     })
 
-    it('reports bad plugin config without echoing the URL', async () => {
-        const { code, stderr } = await start(['--webhook-url', 'http://example.com/hooks/SECRET_T0KEN_1'])
+    it('shows a failed setupPlugin loudly: the events the host skipped, and that PostHog would show nothing', async () => {
+        const { code, stdout, stderr } = await start([
+            '--webhook-url',
+            'http://example.com/hooks/SECRET_T0KEN_1',
+            '--count',
+            '50',
+            '--era',
+            'vm2021',
+        ])
         expect(code).toBe(1)
-        expect(stderr).toContain('Invalid config "webhookUrl": it uses http')
-        expect(stderr).not.toContain('SECRET_T0KEN_1')
+        expect(stdout).toMatch(/skipped \(setup failed\)\s+50\n/)
+        expect(stderr).toContain(
+            'SETUP FAILED: setupPlugin threw: ConfigError: Invalid config "webhookUrl": it uses http'
+        )
+        expect(stderr).toContain('50 of 50 events were SKIPPED: the host never called onEvent for them.')
+        expect(stderr).toContain('PostHog would show nothing for them')
+        expect(stderr).toContain('retries setup 10 times, waiting 3 s, 6 s, … (about 26 minutes in all)')
+        expect(stderr).toMatch(/Setup now: retrying: attempt 1 of 10 failed, next in 3 s/)
+        expect(stderr + stdout).not.toContain('SECRET_T0KEN_1')
+    })
+
+    it('says when the era disables the plugin at once instead', async () => {
+        const { code, stderr } = await start(['--webhook-url', 'http://example.com/hooks/x', '--count', '5', '--quiet'])
+        expect(code).toBe(1)
+        expect(stderr).toContain('5 of 5 events were SKIPPED')
+        expect(stderr).toMatch(/Setup now: disabled after 1 attempt\(s\)/)
     })
 })
