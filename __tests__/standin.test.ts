@@ -6,7 +6,7 @@
  */
 import { backoffMs, checkThrottles, parseRate, SlidingWindowThrottle, throttledDetail } from '../standin/limits'
 import { loadParser, PostHogStandIn, startPostHogStandIn } from '../standin/server'
-import { posthogDateTime } from '../standin/server'
+import { posthogDateTime, rowsToJsonArray } from '../standin/server'
 
 const API_KEY = 'phx_St4ndIn_t3st_k3y_5f4e3d2c1b'
 const NO_SCOPE_KEY = 'phx_N0Sc0pe_k3y_11223344'
@@ -461,6 +461,23 @@ describe('throttle arithmetic (DRF SimpleRateThrottle)', () => {
         expect(throttledDetail(1)).toBe('Request was throttled. Expected available in 1 second.')
         expect(throttledDetail(null)).toBe('Request was throttled.')
         expect([1, 2, 3, 10].map(backoffMs)).toEqual([134, 201, 301.5, 1714])
+    })
+
+    it("joins ClickHouse's rows into one JSON array and cuts the paginator's extra row", () => {
+        const out = (text: string, pageSize: number | null) => {
+            const { json, hasMore } = rowsToJsonArray(Buffer.from(text), pageSize)
+            return [JSON.parse(json.toString()), hasMore]
+        }
+        expect(out('["a\\nb", 1]\n["c", 2]\n', null)).toEqual([
+            [
+                ['a\nb', 1],
+                ['c', 2],
+            ],
+            null,
+        ])
+        expect(out('[1]\n[2]\n[3]\n', 2)).toEqual([[[1], [2]], true])
+        expect(out('[1]\n[2]\n', 2)).toEqual([[[1], [2]], false])
+        expect(out('', 100)).toEqual([[], false])
     })
 
     it('renders datetimes as orjson does: microseconds only when non-zero', () => {

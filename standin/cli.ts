@@ -7,7 +7,7 @@
  * from the environment (STANDIN_API_KEY, else POSTHOG_API_KEY) so it never shows in the process list.
  * STANDIN_CONTROL_TOKEN enables the `/_standin/*` control API that spawnPostHogStandIn uses.
  */
-import { StandInLimits,startPostHogStandIn } from './server'
+import { StandInLimits, startPostHogStandIn } from './server'
 
 export interface StandInCliArgs {
     projectId: number

@@ -116,6 +116,16 @@ export class EventStore {
         }
     }
 
+    /** Runs a SELECT and returns ClickHouse's output bytes as they are (no decoding into a JS string). */
+    async runBytes(sql: string, format = 'JSONCompactEachRow'): Promise<Buffer> {
+        try {
+            const result = await this.session.queryAsync(sql, { format })
+            return Buffer.from(result.bytes())
+        } catch (error) {
+            throw engineError(error)
+        }
+    }
+
     /** Inserts rows given as JSON Lines in `EVENTS_COLUMNS` names; omitted columns take their defaults. */
     async insertJsonLines(lines: string): Promise<void> {
         if (lines.length === 0) {

@@ -60,6 +60,8 @@ export interface CompiledQuery {
     columns: string[]
     /** The ClickHouse alias of each result column, to read them back by name. */
     aliases: string[]
+    /** The SELECT list alone over the table: its column types are the result's, whatever the WHERE and LIMIT. */
+    typesSql: string
     /** Set when the query had no LIMIT: PostHog fetched `pageSize + 1` rows and reports `hasMore`. */
     paginator: { pageSize: number } | null
     /** The LIMIT applied when the query had one (after the cap). */
@@ -600,5 +602,6 @@ export function compileHogQL(
     ]
         .filter((line): line is string => line !== null)
         .join('\n')
-    return { sql, hogql, columns, aliases: columns, paginator, limit }
+    const typesSql = `SELECT ${printedItems.join(', ')} FROM ${compile.table} AS events`
+    return { sql, hogql, columns, aliases: columns, typesSql, paginator, limit }
 }

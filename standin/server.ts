@@ -25,7 +25,7 @@ import { createHash } from 'node:crypto'
 import { createServer, IncomingMessage, Server, ServerResponse } from 'node:http'
 import { AddressInfo } from 'node:net'
 
-import { EngineError, EventStore, OUTPUT_SETTINGS } from './engine'
+import { ColumnType, EngineError, EventStore, OUTPUT_SETTINGS } from './engine'
 import { eventJsonLine, normalizeEvent, SeedOptions, seedSql, StandInEvent, StoredEvent } from './events'
 import { CompiledQuery, compileHogQL, HogQLError, HogQLParser, quoteIdentifier } from './hogql'
 import { checkThrottles, Clock, ConcurrencyLimiter, parseRate, SlidingWindowThrottle, throttledDetail } from './limits'
@@ -207,6 +207,31 @@ function seededRandom(seed: number): () => number {
     }
 }
 
+/**
+ * ClickHouse's JSONCompactEachRow output (one JSON array per line) as one JSON array of rows, on the bytes: a raw
+ * newline only ever separates rows (JSON escapes newlines inside strings). With `pageSize`, PostHog's paginator:
+ * keep the first `pageSize` rows and report whether there were more.
+ */
+export function rowsToJsonArray(output: Buffer, pageSize: number | null): { json: Buffer; hasMore: boolean | null } {
+    let rows = 0
+    let end = output.length
+    let hasMore: boolean | null = pageSize === null ? null : false
+    for (let at = output.indexOf(0x0a); at !== -1; at = output.indexOf(0x0a, at + 1)) {
+        rows += 1
+        if (pageSize !== null && rows === pageSize) {
+            hasMore = at + 1 < output.length
+            end = at
+            break
+        }
+        if (at === output.length - 1) {
+            end = at
+        } else {
+            output[at] = 0x2c
+        }
+    }
+    return { json: Buffer.concat([Buffer.from('['), output.subarray(0, end), Buffer.from(']')]), hasMore }
+}
+
 /** orjson's rendering of a UTC datetime: RFC 3339 with `Z`, microseconds only when non-zero. */
 export function posthogDateTime(ms: number): string {
     const iso = new Date(ms).toISOString()
@@ -231,7 +256,8 @@ export function formatColumn(alias: string, type: string): string {
 
 interface CachedResult {
     at: number
-    results: string
+    /** The `results` array as JSON bytes. */
+    results: Buffer
     hasMore: boolean | null
     types: Array<[string, string]>
     clickhouse: string
@@ -295,6 +321,7 @@ class StandIn {
     private throttles: SlidingWindowThrottle[] = []
     private readonly concurrency: ConcurrencyLimiter
     private readonly cache = new Map<string, CachedResult>()
+    private readonly types = new Map<string, ColumnType[]>()
     private readonly keys = new Map<string, string[]>()
     private answered = 0
     private readonly clock: Clock
@@ -460,7 +487,7 @@ class StandIn {
     }
 
     /** Cache, concurrency slot, compile, run, render: the body of a 200. */
-    private async answer(request: QueryRequestBody, slow: boolean, res: ServerResponse): Promise<string> {
+    private async answer(request: QueryRequestBody, slow: boolean, res: ServerResponse): Promise<Buffer> {
         const cacheKey = createHash('sha256')
             .update(JSON.stringify([this.options.projectId, request.query.query, request.query.values ?? null]))
             .digest('hex')
@@ -525,29 +552,41 @@ class StandIn {
 
     /** Runs the compiled query on ClickHouse and renders each row as a JSON array, as PostHog's renderer would. */
     private async execute(compiled: CompiledQuery): Promise<CachedResult> {
-        const settings = `SETTINGS max_execution_time = ${this.limits.maxExecutionSeconds}, readonly = 2, ${OUTPUT_SETTINGS}`
+        // Lazy materialization (read wide columns such as properties only for the rows that survive ORDER BY … LIMIT)
+        // changes no result, only speed; ClickHouse applies it by default only up to LIMIT 10.
+        const settings =
+            `SETTINGS max_execution_time = ${this.limits.maxExecutionSeconds}, readonly = 2, ` +
+            `query_plan_max_limit_for_lazy_materialization = ${this.limits.maxRows + 1}, ${OUTPUT_SETTINGS}`
         try {
-            const described = await this.store.describe(compiled.sql)
+            const described = await this.describe(compiled.typesSql)
             const types = compiled.columns.map((name, i): [string, string] => [name, described[i]?.type ?? 'String'])
             const select = compiled.aliases.map((alias, i) => formatColumn(alias, types[i]?.[1] ?? 'String'))
             const sql = `SELECT ${select.join(', ')}\nFROM (\n${compiled.sql}\n)\n${settings}`
             this.counters.queries += 1
-            let lines = (await this.store.run(sql)).replace(/\n+$/, '')
-            let hasMore: boolean | null = null
-            if (compiled.paginator) {
-                const rows = lines.length === 0 ? [] : lines.split('\n')
-                hasMore = rows.length > compiled.paginator.pageSize
-                lines = rows.slice(0, compiled.paginator.pageSize).join('\n')
-            }
-            const results = lines.length === 0 ? '[]' : `[${lines.replace(/\n/g, ',')}]`
+            const output = await this.store.runBytes(sql)
+            const { json, hasMore } = rowsToJsonArray(output, compiled.paginator?.pageSize ?? null)
+            const results = json
             return { at: this.clock(), results, hasMore, types, clickhouse: compiled.sql, compiled }
         } catch (error) {
             throw queryError(error)
         }
     }
 
+    /** Column types by SELECT list: a cursor's pages share one, so DESCRIBE runs once, not per page. */
+    private async describe(typesSql: string): Promise<ColumnType[]> {
+        let types = this.types.get(typesSql)
+        if (!types) {
+            types = await this.store.describe(typesSql)
+            if (this.types.size >= 1000) {
+                this.types.clear()
+            }
+            this.types.set(typesSql, types)
+        }
+        return types
+    }
+
     /** The 200 body with the key order of a production response; `results` is spliced in as ClickHouse wrote it. */
-    private render(result: CachedResult, cacheKey: string, isCached: boolean): string {
+    private render(result: CachedResult, cacheKey: string, isCached: boolean): Buffer {
         const token = `__results_${cacheKey}__`
         const { compiled } = result
         const body = {
@@ -579,7 +618,8 @@ class StandIn {
             timings: null,
             types: result.types,
         }
-        return JSON.stringify(body).replace(`"${token}"`, () => result.results)
+        const [before, after] = JSON.stringify(body).split(`"${token}"`) as [string, string]
+        return Buffer.concat([Buffer.from(before), result.results, Buffer.from(after)])
     }
 
     async insertEvents(events: StandInEvent[], options: { createdAt?: string | Date } = {}): Promise<StoredEvent[]> {
@@ -691,7 +731,12 @@ function send(res: ServerResponse, status: number, body: unknown, headers: Recor
     sendText(res, status, JSON.stringify(body), headers)
 }
 
-function sendText(res: ServerResponse, status: number, text: string, headers: Record<string, string> = {}): void {
+function sendText(
+    res: ServerResponse,
+    status: number,
+    text: string | Buffer,
+    headers: Record<string, string> = {}
+): void {
     if (res.headersSent || res.destroyed) {
         return
     }
