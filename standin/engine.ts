@@ -40,9 +40,58 @@ interface SharedSession {
     path: string
     persistent: boolean
     users: number
+    /** Set while nobody uses the session: it closes when this fires. */
+    idle?: NodeJS.Timeout
 }
 
 let shared: SharedSession | undefined
+let closing: Promise<void> | undefined
+let opening: Promise<void> | undefined
+
+/**
+ * How long an unused session stays open. Test files start a stand-in per test and opening chdb costs ~0.3 s; the
+ * timer is unref'd, so it never keeps a process alive, and the exit hook below closes what is left.
+ */
+const IDLE_CLOSE_MS = 250
+
+function closeShared(): Promise<void> {
+    const current = shared
+    shared = undefined
+    if (!current) {
+        return closing ?? Promise.resolve()
+    }
+    clearTimeout(current.idle)
+    closing = (async () => {
+        current.session.close()
+        await drainPending()
+    })().finally(() => {
+        closing = undefined
+    })
+    return closing
+}
+
+/**
+ * Opens chdb's session. Another module instance in this process (jest gives each test file its own registry, the
+ * native engine is shared) may still hold an idle session for a moment; wait for it rather than fail.
+ */
+async function openSession(dataDir?: string): Promise<Session> {
+    const deadline = Date.now() + 3000
+    for (;;) {
+        try {
+            return dataDir ? new Session(dataDir) : new Session()
+        } catch (error) {
+            const busy = /only one active data directory/.test(error instanceof Error ? error.message : String(error))
+            if (!busy || Date.now() > deadline) {
+                throw error
+            }
+            await new Promise((resolve) => setTimeout(resolve, 50))
+        }
+    }
+}
+
+process.on('exit', () => {
+    shared?.session.close()
+})
 
 /** An error from ClickHouse, with its numeric code (159 = TIMEOUT_EXCEEDED). */
 export class EngineError extends Error {
@@ -84,13 +133,31 @@ export class EventStore {
      * lives in the database `posthog`; without, a fresh database in a temporary directory that `close()` drops.
      */
     static async open(dataDir?: string): Promise<EventStore> {
+        await closing
+        if (shared && shared.users === 0 && (dataDir ? shared.path !== dataDir : shared.persistent)) {
+            await closeShared()
+        }
         if (shared && dataDir && shared.path !== dataDir) {
             throw new Error(`chdb already has ${shared.path} open in this process; one data directory per process`)
         }
-        if (!shared) {
-            const session = dataDir ? new Session(dataDir) : new Session()
-            shared = { session, path: session.path, persistent: Boolean(dataDir), users: 0 }
+        while (opening) {
+            await opening
         }
+        if (!shared) {
+            opening = openSession(dataDir).then((session) => {
+                shared = { session, path: session.path, persistent: Boolean(dataDir), users: 0 }
+            })
+            try {
+                await opening
+            } finally {
+                opening = undefined
+            }
+        }
+        if (!shared) {
+            throw new Error('chdb session did not open')
+        }
+        clearTimeout(shared.idle)
+        shared.idle = undefined
         shared.users += 1
         const database = dataDir ? 'posthog' : `standin_${randomBytes(6).toString('hex')}`
         const store = new EventStore(database, Boolean(dataDir))
@@ -161,7 +228,7 @@ export class EventStore {
         return Number(text.trim())
     }
 
-    /** Drops a temporary database and leaves the shared session; the last user closes it. */
+    /** Drops a temporary database and leaves the shared session, which closes once nobody has used it for a second. */
     async close(): Promise<void> {
         if (this.closed || !shared) {
             return
@@ -172,10 +239,8 @@ export class EventStore {
         this.closed = true
         shared.users -= 1
         if (shared.users === 0) {
-            const { session } = shared
-            shared = undefined
-            session.close()
-            await drainPending()
+            shared.idle = setTimeout(() => void closeShared(), IDLE_CLOSE_MS)
+            shared.idle.unref()
         }
     }
 }
