@@ -7,6 +7,7 @@
 import { backoffMs, checkThrottles, parseRate, SlidingWindowThrottle, throttledDetail } from '../standin/limits'
 import { loadParser, PostHogStandIn, startPostHogStandIn } from '../standin/server'
 import { posthogDateTime, rowsToJsonArray } from '../standin/server'
+import { spawnPostHogStandIn } from '../standin/spawn'
 
 const API_KEY = 'phx_St4ndIn_t3st_k3y_5f4e3d2c1b'
 const NO_SCOPE_KEY = 'phx_N0Sc0pe_k3y_11223344'
@@ -429,6 +430,39 @@ describe('faults', () => {
         const first = await run()
         expect(first).toEqual(await run())
         expect(new Set(first).size).toBeGreaterThan(1)
+    })
+})
+
+describe('spawnPostHogStandIn', () => {
+    it('serves the same API from a child process, controlled over HTTP, and stops it on close', async () => {
+        const child = await spawnPostHogStandIn({ apiKey: 'phx_child_k3y_abc', projectId: 31, limits: ROOMY })
+        try {
+            await child.seed({ count: 100, eventNames: ['spawned'], start: '2026-11-01T00:00:00Z' })
+            const [stored] = await child.insertEvents([
+                { event: 'spawned', distinct_id: 'x', timestamp: '2026-11-02T00:00:00Z' },
+            ])
+            expect(await child.count()).toBe(101)
+            const response = await fetch(`${child.url}/api/projects/31/query/`, {
+                method: 'POST',
+                headers: { Authorization: 'Bearer phx_child_k3y_abc' },
+                body: JSON.stringify({
+                    query: { kind: 'HogQLQuery', query: "SELECT uuid FROM events WHERE distinct_id = 'x'" },
+                }),
+            })
+            expect(response.status).toBe(200)
+            expect(((await response.json()) as { results: unknown[] }).results).toEqual([[stored?.uuid]])
+            await child.setFaults({ script: ['500'] })
+            const failed = await fetch(`${child.url}/api/projects/31/query/`, {
+                method: 'POST',
+                headers: { Authorization: 'Bearer phx_child_k3y_abc' },
+                body: JSON.stringify({ query: { kind: 'HogQLQuery', query: 'SELECT 1 FROM events LIMIT 1' } }),
+            })
+            expect(failed.status).toBe(500)
+            expect(await child.stats()).toMatchObject({ requests: 2, queries: 1, faults: { '500': 1 } })
+        } finally {
+            await child.close()
+        }
+        expect(() => process.kill(child.pid, 0)).toThrow()
     })
 })
 
