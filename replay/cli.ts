@@ -1,5 +1,5 @@
 /** `patterns-connector replay <file | -> --webhook-url URL [options]`: backfill exported events into the webhook. */
-import { createReadStream, ReadStream, statSync } from 'node:fs'
+import { createReadStream, openSync, ReadStream, statSync } from 'node:fs'
 import { Readable } from 'node:stream'
 import { parseArgs } from 'node:util'
 
@@ -190,17 +190,22 @@ export function parseReplayArgs(argv: string[], env: Record<string, string | und
 
 /** A readable input file and its size, or why not (a missing file, a directory, no permission). */
 function openInputFile(path: string): { size: number; stream: ReadStream } | string {
+    const cannot = (error: unknown) =>
+        `cannot read ${path}: ${(error as NodeJS.ErrnoException).code ?? 'error'}; give a file path, or - for standard input`
     let stats
+    let fd
     try {
         stats = statSync(path)
+        if (stats.isDirectory()) {
+            return `cannot read ${path}: it is a directory; give a file in it, or - for standard input`
+        }
+        // Opened here, so a file without read permission is bad usage too, not a failure halfway.
+        fd = openSync(path, 'r')
     } catch (error) {
-        return `cannot read ${path}: ${(error as NodeJS.ErrnoException).code ?? 'error'}; give a file path, or - for standard input`
-    }
-    if (stats.isDirectory()) {
-        return `cannot read ${path}: it is a directory; give a file in it, or - for standard input`
+        return cannot(error)
     }
     // The default 64 KB reads: bigger reads only keep more decoded text alive while its events are in flight.
-    return { size: stats.size, stream: createReadStream(path) }
+    return { size: stats.size, stream: createReadStream(path, { fd }) }
 }
 
 /** The sender environment for a Node process: real fetch, timers, and nothing logged per request. */
