@@ -516,6 +516,71 @@ export function parseHogQL(parser: HogQLParser, query: string): HogQLNode {
     return result
 }
 
+interface Paging {
+    /** The constant LIMIT after the cap, when there is one. */
+    limit: number | null
+    /** A LIMIT that is an expression (capped with `min2` when printed). */
+    limitExpr: HogQLNode | null
+    paginator: CompiledQuery['paginator']
+    offset: HogQLNode | null
+}
+
+/** LIMIT and OFFSET as PostHog applies them: OFFSET refused, LIMIT capped, no LIMIT → the has-more paginator. */
+function pagingOf(select: HogQLNode, compile: CompileContext): Paging {
+    const offset = child(select, 'offset')
+    if (offset && !compile.allowOffset) {
+        throw new HogQLError(OFFSET_NOT_ALLOWED_MESSAGE)
+    }
+    const limitNode = child(select, 'limit')
+    if (!limitNode) {
+        // PostHog's HogQLHasMorePaginator: fetch one row more than the page to know whether there is more.
+        return { limit: null, limitExpr: null, paginator: { pageSize: compile.defaultRows }, offset }
+    }
+    const constant = constantInteger(limitNode)
+    if (constant !== null) {
+        return { limit: Math.min(constant, compile.maxRows), limitExpr: null, paginator: null, offset }
+    }
+    return { limit: null, limitExpr: limitNode, paginator: null, offset }
+}
+
+/** One dialect's text of the whole SELECT. ClickHouse's gets the team scope and an alias on every column. */
+function printSelect(select: HogQLNode, columns: string[], paging: Paging, ctx: PrintContext, from: string): string {
+    const clickhouse = ctx.dialect === 'clickhouse'
+    const items = children(select, 'select').map((item, i) => {
+        const name = columns[i] as string
+        if (clickhouse || item.node === 'Alias') {
+            return `${printExpr(item, ctx)} AS ${quoteIdentifier(name, ctx.dialect)}`
+        }
+        return name
+    })
+    const whereNode = child(select, 'where')
+    const userWhere = whereNode ? printExpr(whereNode, ctx) : null
+    const teamScope = `equals(events.team_id, ${ctx.compile.teamId})`
+    const where = clickhouse ? (userWhere ? `and(${teamScope}, ${userWhere})` : teamScope) : userWhere
+    const orderBy = children(select, 'order_by').map(
+        (order) => `${printExpr(child(order, 'expr') as HogQLNode, ctx)} ${order.order === 'DESC' ? 'DESC' : 'ASC'}`
+    )
+    let limit: string
+    if (paging.paginator) {
+        limit = String(paging.paginator.pageSize + 1)
+    } else if (paging.limit !== null) {
+        limit = String(paging.limit)
+    } else {
+        limit = `min2(${ctx.compile.maxRows}, ${printExpr(paging.limitExpr as HogQLNode, ctx)})`
+    }
+    const offset = paging.offset ? printExpr(paging.offset, ctx) : paging.paginator ? '0' : null
+    return [
+        `SELECT ${select.distinct ? 'DISTINCT ' : ''}${items.join(', ')}`,
+        `FROM ${from}`,
+        where ? `WHERE ${where}` : null,
+        orderBy.length > 0 ? `ORDER BY ${orderBy.join(', ')}` : null,
+        `LIMIT ${limit}`,
+        offset !== null ? `OFFSET ${offset}` : null,
+    ]
+        .filter((line): line is string => line !== null)
+        .join('\n')
+}
+
 /** The whole translation: parse, fill placeholders, check the shape, print both dialects. */
 export function compileHogQL(
     parser: HogQLParser,
@@ -539,69 +604,16 @@ export function compileHogQL(
     const hogqlCtx: PrintContext = { dialect: 'hogql', compile, tableNames, selectAliases }
     const chCtx: PrintContext = { dialect: 'clickhouse', compile, tableNames, selectAliases }
     const columns = items.map((item) => (item.node === 'Alias' ? String(item.alias) : printExpr(item, hogqlCtx)))
+    const paging = pagingOf(select, compile)
+    const sql = printSelect(select, columns, paging, chCtx, `${compile.table} AS events`)
+    const hogql = printSelect(
+        select,
+        columns,
+        paging,
+        hogqlCtx,
+        `events${alias ? ` AS ${quoteIdentifier(alias, 'hogql')}` : ''}`
+    )
     const printedItems = items.map((item, i) => `${printExpr(item, chCtx)} AS ${quoteIdentifier(columns[i] as string)}`)
-
-    const where = child(select, 'where')
-    const teamScope = `equals(events.team_id, ${compile.teamId})`
-    const whereSql = where ? `and(${teamScope}, ${printExpr(where, chCtx)})` : teamScope
-    const orderBy = children(select, 'order_by').map((order) => {
-        const expr = printExpr(child(order, 'expr') as HogQLNode, chCtx)
-        return `${expr} ${order.order === 'DESC' ? 'DESC' : 'ASC'}`
-    })
-    const hogqlOrderBy = children(select, 'order_by').map(
-        (order) =>
-            `${printExpr(child(order, 'expr') as HogQLNode, hogqlCtx)} ${order.order === 'DESC' ? 'DESC' : 'ASC'}`
-    )
-
-    const offsetNode = child(select, 'offset')
-    if (offsetNode && !compile.allowOffset) {
-        throw new HogQLError(OFFSET_NOT_ALLOWED_MESSAGE)
-    }
-    const limitNode = child(select, 'limit')
-    let limitSql: string
-    let limit: number | null = null
-    let paginator: CompiledQuery['paginator'] = null
-    if (!limitNode) {
-        // PostHog's HogQLHasMorePaginator: fetch one row more than the page to know whether there is more.
-        paginator = { pageSize: compile.defaultRows }
-        limitSql = `${compile.defaultRows + 1}`
-    } else {
-        const constant = constantInteger(limitNode)
-        if (constant !== null) {
-            limit = Math.min(constant, compile.maxRows)
-            limitSql = String(limit)
-        } else {
-            limitSql = `min2(${compile.maxRows}, ${printExpr(limitNode, chCtx)})`
-        }
-    }
-    const offsetSql = offsetNode ? printExpr(offsetNode, chCtx) : paginator ? '0' : null
-
-    const distinct = select.distinct ? 'DISTINCT ' : ''
-    const sql = [
-        `SELECT ${distinct}${printedItems.join(', ')}`,
-        `FROM ${compile.table} AS events`,
-        `WHERE ${whereSql}`,
-        orderBy.length > 0 ? `ORDER BY ${orderBy.join(', ')}` : null,
-        `LIMIT ${limitSql}`,
-        offsetSql !== null ? `OFFSET ${offsetSql}` : null,
-    ]
-        .filter((line): line is string => line !== null)
-        .join('\n')
-    const hogqlItems = items.map((item, i) =>
-        item.node === 'Alias'
-            ? `${printExpr(item, hogqlCtx)} AS ${quoteIdentifier(columns[i] as string, 'hogql')}`
-            : columns[i]
-    )
-    const hogql = [
-        `SELECT ${distinct}${hogqlItems.join(', ')}`,
-        `FROM events${alias ? ` AS ${quoteIdentifier(alias, 'hogql')}` : ''}`,
-        where ? `WHERE ${printExpr(where, hogqlCtx)}` : null,
-        hogqlOrderBy.length > 0 ? `ORDER BY ${hogqlOrderBy.join(', ')}` : null,
-        `LIMIT ${limitSql}`,
-        offsetSql !== null ? `OFFSET ${offsetSql}` : null,
-    ]
-        .filter((line): line is string => line !== null)
-        .join('\n')
     const typesSql = `SELECT ${printedItems.join(', ')} FROM ${compile.table} AS events`
-    return { sql, hogql, columns, aliases: columns, typesSql, paginator, limit }
+    return { sql, hogql, columns, aliases: columns, typesSql, paginator: paging.paginator, limit: paging.limit }
 }
