@@ -11,6 +11,7 @@ import { Readable } from 'node:stream'
 import { gzipSync } from 'node:zlib'
 
 import { readEventsFile } from '../host/cli'
+import { advanced, isHandled } from '../replay/checkpoint'
 import { nodeEnv, parseReplayArgs, runReplayCli } from '../replay/cli'
 import { detectFormat, SNIFF_BYTES } from '../replay/input'
 import { readCheckpoint, replay } from '../replay/replay'
@@ -285,6 +286,16 @@ describe('checkpoints bound to their input (item 7)', () => {
         expect(code).toBe(2)
         expect(stderr).toContain(`--checkpoint ${checkpoint}: cannot read it (EISDIR)`)
         expect(rx.received).toHaveLength(0)
+    })
+
+    it('keeps batches acknowledged out of order, and folds them in once the gap before them is acknowledged', () => {
+        const saved = { version: 2, input: { bytes: 0, sha256: '' }, options: '', destination: '', next: 0, done: [] }
+        // Batches 0-9, 10-19, 20-29: the third is acknowledged first, while the first two are out.
+        const ahead = advanced(saved, -1, [{ after: 19, last: 29 }])
+        expect(ahead).toMatchObject({ next: 0, done: [[20, 30]] })
+        expect([isHandled(ahead, 5), isHandled(ahead, 25), isHandled(ahead, 30)]).toEqual([false, true, false])
+        const folded = advanced(ahead, 19, [])
+        expect(folded).toMatchObject({ next: 30, done: [] })
     })
 
     it('writes the checkpoint by rename, leaving no temporary file, and never the webhook URL', async () => {
