@@ -108,6 +108,21 @@ describe('authentication and routing', () => {
         })
     })
 
+    it('a body not sent as application/json gets 415, as DRF answers for text/plain', async () => {
+        const response = await fetch(`${posthog.url}/api/projects/${PROJECT}/query/`, {
+            method: 'POST',
+            headers: { Authorization: `Bearer ${API_KEY}` },
+            body: JSON.stringify({ query: { kind: 'HogQLQuery', query: 'SELECT 1 FROM events' } }),
+        })
+        expect(response.status).toBe(415)
+        expect(await response.json()).toEqual({
+            type: 'invalid_request',
+            code: 'unsupported_media_type',
+            detail: 'Unsupported media type "text/plain;charset=UTF-8" in request.',
+            attr: null,
+        })
+    })
+
     it('an unknown project gets 404 Project not found', async () => {
         const reply = await post(
             { query: { kind: 'HogQLQuery', query: 'SELECT 1 FROM events' } },
@@ -444,7 +459,7 @@ describe('spawnPostHogStandIn', () => {
             expect(await child.count()).toBe(101)
             const response = await fetch(`${child.url}/api/projects/31/query/`, {
                 method: 'POST',
-                headers: { Authorization: 'Bearer phx_child_k3y_abc' },
+                headers: { Authorization: 'Bearer phx_child_k3y_abc', 'Content-Type': 'application/json' },
                 body: JSON.stringify({
                     query: { kind: 'HogQLQuery', query: "SELECT uuid FROM events WHERE distinct_id = 'x'" },
                 }),
@@ -454,7 +469,7 @@ describe('spawnPostHogStandIn', () => {
             await child.setFaults({ script: ['500'] })
             const failed = await fetch(`${child.url}/api/projects/31/query/`, {
                 method: 'POST',
-                headers: { Authorization: 'Bearer phx_child_k3y_abc' },
+                headers: { Authorization: 'Bearer phx_child_k3y_abc', 'Content-Type': 'application/json' },
                 body: JSON.stringify({ query: { kind: 'HogQLQuery', query: 'SELECT 1 FROM events LIMIT 1' } }),
             })
             expect(failed.status).toBe(500)

@@ -420,25 +420,34 @@ class StandIn {
             const body = errorBody('throttled_error', 'throttled', throttledDetail(wait))
             throw new HttpError(429, body, { 'Retry-After': String(wait) })
         }
+        // PostHog keeps DRF's default parsers (JSON, form, multipart): a body sent as text/plain is never read.
+        const contentType = req.headers['content-type'] ?? ''
+        if (!/^application\/json\b/i.test(contentType)) {
+            const detail = `Unsupported media type "${contentType}" in request.`
+            throw new HttpError(415, errorBody('invalid_request', 'unsupported_media_type', detail))
+        }
         const body = parseRequest(raw)
         record.body = body
         const fault = this.nextFault()
+        this.throwInjected(fault)
+        const text = await this.answer(body, fault === 'slow', res)
+        this.answered += 1
+        await this.maybeInsertLate()
+        return text
+    }
+
+    /** An injected 429 looks like a throttle's (with Retry-After), an injected 500 like Django's. */
+    private throwInjected(fault: ScriptedFault): void {
         if (fault === '429') {
             this.counters.faults['429'] += 1
             const seconds = this.faults.retryAfterSeconds ?? 1
-            const detail = throttledDetail(seconds)
-            throw new HttpError(429, errorBody('throttled_error', 'throttled', detail), {
-                'Retry-After': String(seconds),
-            })
+            const body = errorBody('throttled_error', 'throttled', throttledDetail(seconds))
+            throw new HttpError(429, body, { 'Retry-After': String(seconds) })
         }
         if (fault === '500') {
             this.counters.faults['500'] += 1
             throw new HttpError(500, errorBody('server_error', 'error', 'A server error occurred.'))
         }
-        const text = await this.answer(body, fault === 'slow', res)
-        this.answered += 1
-        await this.maybeInsertLate()
-        return text
     }
 
     private authenticate(req: IncomingMessage): string {
