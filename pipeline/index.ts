@@ -61,9 +61,9 @@ export async function runPipeline<P>(options: PipelineOptions<P>): Promise<Pipel
     }
     const checkpoint = orderedCheckpoint(options.dryRun ? () => undefined : commit, options.start)
     const shaped = shapeRecords(options.source, config, report, (record) => {
-        const where = record.line != null ? `line ${record.line}: ` : ''
-        options.onWarning?.(`${where}${record.reason}`)
-        options.deadLetter?.({ ...record, reason: `${where}${record.reason}` })
+        const reason = `${record.line != null ? `line ${record.line}: ` : ''}${record.reason}`
+        options.onWarning?.(reason)
+        options.deadLetter?.({ position: record.position, reason, raw: record.raw, line: record.line })
         progress()
     })
     const batches = batchItems(shaped, config, options.flushEachChunk)
