@@ -80,6 +80,8 @@ export interface JobResult {
     durationMs: number
     /** From the first event handed to the host to the last call settled: no loading, setup or thread start. */
     eventsMs: number
+    /** CPU time of the whole process (every thread) over eventsMs: steadier than wall time on a busy machine. */
+    eventsCpuMs: number
 }
 
 export function percentile(sorted: readonly number[], p: number): number {
@@ -197,6 +199,7 @@ async function runDirect(options: JobOptions, era: Era, code: string, tally: Tal
     })
     await instance.started()
     const eventsStarted = Date.now()
+    const cpuStarted = process.cpuUsage()
     const runOne = async (event: ProcessedPluginEvent, position: number): Promise<void> => {
         await microtaskTurns(position * CALL_STAGGER_MICROTASKS)
         const shaped = era.shapeEvent(event)
@@ -222,6 +225,7 @@ async function runDirect(options: JobOptions, era: Era, code: string, tally: Tal
         await flush()
     }
     tally.result.eventsMs = Date.now() - eventsStarted
+    tally.result.eventsCpuMs = cpuMs(process.cpuUsage(cpuStarted))
     if (options.settleSetup) {
         await instance.settled()
     }
@@ -250,6 +254,7 @@ async function runKafka(options: JobOptions, era: Era, code: string, tally: Tall
     try {
         await pool.started()
         const eventsStarted = Date.now()
+        const cpuStarted = process.cpuUsage()
         const consume = async (messages: Array<{ uuid: string; json: string }>): Promise<void> => {
             for (const group of microBatches(messages, workers * tasksPerWorker)) {
                 await Promise.all(
@@ -272,12 +277,17 @@ async function runKafka(options: JobOptions, era: Era, code: string, tally: Tall
         }
         await consume(batch)
         tally.result.eventsMs = Date.now() - eventsStarted
+        tally.result.eventsCpuMs = cpuMs(process.cpuUsage(cpuStarted))
         reports = await pool.reports(options.settleSetup ?? false)
     } finally {
         await pool.close()
     }
     tally.result.sender = reports.reduce<SenderStats | null>((sum, report) => addStats(sum, report.stats), null)
     tally.result.setup = reports.map((report) => report.setup)
+}
+
+function cpuMs(usage: NodeJS.CpuUsage): number {
+    return (usage.user + usage.system) / 1000
 }
 
 function configOf(options: JobOptions): Record<string, string> {
@@ -322,6 +332,7 @@ export async function runJob(options: JobOptions): Promise<JobResult> {
         latencyP95Ms: 0,
         durationMs: 0,
         eventsMs: 0,
+        eventsCpuMs: 0,
     }
     const log = (line: string): void => {
         result.logs.push(line)

@@ -19,9 +19,19 @@ export type FromWorker =
 
 export type WorkerData = Omit<InstanceOptions, 'log' | 'now' | 'onGuard'>
 
-/** The host copies each task's result out of the VM's proxies before sending it back. */
-function plainCopy(value: unknown): unknown {
-    return value === undefined ? undefined : (JSON.parse(JSON.stringify(value)) as unknown)
+/** The host copies each task's result, key by key, out of any VM proxies before sending it back. */
+export function plainCopy(value: unknown): unknown {
+    if (value === null || typeof value !== 'object') {
+        return value
+    }
+    if (Array.isArray(value)) {
+        return value.map(plainCopy)
+    }
+    const copy: Record<string, unknown> = {}
+    for (const key in value) {
+        copy[key] = plainCopy((value as Record<string, unknown>)[key])
+    }
+    return copy
 }
 
 function main(): void {

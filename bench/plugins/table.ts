@@ -3,14 +3,13 @@
  * on both host paths, at several webhook latencies. The original per-event app is the baseline; the
  * serialise-only plugin is the ceiling for anything that sends events; the do-nothing plugin is the host's own.
  */
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 
 import { PROJECT_PLUGIN_DIR, readPluginSource } from '../../host/loader'
 import { HostPath, runJob } from '../../host/run'
 import { sampleEvents } from '../../host/sample-events'
-import { startReceiver } from '../../receiver/receiver'
+import { startReceiverThread } from './receiver-thread'
 
 export const BENCH_PLUGINS = ['do-nothing', 'serialise-only', 'original', 'plugin'] as const
 export type BenchPlugin = (typeof BENCH_PLUGINS)[number]
@@ -40,6 +39,8 @@ export interface Figures {
     events: number
     requests: number
     ms: number
+    /** CPU time of every thread of the process (host, worker threads, receiver) while the events ran. */
+    cpuMs: number
     failed: number
 }
 
@@ -63,8 +64,7 @@ export async function measure(
     count: number,
     workers: number
 ): Promise<Figures> {
-    const dataDir = mkdtempSync(join(tmpdir(), 'bench-'))
-    const rx = await startReceiver({ dataDir, persist: false, faults: { latencyMs } })
+    const rx = await startReceiverThread(latencyMs)
     try {
         const result = await runJob({
             era: BENCH_ERA,
@@ -77,13 +77,13 @@ export async function measure(
         })
         return {
             events: result.resolved,
-            requests: rx.summary().requests,
+            requests: await rx.requests(),
             ms: result.eventsMs,
+            cpuMs: result.eventsCpuMs,
             failed: result.failed + result.skipped,
         }
     } finally {
         await rx.close()
-        rmSync(dataDir, { recursive: true, force: true })
     }
 }
 
@@ -91,11 +91,16 @@ export function rate(f: Figures): number {
     return Math.round(f.events / Math.max(f.ms / 1000, 0.001))
 }
 
+/** CPU microseconds per event, all threads together. */
+export function cpuPerEvent(f: Figures): number {
+    return Math.round((f.cpuMs * 1000) / Math.max(f.events, 1))
+}
+
 function cells(values: Array<string | number>, widths: number[]): string {
     return values.map((v, i) => String(v).padStart(widths[i] ?? 10)).join('  ')
 }
 
-const WIDTHS = [7, 6, 14, 6, 7, 6, 10, 9]
+const WIDTHS = [7, 6, 14, 6, 7, 9, 6, 10, 9]
 
 /** Runs the table and writes it as it goes. Returns every figure by "latency/path/plugin". */
 export async function runPluginTable(
@@ -104,10 +109,15 @@ export async function runPluginTable(
 ): Promise<Map<string, Figures>> {
     const figures = new Map<string, Figures>()
     write(
-        `Plugins in the emulated ${BENCH_ERA} host (vm2 3.9.5, PostHog's transforms), embedded receiver on loopback; ` +
+        `Plugins in the emulated ${BENCH_ERA} host (vm2 3.9.5, PostHog's transforms), embedded receiver on loopback in its own thread; ` +
             `Kafka path with ${options.workers} worker thread(s) × 10 tasks; best of ${options.repeat} interleaved runs at 0 ms\n`
     )
-    write(cells(['latency', 'path', 'plugin', 'events', 'ev/s', 'req/ev', '÷ original', '÷ ceiling'], WIDTHS) + '\n')
+    write(
+        cells(
+            ['latency', 'path', 'plugin', 'events', 'ev/s', 'CPU µs/ev', 'req/ev', '÷ original', '÷ ceiling'],
+            WIDTHS
+        ) + '\n'
+    )
     for (const latencyMs of options.latencies) {
         for (const path of options.paths) {
             const count = eventsFor(latencyMs, options.events)
@@ -137,6 +147,7 @@ export async function runPluginTable(
                             plugin,
                             count,
                             rate(f),
+                            cpuPerEvent(f),
                             (f.requests / Math.max(f.events, 1)).toFixed(3),
                             ratio(original),
                             ratio(ceiling),
@@ -155,7 +166,9 @@ export async function runPluginTable(
 
 /** How the emulator's ratios at 0 ms compare with those measured in PostHog's own 2021 host. */
 export function calibration(figures: Map<string, Figures>): string {
-    const lines = ['Calibration at 0 ms (÷ original app; PostHog 2021 host in brackets):']
+    const lines = [
+        'Calibration at 0 ms, ÷ original app by events/s and by CPU per event (PostHog 2021 host, events/s, in brackets):',
+    ]
     for (const plugin of ['do-nothing', 'serialise-only'] as const) {
         const parts: string[] = []
         for (const path of BENCH_PATHS) {
@@ -163,7 +176,10 @@ export function calibration(figures: Map<string, Figures>): string {
             const original = figures.get(`0/${path}/original`)
             if (f && original) {
                 const ratio = rate(f) / Math.max(rate(original), 1)
-                parts.push(`${path} ${ratio.toFixed(1)} (${POSTHOG_2021_RATIOS[plugin][path]})`)
+                const cpuRatio = cpuPerEvent(original) / Math.max(cpuPerEvent(f), 1)
+                parts.push(
+                    `${path} ${ratio.toFixed(1)} / CPU ${cpuRatio.toFixed(1)} (${POSTHOG_2021_RATIOS[plugin][path]})`
+                )
             }
         }
         if (parts.length) {
