@@ -4,6 +4,7 @@
  * cache, late events and faults. One stand-in (one chdb engine) serves the whole file; each test uses its own
  * event names so their rows never mix.
  */
+import { parseStandInArgs } from '../standin/cli'
 import { backoffMs, checkThrottles, parseRate, SlidingWindowThrottle, throttledDetail } from '../standin/limits'
 import { loadParser, PostHogStandIn, startPostHogStandIn } from '../standin/server'
 import { posthogDateTime, rowsToJsonArray } from '../standin/server'
@@ -478,6 +479,20 @@ describe('spawnPostHogStandIn', () => {
             await child.close()
         }
         expect(() => process.kill(child.pid, 0)).toThrow()
+    })
+})
+
+describe('standin/cli.ts flags', () => {
+    it('reads the project, port, seed and limits, and names a bad flag', () => {
+        expect(parseStandInArgs(['--project-id', '5', '--port', '8010', '--seed', '1000'])).toEqual({
+            projectId: 5,
+            port: 8010,
+            host: '127.0.0.1',
+            seed: 1000,
+        })
+        expect(parseStandInArgs(['--limits', '{"burstRate":"5/minute"}']).limits).toEqual({ burstRate: '5/minute' })
+        expect(() => parseStandInArgs(['--port', 'eighty'])).toThrow('--port expects a whole number, got "eighty"')
+        expect(() => parseStandInArgs(['--api-key', 'phx_x'])).toThrow('unknown flag --api-key')
     })
 })
 
