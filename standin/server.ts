@@ -25,12 +25,28 @@ import { createHash } from 'node:crypto'
 import { createServer, IncomingMessage, Server, ServerResponse } from 'node:http'
 import { AddressInfo } from 'node:net'
 
-import { ColumnType, EngineError, EventStore, OUTPUT_SETTINGS } from './engine'
+import { ColumnType, EventStore, OUTPUT_SETTINGS } from './engine'
 import { eventJsonLine, normalizeEvent, SeedOptions, seedSql, StandInEvent, StoredEvent } from './events'
-import { CompiledQuery, compileHogQL, HogQLError, HogQLParser, quoteIdentifier } from './hogql'
+import { CompiledQuery, compileHogQL, HogQLError, HogQLParser } from './hogql'
 import { checkThrottles, Clock, ConcurrencyLimiter, parseRate, SlidingWindowThrottle, throttledDetail } from './limits'
+import {
+    bearerToken,
+    errorBody,
+    formatColumn,
+    HttpError,
+    parseRequest,
+    posthogDateTime,
+    queryError,
+    QueryRequestBody,
+    readBody,
+    rowsToJsonArray,
+    send,
+    sendText,
+    TIMEOUT_DETAIL,
+} from './respond'
 
 export type { SeedOptions, StandInEvent, StoredEvent } from './events'
+export { errorBody, MAX_BODY_BYTES, posthogDateTime, rowsToJsonArray } from './respond'
 
 /** PostHog's limits for API queries (standin/FACTS.md §4–5). Tests lower them through `limits`. */
 export const DEFAULT_LIMITS: StandInLimits = {
@@ -43,9 +59,6 @@ export const DEFAULT_LIMITS: StandInLimits = {
     maxRows: 50_000,
     cacheTtlMs: 6 * 3600 * 1000,
 }
-
-/** PostHog's cap on a request body (`DATA_UPLOAD_MAX_MEMORY_SIZE`, 20 MB). */
-export const MAX_BODY_BYTES = 20 * 1024 * 1024
 
 export interface StandInLimits {
     /** DRF rate string of the burst throttle. PostHog: `240/minute`. */
@@ -160,38 +173,6 @@ export interface PostHogStandIn extends PostHogStandInClient {
     setLimits(limits: Partial<StandInLimits>): void
 }
 
-type ErrorType = 'validation_error' | 'authentication_error' | 'invalid_request' | 'throttled_error' | 'server_error'
-
-/** PostHog's error body (drf-exceptions-hog). */
-export function errorBody(type: ErrorType, code: string, detail: string, attr: string | null = null) {
-    return { type, code, detail, attr }
-}
-
-class HttpError extends Error {
-    constructor(
-        readonly status: number,
-        readonly body: ReturnType<typeof errorBody>,
-        readonly headers: Record<string, string> = {}
-    ) {
-        super(body.detail)
-    }
-}
-
-const TIMEOUT_DETAIL =
-    'Query has hit the max execution time before completing. See our docs for how to improve your query ' +
-    'performance. You may need to materialize.'
-/** ClickHouse error codes PostHog passes to the user as a 400 with their name (posthog/errors.py). */
-const USER_ERROR_CODES: Readonly<Record<number, string>> = {
-    43: 'illegal_type_of_argument',
-    386: 'no_common_type',
-    215: 'not_an_aggregate',
-    46: 'unknown_function',
-    53: 'type_mismatch',
-    184: 'illegal_aggregation',
-    42: 'number_of_arguments_doesnt_match',
-    376: 'cannot_parse_uuid',
-}
-
 const QUERY_PATH = /^\/api\/(projects|environments)\/([^/]+)\/query\/?$/
 const LOG_LIMIT = 10_000
 
@@ -207,53 +188,6 @@ function seededRandom(seed: number): () => number {
     }
 }
 
-/**
- * ClickHouse's JSONCompactEachRow output (one JSON array per line) as one JSON array of rows, on the bytes: a raw
- * newline only ever separates rows (JSON escapes newlines inside strings). With `pageSize`, PostHog's paginator:
- * keep the first `pageSize` rows and report whether there were more.
- */
-export function rowsToJsonArray(output: Buffer, pageSize: number | null): { json: Buffer; hasMore: boolean | null } {
-    let rows = 0
-    let end = output.length
-    let hasMore: boolean | null = pageSize === null ? null : false
-    for (let at = output.indexOf(0x0a); at !== -1; at = output.indexOf(0x0a, at + 1)) {
-        rows += 1
-        if (pageSize !== null && rows === pageSize) {
-            hasMore = at + 1 < output.length
-            end = at
-            break
-        }
-        if (at === output.length - 1) {
-            end = at
-        } else {
-            output[at] = 0x2c
-        }
-    }
-    return { json: Buffer.concat([Buffer.from('['), output.subarray(0, end), Buffer.from(']')]), hasMore }
-}
-
-/** orjson's rendering of a UTC datetime: RFC 3339 with `Z`, microseconds only when non-zero. */
-export function posthogDateTime(ms: number): string {
-    const iso = new Date(ms).toISOString()
-    return iso.endsWith('.000Z') ? iso.replace('.000Z', 'Z') : iso.replace('Z', '000Z')
-}
-
-/** The ClickHouse expression that renders a result column as PostHog's JSON renderer would. */
-export function formatColumn(alias: string, type: string): string {
-    const column = quoteIdentifier(alias)
-    const base = type.replace(/^Nullable\((.*)\)$/, '$1')
-    if (base.startsWith('DateTime64')) {
-        return (
-            `if(toMicrosecond(${column}) = 0, formatDateTime(${column}, '%Y-%m-%dT%H:%i:%SZ', 'UTC'), ` +
-            `formatDateTime(toDateTime64(${column}, 6), '%Y-%m-%dT%H:%i:%S.%fZ', 'UTC'))`
-        )
-    }
-    if (base.startsWith('DateTime')) {
-        return `formatDateTime(${column}, '%Y-%m-%dT%H:%i:%SZ', 'UTC')`
-    }
-    return column
-}
-
 interface CachedResult {
     at: number
     /** The `results` array as JSON bytes. */
@@ -262,33 +196,6 @@ interface CachedResult {
     types: Array<[string, string]>
     clickhouse: string
     compiled: CompiledQuery
-}
-
-function readBody(req: IncomingMessage): Promise<string> {
-    return new Promise((resolve, reject) => {
-        const chunks: Buffer[] = []
-        let size = 0
-        req.on('data', (chunk: Buffer) => {
-            size += chunk.length
-            if (size > MAX_BODY_BYTES) {
-                reject(new HttpError(413, errorBody('invalid_request', 'request_too_large', 'Request body too large.')))
-                req.destroy()
-                return
-            }
-            chunks.push(chunk)
-        })
-        req.on('end', () => resolve(Buffer.concat(chunks).toString('utf8')))
-        req.on('error', reject)
-    })
-}
-
-function bearerToken(req: IncomingMessage): string | null {
-    const header = req.headers.authorization
-    if (!header) {
-        return null
-    }
-    const match = /^Bearer\s+(.+)$/i.exec(header.trim())
-    return match ? (match[1] as string).trim() : ''
 }
 
 function sleep(ms: number): Promise<void> {
@@ -680,81 +587,6 @@ class StandIn {
                 throw new HttpError(404, errorBody('invalid_request', 'not_found', 'Endpoint not found.'))
         }
     }
-}
-
-interface QueryRequestBody {
-    query: { kind: 'HogQLQuery'; query: string; values?: Record<string, unknown> }
-    refresh?: unknown
-    name?: unknown
-}
-
-/** Validates the request body the way PostHog's QueryRequest model does for the fields the stand-in reads. */
-function parseRequest(raw: string): QueryRequestBody {
-    let parsed: unknown
-    try {
-        parsed = JSON.parse(raw)
-    } catch (error) {
-        const detail = `JSON parse error - ${(error as Error).message}`
-        throw new HttpError(400, errorBody('invalid_request', 'parse_error', detail))
-    }
-    const body = parsed as Partial<QueryRequestBody> | null
-    if (!body || typeof body !== 'object' || !body.query || typeof body.query !== 'object') {
-        throw new HttpError(400, errorBody('validation_error', 'invalid_input', 'Field required', 'query'))
-    }
-    if (body.query.kind !== 'HogQLQuery') {
-        const detail = `The PostHog stand-in serves HogQLQuery only, not ${JSON.stringify(body.query.kind)}.`
-        throw new HttpError(400, errorBody('validation_error', 'invalid_input', detail, 'query'))
-    }
-    if (typeof body.query.query !== 'string') {
-        throw new HttpError(400, errorBody('validation_error', 'invalid_input', 'Field required', 'query__query'))
-    }
-    const values = body.query.values
-    if (values !== undefined && values !== null && (typeof values !== 'object' || Array.isArray(values))) {
-        const detail = 'Input should be a valid dictionary'
-        throw new HttpError(400, errorBody('validation_error', 'invalid_input', detail, 'query__values'))
-    }
-    return body as QueryRequestBody
-}
-
-/** ClickHouse failures as PostHog reports them: timeout 504, user errors 400, anything else 500. */
-function queryError(error: unknown): HttpError {
-    if (error instanceof HttpError) {
-        return error
-    }
-    if (error instanceof EngineError) {
-        if (error.clickhouseCode === 159) {
-            return new HttpError(504, errorBody('server_error', 'error', TIMEOUT_DETAIL))
-        }
-        const name = error.clickhouseCode !== null ? USER_ERROR_CODES[error.clickhouseCode] : undefined
-        if (name) {
-            const message = error.message
-                .replace(/^[\s\S]*?DB::Exception:\s*/, '')
-                .replace(/\s*Stack trace:[\s\S]*$/, '')
-            return new HttpError(400, errorBody('validation_error', name, message.trim()))
-        }
-    }
-    return new HttpError(500, errorBody('server_error', 'error', 'ClickHouse error while executing query.'))
-}
-
-function send(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
-    sendText(res, status, JSON.stringify(body), headers)
-}
-
-function sendText(
-    res: ServerResponse,
-    status: number,
-    text: string | Buffer,
-    headers: Record<string, string> = {}
-): void {
-    if (res.headersSent || res.destroyed) {
-        return
-    }
-    res.writeHead(status, {
-        'Content-Type': 'application/json',
-        'Content-Length': Buffer.byteLength(text),
-        ...headers,
-    })
-    res.end(text)
 }
 
 function validateOptions(options: StandInOptions): void {
