@@ -56,8 +56,15 @@ export const MAX_ATTEMPTS_WITHOUT_TIMERS = 5
  * 500 (9 halvings), while a receiver that refuses everything sees 16 requests, not 999.
  */
 export const MAX_TOO_LARGE_PER_BATCH = 16
-/** Microtask turns to wait before the first POST when there is no setImmediate: lets a burst of calls gather. */
+/** Microtask turns a turn lasts on a host with neither setImmediate nor crypto callbacks (a last resort). */
 export const BURST_GATHER_MICROTASKS = 5
+/**
+ * How long the first call of a burst may wait for the rest before its POST goes. On the Kafka path the calls of a
+ * micro-batch arrive spread over several milliseconds; sending the first one alone costs a whole extra POST.
+ */
+export const BURST_GATHER_MAX_MS = 20
+/** The gather ends once no call has arrived for this long: the burst is over. */
+export const BURST_IDLE_MS = 3
 /** Error bodies are quoted, redacted and cut to this length, so a receiver's explanation reaches the user. */
 export const ERROR_BODY_SNIPPET_CHARS = 200
 /** At most this much of an error body is read: a hostile receiver can't make the connector buffer more. */
@@ -209,7 +216,7 @@ export interface SenderEnv {
     /** null where the host has no timers: retries are then immediate only. */
     sleep: ((ms: number) => Promise<void>) | null
     random: () => number
-    /** Lets a burst of overlapping calls gather before the first POST. */
+    /** Waits one event-loop turn (a macrotask where the host allows it), so overlapping calls can arrive. */
     yieldTurn: () => Promise<void>
 }
 
@@ -1173,11 +1180,12 @@ export class Sender {
     private pending = 0
     private roundPeak = 0
     /**
-     * How many calls the host starts together, learned from the last round (it waits for all of them to settle
-     * before starting more). Once that many are waiting, no more are coming, so they go without waiting for the
-     * POST in flight: on the Kafka path the calls of a micro-batch arrive spread out, not together.
+     * The most calls seen waiting at once, in any round so far: how many the host starts together (it waits for
+     * all of them to settle before starting more). Once that many are waiting, no more are coming, so they go
+     * at once: on the Kafka path the calls of a micro-batch arrive spread out, not together.
      */
     private learnedBurst = 0
+    private lastArrival = 0
     private failedRequestsInStreak = 0
 
     constructor(
@@ -1208,6 +1216,7 @@ export class Sender {
         })
         this.pending++
         this.roundPeak = Math.max(this.roundPeak, this.pending)
+        this.lastArrival = this.env.now()
         this.schedule()
         return promise
     }
@@ -1217,22 +1226,35 @@ export class Sender {
         return this.queue.length
     }
 
-    /** Decides when the queue goes: after a short gather when idle, at once when the whole burst is here. */
+    /**
+     * Decides when the queue goes: at once when the whole burst is here; otherwise, when nothing is in flight,
+     * after a gather; otherwise when a POST in flight completes.
+     */
     private schedule(): void {
-        if (this.inFlight === 0) {
-            if (!this.gathering) {
-                this.gathering = true
-                // Let the rest of the burst arrive, so 10 calls started together become one POST and not 1 + 9.
-                void this.env.yieldTurn().then(() => {
-                    this.gathering = false
-                    this.dispatch()
-                })
-            }
-            return
-        }
-        if (this.learnedBurst > 0 && this.pending >= this.learnedBurst && !this.gathering) {
+        if (this.learnedBurst > 0 && this.pending >= this.learnedBurst) {
             this.dispatch()
+        } else if (this.inFlight === 0 && !this.gathering) {
+            this.gathering = true
+            void this.gather(this.env.now() + BURST_GATHER_MAX_MS)
         }
+    }
+
+    /**
+     * Lets the rest of a burst arrive, one event-loop turn at a time, so 10 calls become one POST and not 1 + 9:
+     * until no call has come for BURST_IDLE_MS, or BURST_GATHER_MAX_MS in all (the arrival that completes a
+     * learned burst sends it at once). A turn at a time, not a loop: the host's loop guard counts a loop's life.
+     */
+    private gather(until: number): Promise<void> {
+        return this.env.yieldTurn().then(() => {
+            const now = this.env.now()
+            const waiting = this.queue.length > 0 && this.inFlight === 0
+            if (waiting && now < until && now - this.lastArrival < BURST_IDLE_MS) {
+                return this.gather(until)
+            }
+            this.gathering = false
+            this.dispatch()
+            return undefined
+        })
     }
 
     /**
@@ -1313,7 +1335,8 @@ export class Sender {
             }
         }
         if (this.pending === 0) {
-            this.learnedBurst = this.roundPeak
+            // The largest round so far: a round cut short by a fast POST must not teach a smaller burst.
+            this.learnedBurst = Math.max(this.learnedBurst, this.roundPeak)
             this.roundPeak = 0
         }
     }
@@ -1344,6 +1367,22 @@ async function microtaskTurns(count: number): Promise<void> {
     }
 }
 
+/**
+ * One event-loop turn in a sandbox without timers: crypto's callback form runs in Node's thread pool and calls
+ * back from a later macrotask, which lets the host deliver calls that are still on their way.
+ */
+function cryptoTurn(): Promise<void> {
+    return new Promise((resolve) => randomBytes(1, () => resolve()))
+}
+
+/** The cheapest way this host has to wait one event-loop turn. */
+export function hostYieldTurn(): () => Promise<void> {
+    if (typeof setImmediate === 'function') {
+        return () => new Promise((resolve) => setImmediate(resolve))
+    }
+    return typeof randomBytes === 'function' ? cryptoTurn : () => microtaskTurns(BURST_GATHER_MICROTASKS)
+}
+
 /** Builds the environment from what this host provides. `meta.fetch` and `meta.logger` exist only in the CDP executor. */
 export function hostEnv(meta: { fetch?: unknown; logger?: unknown }): SenderEnv {
     const hasTimers = typeof setTimeout === 'function'
@@ -1365,10 +1404,7 @@ export function hostEnv(meta: { fetch?: unknown; logger?: unknown }): SenderEnv 
         now: () => Date.now(),
         sleep: hasTimers ? (ms) => new Promise((resolve) => setTimeout(resolve, ms)) : null,
         random: Math.random,
-        yieldTurn:
-            typeof setImmediate === 'function'
-                ? () => new Promise((resolve) => setImmediate(resolve))
-                : () => microtaskTurns(BURST_GATHER_MICROTASKS),
+        yieldTurn: hostYieldTurn(),
     }
 }
 

@@ -1,0 +1,69 @@
+/**
+ * How the sender turns overlapping onEvent calls into POSTs when the calls arrive spread out, as on the classic
+ * hosts' Kafka path, where each call comes from its own macrotask.
+ */
+import { BURST_GATHER_MAX_MS, hostYieldTurn, Sender } from '../index'
+import { makeEvent, makeSender, testEnv } from './helpers/env'
+import { startServer, TestServer } from './helpers/server'
+
+let server: TestServer | undefined
+
+afterEach(async () => {
+    await server?.close()
+    server = undefined
+})
+
+const nextMacrotask = (): Promise<void> => new Promise((resolve) => setImmediate(resolve))
+
+/** Starts `count` calls, each from its own macrotask, as the Kafka path delivers them; waits for all. */
+async function spreadRound(sender: Sender, first: number, count: number): Promise<void> {
+    const calls: Array<Promise<void>> = []
+    for (let n = first; n < first + count; n++) {
+        calls.push(sender.send(makeEvent(n)))
+        await nextMacrotask()
+    }
+    await Promise.all(calls)
+}
+
+describe('calls that arrive spread out', () => {
+    it('after the first round, a micro-batch of 10 arriving over several milliseconds goes as one POST', async () => {
+        server = await startServer(() => ({ status: 200 }))
+        const sender = makeSender({ webhookUrl: server.url }, testEnv())
+        await spreadRound(sender, 0, 10)
+        const firstRound = server.received.length
+        for (let round = 1; round <= 5; round++) {
+            await spreadRound(sender, round * 10, 10)
+        }
+        // One POST per round; sending the first arrival alone would make two. One spare for a stalled machine.
+        expect(firstRound).toBeGreaterThanOrEqual(1)
+        expect(server.received.length - firstRound).toBeLessThanOrEqual(6)
+        expect(server.accepted).toHaveLength(60)
+    })
+
+    it('does not wait for calls that never come: a short round still goes within the gather bound', async () => {
+        server = await startServer(() => ({ status: 200 }))
+        const sender = makeSender({ webhookUrl: server.url }, testEnv())
+        await spreadRound(sender, 0, 10)
+        const started = Date.now()
+        await spreadRound(sender, 10, 3)
+        expect(server.accepted).toHaveLength(13)
+        // The bound is what makes this settle at all; the slack is for a busy machine.
+        expect(Date.now() - started).toBeLessThan(BURST_GATHER_MAX_MS + 1_000)
+    })
+
+    it('in a sandbox without timers, a turn is a crypto callback: it lets macrotasks run', async () => {
+        const saved = globalThis.setImmediate
+        try {
+            ;(globalThis as { setImmediate?: unknown }).setImmediate = undefined
+            const turn = hostYieldTurn()
+            let macrotaskRan = false
+            setTimeout(() => (macrotaskRan = true), 0)
+            for (let i = 0; i < 50 && !macrotaskRan; i++) {
+                await turn()
+            }
+            expect(macrotaskRan).toBe(true)
+        } finally {
+            globalThis.setImmediate = saved
+        }
+    })
+})
