@@ -23,6 +23,7 @@ async function main(): Promise<void> {
             events: { type: 'string' },
             workers: { type: 'string', default: '1' },
             repeat: { type: 'string' },
+            'rich-events': { type: 'boolean', default: false },
             'replay-events': { type: 'string', default: '100000' },
             'rss-events': { type: 'string', default: '100000,1000000' },
         },
@@ -39,7 +40,8 @@ async function main(): Promise<void> {
             latencies: parseList('latency', values.latency, BENCH_LATENCIES_MS, Number),
             events: Number(values.events ?? (quick ? 500 : 3_000)),
             workers: Number(values.workers),
-            repeat: Number(values.repeat ?? (quick ? 1 : 3)),
+            repeat: Number(values.repeat ?? (quick ? 1 : 2)),
+            richEvents: values['rich-events'],
         },
         (text) => process.stdout.write(text)
     )

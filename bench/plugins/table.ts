@@ -33,6 +33,57 @@ export interface TableOptions {
     workers: number
     /** Runs of each figure at 0 ms, interleaved; the best is kept (other work on the machine only slows a run). */
     repeat: number
+    /** Events with the ~45 properties posthog-js sends, instead of the ~10 of the sample events. */
+    richEvents?: boolean
+}
+
+/** The properties posthog-js adds to a browser event, on top of the sample event's own. */
+function posthogJsProperties(n: number): Record<string, unknown> {
+    return {
+        $host: 'app.example.com',
+        $browser_version: 120 + (n % 5),
+        $browser_language: 'en-US',
+        $screen_height: 1080,
+        $screen_width: 1920,
+        $viewport_height: 960,
+        $viewport_width: 1800,
+        $referrer: '$direct',
+        $referring_domain: '$direct',
+        $insert_id: `ins${n.toString(36).padStart(12, '0')}`,
+        $time: 1795748400 + n / 4,
+        $device_id: `0190a1b2-${(n % 997).toString(16).padStart(4, '0')}-7000-8000-0000000000ff`,
+        $window_id: `0190a1b2-${(n % 991).toString(16).padStart(4, '0')}-7000-8000-0000000000ee`,
+        $pageview_id: `0190a1b2-${(n % 983).toString(16).padStart(4, '0')}-7000-8000-0000000000dd`,
+        $active_feature_flags: ['new-onboarding', 'pricing-v2'],
+        '$feature/new-onboarding': true,
+        '$feature/pricing-v2': 'test',
+        $feature_flag_payloads: {},
+        $timezone: 'Europe/Berlin',
+        $configured_session_timeout_ms: 1_800_000,
+        $is_identified: n % 3 === 0,
+        $process_person_profile: true,
+        $sent_at: '2026-11-27T00:00:00.000Z',
+        $raw_user_agent: 'Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko)',
+        $initial_referrer: '$direct',
+        $initial_referring_domain: '$direct',
+        $initial_current_url: 'https://app.example.com/',
+        $initial_pathname: '/',
+        $geoip_city_name: 'Berlin',
+        $geoip_country_name: 'Germany',
+        $geoip_continent_code: 'EU',
+        $geoip_latitude: 52.52,
+        $geoip_longitude: 13.405,
+        $geoip_time_zone: 'Europe/Berlin',
+        token: 'phc_benchbenchbenchbenchbenchbenchbench',
+    }
+}
+
+function benchEvents(count: number, rich: boolean) {
+    const events = [...sampleEvents(count)]
+    if (rich) {
+        events.forEach((event, n) => Object.assign(event.properties, posthogJsProperties(n)))
+    }
+    return events
 }
 
 export interface Figures {
@@ -54,7 +105,7 @@ function sourceOf(plugin: BenchPlugin): string {
 
 /** Several thousand events where the webhook is fast, fewer where it is slow, to keep the bench short. */
 export function eventsFor(latencyMs: number, events: number): number {
-    return latencyMs === 0 ? events : Math.max(100, Math.round(events / (latencyMs >= 50 ? 6 : 3)))
+    return latencyMs === 0 ? events : Math.max(100, Math.round(events / (latencyMs >= 50 ? 10 : 5)))
 }
 
 export async function measure(
@@ -62,7 +113,8 @@ export async function measure(
     path: HostPath,
     latencyMs: number,
     count: number,
-    workers: number
+    workers: number,
+    richEvents = false
 ): Promise<Figures> {
     const rx = await startReceiverThread(latencyMs)
     try {
@@ -71,7 +123,7 @@ export async function measure(
             path,
             workers,
             webhookUrl: rx.url,
-            events: [...sampleEvents(count)],
+            events: benchEvents(count, richEvents),
             pluginDir: PROJECT_PLUGIN_DIR,
             source: sourceOf(plugin),
         })
@@ -110,7 +162,8 @@ export async function runPluginTable(
     const figures = new Map<string, Figures>()
     write(
         `Plugins in the emulated ${BENCH_ERA} host (vm2 3.9.5, PostHog's transforms), embedded receiver on loopback in its own thread; ` +
-            `Kafka path with ${options.workers} worker thread(s) × 10 tasks; best of ${options.repeat} interleaved runs at 0 ms\n`
+            `Kafka path with ${options.workers} worker thread(s) × 10 tasks; best of ${options.repeat} interleaved runs at 0 ms` +
+            (options.richEvents ? '; events with posthog-js properties\n' : '\n')
     )
     write(
         cells(
@@ -125,7 +178,7 @@ export async function runPluginTable(
             for (let run = 0; run < runs; run++) {
                 for (const plugin of options.plugins) {
                     const key = `${latencyMs}/${path}/${plugin}`
-                    const f = await measure(plugin, path, latencyMs, count, options.workers)
+                    const f = await measure(plugin, path, latencyMs, count, options.workers, options.richEvents)
                     const best = figures.get(key)
                     if (!best || rate(f) > rate(best)) {
                         figures.set(key, f)
