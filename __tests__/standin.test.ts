@@ -238,12 +238,19 @@ describe('results', () => {
             'encoding test',
             'user/1',
             JSON.stringify({ $browser: 'Firefox', nested: { a: [1, 2] } }),
-            '2026-11-27T10:00:00.123456Z',
+            '2026-11-27T10:00:00.123000Z', // stored to the millisecond, as PostHog's ingestion writes it
             '2026-11-27T10:00:05Z',
             'Firefox',
             null,
         ])
         expect(reply.body).toMatchObject({ timezone: 'UTC', is_cached: false, error: null, hasMore: false })
+    })
+
+    it('refuses an event whose timestamp is not a time, naming the field', async () => {
+        await expect(
+            posthog.insertEvents([{ event: 'bad time', distinct_id: 'b', timestamp: 'yesterday' }])
+        ).rejects.toThrow('Expected `timestamp` to be an ISO 8601 time, got "yesterday"')
+        expect((await hogql("SELECT count() FROM events WHERE event = 'bad time'")).results).toEqual([[0]])
     })
 
     it('without LIMIT returns 100 rows with hasMore, limit and offset; with LIMIT caps at 50,000 and leaves them null', async () => {

@@ -16,7 +16,7 @@ const EVENTS_COLUMNS = `
     team_id Int64,
     distinct_id String,
     elements_chain String,
-    created_at DateTime64(6, 'UTC') DEFAULT now64(6, 'UTC'),
+    created_at DateTime64(6, 'UTC') DEFAULT now64(3, 'UTC'),
     person_id UUID,
     person_created_at DateTime64(3) DEFAULT toDateTime64(0, 3),
     person_properties String DEFAULT '',

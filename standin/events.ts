@@ -14,19 +14,21 @@ export interface StandInEvent {
     distinct_id: string
     /** An object (stored as its JSON) or the JSON text itself. Default `{}`. */
     properties?: Record<string, unknown> | string
-    /** When the event happened (client time): ISO 8601, `YYYY-MM-DD hh:mm:ss[.ffffff]` (UTC) or a Date. */
+    /** When the event happened (client time): ISO 8601, `YYYY-MM-DD hh:mm:ss[.fff]` (UTC) or a Date; kept to the ms. */
     timestamp: string | Date
-    /** When PostHog stored it. Default: the moment of insertion (ClickHouse's now64(6)), as ingestion does. */
+    /** When PostHog stored it. Default: the moment of insertion, in milliseconds, as ingestion sets it. */
     created_at?: string | Date
     elements_chain?: string
     /** Default: a UUID derived from distinct_id. */
     person_id?: string
 }
 
-/** An event as stored: every field filled in except `created_at` when the engine sets it. */
+/** An event as stored: every field filled in (times as ISO strings to the ms) except `created_at` when the engine sets it. */
 export interface StoredEvent extends StandInEvent {
     uuid: string
     properties: string
+    timestamp: string
+    created_at?: string
     person_id: string
 }
 
@@ -34,7 +36,7 @@ export interface SeedOptions {
     count: number
     /** The first event's timestamp. Default: 24 hours before now. */
     start?: string | Date
-    /** Microseconds between consecutive timestamps. Default 1000 (1 ms). */
+    /** Microseconds between consecutive timestamps. Default 1000 (1 ms); PostHog stores whole milliseconds. */
     stepMicros?: number
     /** How many consecutive events share one timestamp (ties). Default 1. */
     sameTimestamp?: number
@@ -54,8 +56,23 @@ export interface SeedOptions {
     propertyBytes?: number
 }
 
-function toTime(value: string | Date): string {
-    return value instanceof Date ? value.toISOString() : value
+/**
+ * A time as PostHog's ingestion stores it: UTC with millisecond precision (it writes `yyyy-MM-dd HH:mm:ss.u`, see
+ * standin/FACTS.md §7), so microseconds given here are dropped. A zone-less `YYYY-MM-DD hh:mm:ss` is UTC.
+ */
+export function storedTime(value: string | Date, field: string): string {
+    let ms: number
+    if (value instanceof Date) {
+        ms = value.getTime()
+    } else {
+        const text = value.trim()
+        const zoneless = /^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d+)?$/.test(text)
+        ms = Date.parse(zoneless ? `${text.replace(' ', 'T')}Z` : text)
+    }
+    if (!Number.isFinite(ms)) {
+        throw new Error(`Expected \`${field}\` to be an ISO 8601 time, got ${JSON.stringify(String(value))}`)
+    }
+    return new Date(ms).toISOString()
 }
 
 /** A stable person UUID for a distinct_id, so the same user keeps the same person. */
@@ -72,14 +89,14 @@ export function normalizeEvent(input: StandInEvent): StoredEvent {
     if (typeof input.distinct_id !== 'string') {
         throw new Error('Expected `distinct_id` to be a string')
     }
-    if (!(input.timestamp instanceof Date) && typeof input.timestamp !== 'string') {
-        throw new Error('Expected `timestamp` to be an ISO 8601 string or a Date')
-    }
     const properties = typeof input.properties === 'string' ? input.properties : JSON.stringify(input.properties ?? {})
+    const { created_at: createdAt, ...rest } = input
     return {
-        ...input,
+        ...rest,
         uuid: input.uuid ?? randomUUID(),
         properties,
+        timestamp: storedTime(input.timestamp, 'timestamp'),
+        ...(createdAt !== undefined ? { created_at: storedTime(createdAt, 'created_at') } : {}),
         person_id: input.person_id ?? personIdFor(input.distinct_id),
     }
 }
@@ -91,12 +108,12 @@ export function eventJsonLine(event: StoredEvent, teamId: number, createdAt?: st
         uuid: event.uuid,
         event: event.event,
         properties: event.properties,
-        timestamp: toTime(event.timestamp),
+        timestamp: event.timestamp,
         team_id: teamId,
         distinct_id: event.distinct_id,
         elements_chain: event.elements_chain ?? '',
         person_id: event.person_id,
-        ...(created !== undefined ? { created_at: toTime(created) } : {}),
+        ...(created !== undefined ? { created_at: storedTime(created, 'created_at') } : {}),
     })
 }
 
@@ -135,7 +152,7 @@ export function seedSql(table: string, teamId: number, options: SeedOptions, now
         const lag = Math.trunc(options.createdLagMicros ?? 0)
         createdAt = `fromUnixTimestamp64Micro(toInt64(${startMicros} + intDiv(number, ${group}) * ${step} + ${lag}), 'UTC')`
     } else if (options.createdAt === 'now') {
-        createdAt = `now64(6, 'UTC')`
+        createdAt = `now64(3, 'UTC')`
     } else {
         createdAt = `fromUnixTimestamp64Micro(toInt64(${microsOf(options.createdAt)}), 'UTC')`
     }
