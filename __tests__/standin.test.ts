@@ -349,6 +349,15 @@ describe('results', () => {
         expect(byTimestamp.results).toEqual([])
     })
 
+    it('late events can become visible after their created_at, as through Kafka', async () => {
+        const queryTime = Date.now()
+        const [event] = await posthog.insertLateEvents(1, { ageMs: 60_000, visibilityLagMs: 30_000, event: 'lag test' })
+        const reply = await hogql("SELECT created_at FROM events WHERE event = 'lag test'")
+        const createdAt = Date.parse(reply.results[0]?.[0] as string)
+        expect(event?.created_at).toBe(new Date(createdAt).toISOString())
+        expect(queryTime - createdAt).toBeGreaterThanOrEqual(29_000)
+    })
+
     it('serves a repeated query from cache until refresh is forced', async () => {
         posthog.setLimits({ cacheTtlMs: 60_000 })
         const query = "SELECT count() FROM events WHERE event = 'cache test'"

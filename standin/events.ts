@@ -102,8 +102,7 @@ export function normalizeEvent(input: StandInEvent): StoredEvent {
 }
 
 /** One JSONEachRow line for the events table. */
-export function eventJsonLine(event: StoredEvent, teamId: number, createdAt?: string | Date): string {
-    const created = event.created_at ?? createdAt
+export function eventJsonLine(event: StoredEvent, teamId: number): string {
     return JSON.stringify({
         uuid: event.uuid,
         event: event.event,
@@ -113,7 +112,7 @@ export function eventJsonLine(event: StoredEvent, teamId: number, createdAt?: st
         distinct_id: event.distinct_id,
         elements_chain: event.elements_chain ?? '',
         person_id: event.person_id,
-        ...(created !== undefined ? { created_at: storedTime(created, 'created_at') } : {}),
+        ...(event.created_at !== undefined ? { created_at: event.created_at } : {}),
     })
 }
 

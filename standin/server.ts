@@ -97,8 +97,20 @@ export interface StandInFaults {
     retryAfterSeconds?: number
     /** How long a slow query runs. Default: 50 ms past `maxExecutionSeconds` (so it times out). */
     slowMs?: number
-    /** After every `every`-th answered query, store `count` events `ageMs` old by timestamp, created now. */
-    late?: { every: number; count: number; ageMs: number }
+    /**
+     * After every `every`-th answered query, store `count` events `ageMs` old by timestamp, created now (or
+     * `visibilityLagMs` ago: PostHog sets created_at before the event reaches ClickHouse).
+     */
+    late?: { every: number; count: number; ageMs: number; visibilityLagMs?: number }
+}
+
+export interface LateOptions {
+    /** How old the events' timestamps are. Default one hour. */
+    ageMs?: number
+    /** How long before insertion their created_at lies. Default 0 (created now). */
+    visibilityLagMs?: number
+    /** Event name. Default `late event`. */
+    event?: string
 }
 
 export interface ApiKey {
@@ -155,7 +167,7 @@ export interface PostHogStandInClient {
     url: string
     projectId: number
     insertEvents(events: StandInEvent[], options?: { createdAt?: string | Date }): Promise<StoredEvent[]>
-    insertLateEvents(count: number, options?: { ageMs?: number; event?: string }): Promise<StoredEvent[]>
+    insertLateEvents(count: number, options?: LateOptions): Promise<StoredEvent[]>
     seed(options: SeedOptions): Promise<void>
     count(): Promise<number>
     setFaults(faults: StandInFaults): Promise<void> | void
@@ -397,7 +409,7 @@ class StandIn {
     private async maybeInsertLate(): Promise<void> {
         const late = this.faults.late
         if (late && late.every > 0 && this.answered % late.every === 0) {
-            const stored = await this.insertLateEvents(late.count, { ageMs: late.ageMs })
+            const stored = await this.insertLateEvents(late.count, late)
             this.counters.lateEvents += stored.length
         }
     }
@@ -538,23 +550,34 @@ class StandIn {
         return Buffer.concat([Buffer.from(before), result.results, Buffer.from(after)])
     }
 
+    /** Stores events; `createdAt` applies to those without their own created_at (default: the insert's moment). */
     async insertEvents(events: StandInEvent[], options: { createdAt?: string | Date } = {}): Promise<StoredEvent[]> {
-        const stored = events.map(normalizeEvent)
-        const lines = stored.map((event) => eventJsonLine(event, this.options.projectId, options.createdAt))
-        await this.store.insertJsonLines(lines.join('\n'))
+        const { createdAt } = options
+        const stored = events.map((event) =>
+            normalizeEvent(
+                createdAt !== undefined && event.created_at === undefined ? { ...event, created_at: createdAt } : event
+            )
+        )
+        await this.store.insertJsonLines(stored.map((event) => eventJsonLine(event, this.options.projectId)).join('\n'))
         return stored
     }
 
-    /** Events that happened `ageMs` ago (by their timestamp) but are stored now: PostHog's late arrivals. */
-    async insertLateEvents(count: number, options: { ageMs?: number; event?: string } = {}): Promise<StoredEvent[]> {
-        const at = this.clock() - (options.ageMs ?? 3600_000)
+    /**
+     * Events that happened `ageMs` ago (by their timestamp) but are stored now: PostHog's late arrivals. With
+     * `visibilityLagMs`, their created_at lies that far in the past, as when ingestion stamped them before Kafka
+     * and ClickHouse made them visible (standin/FACTS.md §7).
+     */
+    async insertLateEvents(count: number, options: LateOptions = {}): Promise<StoredEvent[]> {
+        const now = this.clock()
+        const at = now - (options.ageMs ?? 3600_000)
+        const createdAt = options.visibilityLagMs ? posthogDateTime(now - options.visibilityLagMs) : undefined
         const events = Array.from({ length: count }, (_, i) => ({
             event: options.event ?? 'late event',
             distinct_id: `late-user-${i % 10}`,
             properties: { late: true, n: i },
             timestamp: posthogDateTime(at + i),
         }))
-        return this.insertEvents(events)
+        return this.insertEvents(events, { createdAt })
     }
 
     async seed(options: SeedOptions): Promise<void> {
@@ -572,7 +595,7 @@ class StandIn {
             case '/_standin/events':
                 return this.insertEvents(body.events as StandInEvent[], body as { createdAt?: string })
             case '/_standin/late':
-                return this.insertLateEvents(Number(body.count), body as { ageMs?: number; event?: string })
+                return this.insertLateEvents(Number(body.count), body as LateOptions)
             case '/_standin/seed':
                 return this.seed(body as unknown as SeedOptions)
             case '/_standin/faults':

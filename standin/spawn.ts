@@ -12,7 +12,14 @@ import { randomBytes } from 'node:crypto'
 import { join } from 'node:path'
 
 import type { SeedOptions, StandInEvent, StoredEvent } from './events'
-import type { PostHogStandInClient, StandInFaults, StandInLimits, StandInOptions, StandInStats } from './server'
+import type {
+    LateOptions,
+    PostHogStandInClient,
+    StandInFaults,
+    StandInLimits,
+    StandInOptions,
+    StandInStats,
+} from './server'
 
 export interface SpawnOptions extends Pick<StandInOptions, 'apiKey' | 'projectId' | 'port' | 'host' | 'dataDir'> {
     limits?: Partial<StandInLimits>
@@ -87,8 +94,7 @@ export async function spawnPostHogStandIn(options: SpawnOptions): Promise<Spawne
         pid: child.pid as number,
         insertEvents: (events: StandInEvent[], opts: { createdAt?: string | Date } = {}) =>
             control<StoredEvent[]>('events', { events, ...opts }),
-        insertLateEvents: (count: number, opts: { ageMs?: number; event?: string } = {}) =>
-            control<StoredEvent[]>('late', { count, ...opts }),
+        insertLateEvents: (count: number, opts: LateOptions = {}) => control<StoredEvent[]>('late', { count, ...opts }),
         seed: async (opts: SeedOptions) => {
             await control('seed', opts)
         },
