@@ -23,10 +23,13 @@ type TaskMessage = Omit<Extract<ToWorker, { type: 'task' }>, 'id'>
 interface Slot {
     worker: Worker
     inFlight: number
+    /** Set once the thread died: it gets no more tasks, and its tasks in flight were rejected. */
+    dead: Error | null
 }
 
 interface Pending {
     resolve: (value: unknown) => void
+    reject: (error: Error) => void
     slot: Slot
 }
 
@@ -41,7 +44,11 @@ export interface WorkerReport {
  */
 export class WorkerPool {
     private readonly slots: Slot[] = []
-    private readonly queue: Array<{ message: TaskMessage; resolve: (value: unknown) => void }> = []
+    private readonly queue: Array<{
+        message: TaskMessage
+        resolve: (value: unknown) => void
+        reject: (error: Error) => void
+    }> = []
     private readonly pending = new Map<number, Pending>()
     private nextId = 1
     private readonly ready: Promise<void>
@@ -55,8 +62,9 @@ export class WorkerPool {
         const started: Promise<void>[] = []
         for (let n = 0; n < workers; n++) {
             const worker = new Worker(join(__dirname, 'worker-entry.js'), { workerData: data })
-            const slot: Slot = { worker, inFlight: 0 }
+            const slot: Slot = { worker, inFlight: 0, dead: null }
             this.slots.push(slot)
+            worker.on('error', (error) => this.died(slot, error))
             started.push(
                 new Promise((resolve, reject) => {
                     worker.once('error', reject)
@@ -89,28 +97,47 @@ export class WorkerPool {
      * setup has succeeded or the plugin was disabled.
      */
     reports(settle = false): Promise<WorkerReport[]> {
-        return Promise.all(this.slots.map((slot) => this.direct(slot, { type: 'report', id: 0, settle }))) as Promise<
-            WorkerReport[]
-        >
+        return Promise.all(
+            this.slots.filter((slot) => !slot.dead).map((slot) => this.direct(slot, { type: 'report', id: 0, settle }))
+        ) as Promise<WorkerReport[]>
     }
 
     async close(): Promise<void> {
-        await Promise.all(this.slots.map((slot) => this.direct(slot, { type: 'teardown', id: 0 })))
+        await Promise.allSettled(this.slots.map((slot) => this.direct(slot, { type: 'teardown', id: 0 })))
         await Promise.all(this.slots.map((slot) => slot.worker.terminate()))
     }
 
+    /** A crashed thread fails its tasks in flight, and the queue once no thread is left. */
+    private died(slot: Slot, error: Error): void {
+        slot.dead = error
+        for (const [id, pending] of this.pending) {
+            if (pending.slot === slot) {
+                this.pending.delete(id)
+                pending.reject(new Error(`a host worker thread crashed: ${error.message}`))
+            }
+        }
+        if (this.slots.every((s) => s.dead)) {
+            for (const queued of this.queue.splice(0)) {
+                queued.reject(new Error(`every host worker thread crashed: ${error.message}`))
+            }
+        }
+    }
+
     private direct(slot: Slot, message: Exclude<ToWorker, { type: 'task' }>): Promise<unknown> {
+        if (slot.dead) {
+            return Promise.reject(slot.dead)
+        }
         const id = this.nextId++
-        return new Promise((resolve) => {
+        return new Promise((resolve, reject) => {
             // Not counted against the thread's task limit.
-            this.pending.set(id, { resolve, slot: { ...slot, inFlight: 0 } })
+            this.pending.set(id, { resolve, reject, slot })
             slot.worker.postMessage({ ...message, id })
         })
     }
 
     private enqueue(message: TaskMessage): Promise<unknown> {
-        return new Promise((resolve) => {
-            this.queue.push({ message, resolve })
+        return new Promise((resolve, reject) => {
+            this.queue.push({ message, resolve, reject })
             this.dispatch()
         })
     }
@@ -119,7 +146,7 @@ export class WorkerPool {
         while (this.queue.length > 0) {
             let best: Slot | undefined
             for (const slot of this.slots) {
-                if (slot.inFlight < this.tasksPerWorker && (!best || slot.inFlight < best.inFlight)) {
+                if (!slot.dead && slot.inFlight < this.tasksPerWorker && (!best || slot.inFlight < best.inFlight)) {
                     best = slot
                 }
             }
@@ -132,7 +159,7 @@ export class WorkerPool {
             }
             const id = this.nextId++
             best.inFlight++
-            this.pending.set(id, { resolve: next.resolve, slot: best })
+            this.pending.set(id, { resolve: next.resolve, reject: next.reject, slot: best })
             best.worker.postMessage({ ...next.message, id } satisfies ToWorker)
         }
     }
@@ -177,6 +204,16 @@ async function instrumented<T>(event: unknown, task: () => Promise<T>): Promise<
  * Resolves with what the host saw of the onEvent call (null when processEvent dropped the event).
  */
 export async function eachMessage(pool: WorkerPool, message: string): Promise<CallOutcome | null> {
+    try {
+        return await runMessage(pool, message)
+    } catch (error) {
+        // Only a crashed worker thread gets here: the event is reported failed, never dropped.
+        const text = (error as Error).message
+        return { kind: 'failed', name: 'Error', message: text, retryable: false, hostRetries: 0, ms: 0 }
+    }
+}
+
+async function runMessage(pool: WorkerPool, message: string): Promise<CallOutcome | null> {
     const event = JSON.parse(message) as Record<string, unknown>
     const processed = (await instrumented(event, () => pool.run('processEvent', event))) as Record<
         string,

@@ -7,7 +7,7 @@ import type { ProcessedPluginEvent } from '@posthog/plugin-scaffold'
 
 import type { PatternsConfig, SenderStats } from '../index'
 import { Era, getEra } from './eras'
-import { CallOutcome, pluginConsole, PluginInstance, SetupStatus } from './instance'
+import { CallOutcome, hostMetaFor, pluginConsole, PluginInstance, SetupStatus } from './instance'
 import { DEFAULT_TASKS_PER_WORKER, DEFAULT_WORKERS, eachMessage, microBatches, WorkerPool, WorkerReport } from './kafka'
 import { createPluginVm, PluginLoadError, PluginVm, readPluginSource, transpileForEra } from './loader'
 
@@ -115,10 +115,7 @@ export function loadForEra(
         logs.push(line)
         echo?.(line)
     }
-    const config = Object.freeze({ ...options.config })
-    const hostMeta = era.metaFetch
-        ? { config, logger: pluginConsole(log), fetch: era.metaFetch, geoip: {} }
-        : { config, attachments: {}, cache: {}, storage: {}, jobs: {}, metrics: {}, utils: {}, geoip: {} }
+    const hostMeta = hostMetaFor(era, options.config ?? {}, log)
     const vm = createPluginVm(code, era, { console: pluginConsole(log), hostMeta, now: options.now })
     if (!vm.methods.onEvent) {
         throw new PluginLoadError('the plugin exports no onEvent')
