@@ -8,7 +8,7 @@ import { behindNowMs, parseDuration, parsePostHogUrl, parseSyncArgs } from '../s
 import { classifyQueryResponse, errorDetail, PostHogQueryError, queryBackoffMs, rateLimitWaitMs } from '../sync/posthog'
 import { afterCursor, buildPageQuery, cursorAfterShortPage, hogqlString, scanUpperMs } from '../sync/query'
 import { parseProperties, rowToEvent, toIsoUtc } from '../sync/rows'
-import { horizonFor } from '../sync/source'
+import { horizonFor, nextScanStep } from '../sync/source'
 
 const target = { origin: 'https://us.posthog.com', projectId: '12345' }
 const NOW = Date.parse('2026-11-27T07:00:00Z')
@@ -97,6 +97,39 @@ describe('rows to events', () => {
                 $set_once: { first: '/' },
             },
         })
+    })
+
+    it('sends PostHog’s properties text as is when nothing in it changes: the same JSON as the object form', () => {
+        const row = [
+            '0190a1b2-0000-7000-8000-00000000000a',
+            '$autocapture',
+            'user-2',
+            '2026-11-20T10:00:00Z',
+            '{"$browser":"Firefox","nested":{"a":[1,2]},"quote":"\\"x\\""}',
+            'button.btn:text="Sign up"',
+            1795000000999,
+        ]
+        const fast = rowToEvent(row, at, 7, true)
+        const slow = rowToEvent(row, at, 7, false)
+        expect(fast.text).toBeDefined()
+        expect(fast.text).toContain('"properties":{"$browser":"Firefox","nested":{"a":[1,2]},"quote":"\\"x\\""}')
+        expect(JSON.parse(fast.text as string)).toEqual(slow.event)
+        expect(Object.keys(JSON.parse(fast.text as string))).toEqual(Object.keys(slow.event))
+    })
+
+    it('parses properties when person updates must be lifted, or the text is not an object', () => {
+        const withSet = [
+            '0190a1b2-0000-7000-8000-00000000000b',
+            '$identify',
+            'u',
+            '2026-11-20T10:00:00Z',
+            '{"$set":{"a":1}}',
+            '',
+            1,
+        ]
+        expect(rowToEvent(withSet, at, 7, true).text).toBeUndefined()
+        const broken = ['0190a1b2-0000-7000-8000-00000000000c', 'x', 'u', '2026-11-20T10:00:00Z', 'not json', '', 1]
+        expect(() => rowToEvent(broken, at, 7, true)).toThrow()
     })
 
     it('reads PostHog datetimes with or without microseconds, Z, or an offset', () => {
@@ -290,7 +323,7 @@ describe('flags', () => {
 
     it('defaults --since to now and --until to now minus the lag', () => {
         const args = parseSyncArgs(required, env, NOW)
-        expect(args).toMatchObject({ sinceMs: NOW, untilMs: NOW - 60_000, follow: false, pageSize: 10_000 })
+        expect(args).toMatchObject({ sinceMs: NOW, untilMs: NOW - 60_000, follow: false, pageSize: 5_000 })
     })
 
     it('names the flag and the fix for each mistake', () => {
@@ -314,5 +347,14 @@ describe('flags', () => {
     it('measures how far behind now the feed is', () => {
         expect(behindNowMs({ cursorMs: NOW - 5_000, caughtUp: false, horizonMs: NOW - 60_000 }, NOW)).toBe(5_000)
         expect(behindNowMs({ cursorMs: NOW - 5_000, caughtUp: true, horizonMs: NOW - 60_000 }, NOW)).toBe(60_000)
+    })
+})
+
+describe('the scan step', () => {
+    it('narrows to about two pages after a full page, and goes wide after a short one', () => {
+        expect(nextScanStep('full', 30_000, 86_400_000)).toBe(60_000)
+        expect(nextScanStep('full', 0, 86_400_000)).toBe(1_000)
+        expect(nextScanStep('full', 10 * 86_400_000, 86_400_000)).toBe(86_400_000)
+        expect(nextScanStep('short', 0, 86_400_000)).toBe(86_400_000)
     })
 })

@@ -134,7 +134,7 @@ function clickhouseUuidKey(uuid: string): string {
 }
 
 describe('the cursor', () => {
-    it('delivers 300 events sharing one created_at across 8 pages exactly once, in ClickHouse UUID order', async () => {
+    it('delivers 300 events sharing one created_at across 8 full pages exactly once, in ClickHouse UUID order', async () => {
         const r = await rx()
         const createdAt = new Date(Date.now() - HOUR).toISOString()
         const tied = events(300, { createdAt })
@@ -151,7 +151,8 @@ describe('the cursor', () => {
         // The text order of these UUIDs is the reverse of ClickHouse's: comparing strings would have broken ties.
         expect([...expected].sort()).not.toEqual(expected)
         expect(stdout).toMatch(/delivered\s+300/)
-        expect(stdout).toMatch(/PostHog requests\s+8\b/)
+        // 8 pages of 40, then one to the horizon past the tied millisecond (the scan narrowed to it).
+        expect(stdout).toMatch(/PostHog requests\s+9\b/)
     })
 
     it('reads by ingestion time: an event with an old timestamp but a recent created_at is delivered', async () => {
@@ -262,7 +263,7 @@ describe("PostHog's limits and errors", () => {
         )
         // Two queries fit the minute; the third waits for the window, so the run is interrupted, not throttled.
         expect(code).toBe(130)
-        expect(stderr).toMatch(/waiting \d+s: client-side rate limit/)
+        expect(stderr).toMatch(/waiting (\d+m)?\d+s: client-side rate limit/)
         expect(standin.log.map((q) => q.status)).toEqual([200, 200])
         expect(new Set(receivedUuids(r)).size).toBe(60)
     })

@@ -217,6 +217,35 @@ function readFlags(argv: string[]) {
     }
 }
 
+type Flags = ReturnType<typeof readFlags>
+
+/** The delivery half of the options, parsed by the plugin's own parseConfig (errors name the field, never its value). */
+function deliveryConfig(values: Flags, webhookUrl: string, env: Record<string, string | undefined>) {
+    try {
+        return parseConfig(
+            {
+                webhookUrl,
+                allowedEventTypes: values['allowed-events'],
+                excludedEventTypes: values['excluded-events'],
+                excludedProperties: values['excluded-properties'],
+                customHeaders: values['custom-headers'] ?? env.PATTERNS_CUSTOM_HEADERS,
+                signingSecret: values['signing-secret'] ?? env.PATTERNS_SIGNING_SECRET,
+            },
+            {
+                requestTimeoutMs: wholeNumber('timeout', values.timeout, DEFAULT_REQUEST_TIMEOUT_MS / 1000) * 1000,
+                deadlineMs: wholeNumber('retry-for', values['retry-for'], REPLAY_BATCH_DEADLINE_MS / 1000) * 1000,
+                maxBatchEvents: wholeNumber('batch-events', values['batch-events'], DEFAULT_MAX_BATCH_EVENTS),
+                maxBatchBytes: wholeNumber('batch-bytes', values['batch-bytes'], DEFAULT_MAX_BATCH_BYTES),
+            }
+        )
+    } catch (error) {
+        if (error instanceof SyncUsageError) {
+            throw error
+        }
+        throw new SyncUsageError((error as Error).message)
+    }
+}
+
 /** Validates every flag once, naming the flag and the fix. Returns null for --help. */
 export function parseSyncArgs(argv: string[], env: Record<string, string | undefined>, nowMs: number): SyncArgs | null {
     const values = readFlags(argv)
@@ -246,28 +275,7 @@ export function parseSyncArgs(argv: string[], env: Record<string, string | undef
     if (untilMs !== null && values.until !== undefined && untilMs <= sinceMs) {
         throw new SyncUsageError(`--until must be after --since (${new Date(sinceMs).toISOString()})`)
     }
-    let config
-    try {
-        config = parseConfig(
-            {
-                webhookUrl,
-                allowedEventTypes: values['allowed-events'],
-                excludedEventTypes: values['excluded-events'],
-                excludedProperties: values['excluded-properties'],
-                customHeaders: values['custom-headers'] ?? env.PATTERNS_CUSTOM_HEADERS,
-                signingSecret: values['signing-secret'] ?? env.PATTERNS_SIGNING_SECRET,
-            },
-            {
-                requestTimeoutMs: wholeNumber('timeout', values.timeout, DEFAULT_REQUEST_TIMEOUT_MS / 1000) * 1000,
-                deadlineMs: wholeNumber('retry-for', values['retry-for'], REPLAY_BATCH_DEADLINE_MS / 1000) * 1000,
-                maxBatchEvents: wholeNumber('batch-events', values['batch-events'], DEFAULT_MAX_BATCH_EVENTS),
-                maxBatchBytes: wholeNumber('batch-bytes', values['batch-bytes'], DEFAULT_MAX_BATCH_BYTES),
-            }
-        )
-    } catch (error) {
-        // Config errors name the field and never contain its value.
-        throw new SyncUsageError((error as Error).message)
-    }
+    const config = deliveryConfig(values, webhookUrl, env)
     const duration = (flag: 'poll-interval' | 'late-window' | 'query-timeout', fallback: number): number => {
         const text = values[flag]
         const ms = text === undefined ? fallback : parseDuration(flag, text)
@@ -354,57 +362,57 @@ export interface SyncIO {
     stderr: NodeJS.WritableStream & { isTTY?: boolean }
 }
 
-/** The whole command, with injectable output; returns the exit code. Every line is redacted before printing. */
-export async function runSyncCli(
-    argv: string[],
-    env: Record<string, string | undefined>,
-    io: SyncIO,
-    signal?: AbortSignal
-): Promise<number> {
+/** Everything printed goes through here: every known secret is removed first, as a net under messages. */
+function redactingOutput(io: SyncIO, env: Record<string, string | undefined>) {
     const secrets = [env.POSTHOG_API_KEY, env.PATTERNS_WEBHOOK_URL].filter((s): s is string =>
         Boolean(s && s.length >= 4)
     )
+    const tty = Boolean(io.stderr.isTTY)
     const write = (stream: NodeJS.WritableStream, text: string): void => {
         stream.write(redactText(text, secrets))
     }
-    let args: SyncArgs | null
-    try {
-        args = parseSyncArgs(argv, env, Date.now())
-    } catch (error) {
-        write(io.stderr, `error: ${(error as Error).message}\n`)
-        return 2
+    return {
+        tty,
+        out: (text: string) => write(io.stdout, text),
+        /** A line on stderr, first clearing a progress line a terminal may show. */
+        line: (text: string) => write(io.stderr, `${tty ? '\r\x1b[K' : ''}${text}\n`),
+        raw: (text: string) => write(io.stderr, text),
+        addSecrets: (more: string[]) => {
+            secrets.push(...more)
+            secrets.sort((a, b) => b.length - a.length)
+        },
     }
-    if (!args) {
-        write(io.stdout, SYNC_HELP)
-        return 0
+}
+
+type Output = ReturnType<typeof redactingOutput>
+
+/** The progress line: redrawn in place on a terminal, every 5 s otherwise. */
+function progressPrinter(output: Output): (p: SyncProgress) => void {
+    const started = Date.now()
+    let lastPlain = 0
+    return (p) => {
+        const line = syncProgressLine(p, Date.now() - started, Date.now())
+        if (output.tty) {
+            output.raw(`\r\x1b[K${line}`)
+        } else if (Date.now() - lastPlain >= 5_000) {
+            lastPlain = Date.now()
+            output.raw(`${line}\n`)
+        }
     }
-    secrets.push(args.apiKey, ...args.config.secrets)
-    secrets.sort((a, b) => b.length - a.length)
-    const binding: SourceBinding = {
+}
+
+function bindingOf(args: SyncArgs): SourceBinding {
+    return {
         host: args.origin,
         projectId: args.projectId,
         allowedEvents: args.config.allowedEvents ? [...args.config.allowedEvents] : null,
         excludedEvents: [...args.config.excludedEvents],
         since: new Date(args.sinceMs).toISOString(),
     }
-    let start
-    try {
-        start = resumeFrom(args.checkpointFile, binding, args.sinceGiven)
-    } catch (error) {
-        write(io.stderr, `error: ${(error as Error).message}\n`)
-        return error instanceof CheckpointError ? 2 : 1
-    }
-    const tty = Boolean(io.stderr.isTTY)
-    write(
-        io.stderr,
-        `Syncing project ${args.projectId} from ${args.origin} to ${args.config.redactedUrl}, ` +
-            (start.resumed
-                ? `resuming after ${new Date(start.cursor.ms).toISOString()}`
-                : `from ${start.binding.since}`) +
-            (args.follow ? ', following' : `, until ${new Date(args.untilMs ?? 0).toISOString()}`) +
-            '\n'
-    )
-    const client = new QueryClient({
+}
+
+function queryClient(args: SyncArgs, output: Output, signal?: AbortSignal): QueryClient {
+    return new QueryClient({
         origin: args.origin,
         projectId: args.projectId,
         apiKey: args.apiKey,
@@ -413,63 +421,77 @@ export async function runSyncCli(
         limits: { perMinute: args.perMinute, perHour: args.perHour },
         signal,
         onWait: (reason, waitMs) => {
+            // Short waits for the client-side limit are routine; retries and long waits are worth a line.
             if (reason !== 'client-side rate limit' || waitMs >= 5_000) {
-                write(io.stderr, `${tty ? '\r\x1b[K' : ''}waiting ${seconds(waitMs)}: ${reason}\n`)
+                output.line(`waiting ${seconds(waitMs)}: ${reason}`)
             }
         },
     })
-    const started = Date.now()
-    let lastPlain = 0
+}
+
+/** 2 for configuration PostHog refused (key, scope, project), 130 interrupted, 1 anything left undone. */
+export function syncExitCode(report: SyncReport, aborted: boolean): number {
+    if (report.sourceError instanceof PostHogQueryError && report.sourceError.isConfig) {
+        return 2
+    }
+    if (aborted) {
+        return 130
+    }
+    return !report.stopped && report.deadLettered === 0 && report.malformed === 0 ? 0 : 1
+}
+
+/** The whole command, with injectable output; returns the exit code. Every line is redacted before printing. */
+export async function runSyncCli(
+    argv: string[],
+    env: Record<string, string | undefined>,
+    io: SyncIO,
+    signal?: AbortSignal
+): Promise<number> {
+    const output = redactingOutput(io, env)
+    let args: SyncArgs | null
+    let start: ReturnType<typeof resumeFrom>
+    try {
+        args = parseSyncArgs(argv, env, Date.now())
+        if (!args) {
+            output.out(SYNC_HELP)
+            return 0
+        }
+        output.addSecrets([args.apiKey, ...args.config.secrets])
+        start = resumeFrom(args.checkpointFile, bindingOf(args), args.sinceGiven)
+    } catch (error) {
+        output.line(`error: ${(error as Error).message}`)
+        return error instanceof SyncUsageError || error instanceof CheckpointError ? 2 : 1
+    }
+    const from = start.resumed
+        ? `resuming after ${new Date(start.cursor.ms).toISOString()}`
+        : `from ${start.binding.since}`
+    const to = args.follow ? 'following' : `until ${new Date(args.untilMs ?? 0).toISOString()}`
+    output.line(`Syncing project ${args.projectId} from ${args.origin} to ${args.config.redactedUrl}, ${from}, ${to}`)
     let report: SyncReport
     try {
         report = await sync({
-            client,
+            ...args,
+            client: queryClient(args, output, signal),
             start: start.cursor,
             teamId: Number(args.projectId),
-            follow: args.follow,
-            untilMs: args.untilMs,
-            lagMs: args.lagMs,
-            pollIntervalMs: args.pollIntervalMs,
-            lateWindowMs: args.lateWindowMs,
-            pageSize: args.pageSize,
-            allowedEvents: binding.allowedEvents,
-            excludedEvents: binding.excludedEvents,
-            config: args.config,
+            allowedEvents: start.binding.allowedEvents,
+            excludedEvents: start.binding.excludedEvents,
             env: nodeEnv(),
-            concurrency: args.concurrency,
             binding: start.binding,
-            checkpointFile: args.checkpointFile,
-            deadLetterFile: args.deadLetterFile,
             signal,
-            onProgress: (p) => {
-                const line = syncProgressLine(p, Date.now() - started, Date.now())
-                if (tty) {
-                    write(io.stderr, `\r\x1b[K${line}`)
-                } else if (Date.now() - lastPlain >= 5_000) {
-                    lastPlain = Date.now()
-                    write(io.stderr, `${line}\n`)
-                }
-            },
-            onWarning: (message) => write(io.stderr, `${tty ? '\r\x1b[K' : ''}warning: ${message}\n`),
+            onProgress: progressPrinter(output),
+            onWarning: (message) => output.line(`warning: ${message}`),
         })
     } catch (error) {
-        write(io.stderr, `${tty ? '\n' : ''}error: ${(error as Error).message}\n`)
+        output.line(`error: ${(error as Error).message}`)
         return 1
     }
-    if (tty) {
-        write(io.stderr, '\n')
+    if (output.tty) {
+        output.raw('\n')
     }
-    const failure = report.sourceError
-    if (failure instanceof PostHogQueryError) {
-        write(io.stderr, `error: ${failure.message}\n`)
+    if (report.sourceError instanceof PostHogQueryError) {
+        output.line(`error: ${report.sourceError.message}`)
     }
-    write(io.stdout, `Sync ${report.stopped ? 'stopped' : 'finished'}\n${syncSummaryText(report)}\n`)
-    if (failure instanceof PostHogQueryError && failure.isConfig) {
-        return 2
-    }
-    if (signal?.aborted) {
-        return 130
-    }
-    const clean = !report.stopped && report.deadLettered === 0 && report.malformed === 0
-    return clean ? 0 : 1
+    output.out(`Sync ${report.stopped ? 'stopped' : 'finished'}\n${syncSummaryText(report)}\n`)
+    return syncExitCode(report, Boolean(signal?.aborted))
 }

@@ -44,7 +44,7 @@ export const PAGE_COLUMNS = [
     'uuid',
     'event',
     'distinct_id',
-    'timestamp',
+    'timestamp_ms',
     'properties',
     'elements_chain',
     'created_at_ms',
@@ -102,8 +102,9 @@ export function buildPageQuery(input: PageQueryInput): string {
         where.push(`event NOT IN (${input.excludedEvents.map(hogqlString).join(', ')})`)
     }
     return [
-        'SELECT uuid, event, distinct_id, timestamp, properties, elements_chain,',
-        '    toUnixTimestamp64Milli(created_at) AS created_at_ms',
+        // Datetimes as integer milliseconds: no time zone, no text to parse, and the plugin's precision.
+        'SELECT uuid, event, distinct_id, toUnixTimestamp64Milli(timestamp) AS timestamp_ms, properties,',
+        '    elements_chain, toUnixTimestamp64Milli(created_at) AS created_at_ms',
         'FROM events',
         `WHERE ${where.join('\n    AND ')}`,
         'ORDER BY created_at_ms ASC, uuid ASC',

@@ -22,6 +22,11 @@ export interface SyncedEvent {
 export interface PageRow {
     event: SyncedEvent
     createdAtMs: number
+    /**
+     * The event's JSON, built around PostHog's own properties text without parsing it, when properties need no
+     * editing. `event.properties` is then left empty: the pipeline sends `text` and reads only name and uuid.
+     */
+    text?: string
 }
 
 export class RowError extends Error {
@@ -45,6 +50,14 @@ export function toIsoUtc(value: unknown): string {
         throw new RowError(`unreadable datetime ${JSON.stringify(value)}`)
     }
     return new Date(ms).toISOString()
+}
+
+/** `timestamp_ms` as ISO 8601 in UTC with milliseconds; a datetime text (the `timestamp` column) is read too. */
+export function timestampOf(ms: unknown, text: unknown): string {
+    if (typeof ms === 'number' && Number.isSafeInteger(ms)) {
+        return new Date(ms).toISOString()
+    }
+    return toIsoUtc(text)
 }
 
 /** `properties` comes back as the JSON text PostHog stores; an empty string means no properties. */
@@ -78,12 +91,46 @@ export function columnIndexes(columns: readonly string[], needed: readonly strin
     return indexes
 }
 
-export function rowToEvent(row: readonly unknown[], at: Record<string, number>, teamId: number): PageRow {
+/** PostHog's properties text, usable as is: a JSON object as PostHog serialised it, with no person updates to lift. */
+function verbatimProperties(value: unknown): string | null {
+    if (typeof value !== 'string' || value.length < 2 || value[0] !== '{' || value[value.length - 1] !== '}') {
+        return null
+    }
+    return value.includes('"$set') ? null : value
+}
+
+/**
+ * A row as the plugin's event. With `keepText`, properties are not parsed when they can be sent as PostHog stored
+ * them (most rows): the event's JSON is assembled around them, in the same key order as the object form.
+ */
+export function rowToEvent(
+    row: readonly unknown[],
+    at: Record<string, number>,
+    teamId: number,
+    keepText = false
+): PageRow {
     const get = (name: string): unknown => row[at[name] ?? -1]
     const uuid = get('uuid')
     const createdAtMs = Number(get('created_at_ms'))
     if (typeof uuid !== 'string' || !Number.isSafeInteger(createdAtMs)) {
         throw new RowError(`a row without a readable uuid or created_at: ${JSON.stringify(row).slice(0, 200)}`)
+    }
+    const verbatim = keepText ? verbatimProperties(get('properties')) : null
+    if (verbatim !== null) {
+        const event: SyncedEvent = {
+            uuid,
+            event: String(get('event')),
+            distinct_id: String(get('distinct_id')),
+            team_id: teamId,
+            ip: null,
+            timestamp: timestampOf(get('timestamp_ms'), get('timestamp')),
+            properties: {},
+        }
+        const chain = get('elements_chain')
+        const tail = typeof chain === 'string' && chain !== '' ? `,"elements_chain":${JSON.stringify(chain)}` : ''
+        const head = JSON.stringify({ ...event, properties: 0 })
+        const text = `${head.slice(0, head.length - '0}'.length)}${verbatim}${tail}}`
+        return { event, createdAtMs, text }
     }
     const properties = parseProperties(get('properties'))
     const event: SyncedEvent = {
@@ -92,7 +139,7 @@ export function rowToEvent(row: readonly unknown[], at: Record<string, number>, 
         distinct_id: String(get('distinct_id')),
         team_id: teamId,
         ip: null,
-        timestamp: toIsoUtc(get('timestamp')),
+        timestamp: timestampOf(get('timestamp_ms'), get('timestamp')),
         properties,
     }
     // The plugin's event carries person updates at the top level too (PostHog's convertToProcessedPluginEvent).

@@ -14,9 +14,27 @@ export const DEFAULT_LAG_MS = 60_000
 export const DEFAULT_POLL_INTERVAL_MS = 15_000
 /** How long before its created_at an event's own timestamp may be and still be read (late arrivals). */
 export const DEFAULT_LATE_WINDOW_MS = 7 * 24 * 3600 * 1000
-export const DEFAULT_PAGE_SIZE = 10_000
+/**
+ * Events per query. PostHog allows 50,000; 5,000 keeps two pages (the one being delivered and the one prefetched)
+ * and the garbage of parsing them within the sync's memory ceiling, and at 200 queries a minute still reads
+ * 1,000,000 events a minute.
+ */
+export const DEFAULT_PAGE_SIZE = 5_000
 /** The created_at span one query covers at most (see `scanUpperMs`). */
 export const DEFAULT_SCAN_STEP_MS = 24 * 3600 * 1000
+/** The smallest created_at span a query is narrowed to. */
+export const MIN_SCAN_STEP_MS = 1_000
+
+/**
+ * The created_at span for the next query, from what the last one found. A full page that covered `spanMs` means
+ * about a page per `spanMs`: twice that keeps the next query's range to about two pages of rows, so ClickHouse
+ * reads and sorts a little more than a page, not everything stored since. A short page before the horizon means
+ * the rest may be sparse: the next query goes wide again, and a full page narrows it. Only the upper bound moves,
+ * so this changes cost, never what is read.
+ */
+export function nextScanStep(page: 'full' | 'short', spanMs: number, maxMs: number): number {
+    return page === 'full' ? Math.min(maxMs, Math.max(MIN_SCAN_STEP_MS, 2 * spanMs)) : maxMs
+}
 
 export interface SourceOptions {
     run: (hogql: string) => Promise<QueryResponse>
@@ -30,6 +48,11 @@ export interface SourceOptions {
     lateWindowMs?: number
     pageSize?: number
     scanStepMs?: number
+    /**
+     * Send PostHog's properties text as is (no parse, no re-serialise) where nothing in it must change: true when
+     * no property is excluded.
+     */
+    keepText?: boolean
     allowedEvents: readonly string[] | null
     excludedEvents: readonly string[]
     now?: () => number
@@ -53,19 +76,28 @@ export function horizonFor(nowMs: number, lagMs: number, untilMs: number | null)
 }
 
 /** A page's rows as pipeline records; a row that cannot be read becomes a dead letter, not a gap. */
-export function pageRecords(response: QueryResponse, teamId: number, previous: Cursor): SourceRecord<Cursor>[] {
-    const at = columnIndexes(response.columns, ['uuid', 'event', 'distinct_id', 'timestamp', 'properties'])
+export function pageRecords(
+    response: QueryResponse,
+    teamId: number,
+    previous: Cursor,
+    keepText = false
+): SourceRecord<Cursor>[] {
+    const at = columnIndexes(response.columns, ['uuid', 'event', 'distinct_id', 'properties'])
     const keyAt = columnIndexes(response.columns, ['uuid', 'created_at_ms'])
+    const optional = (name: string): number => response.columns.indexOf(name)
+    const columns = {
+        ...at,
+        ...keyAt,
+        timestamp_ms: optional('timestamp_ms'),
+        timestamp: optional('timestamp'),
+        elements_chain: optional('elements_chain'),
+    }
     const records: SourceRecord<Cursor>[] = []
     let cursor = previous
     for (const row of response.results) {
         let read: PageRow
         try {
-            read = rowToEvent(
-                row,
-                { ...at, ...keyAt, elements_chain: response.columns.indexOf('elements_chain') },
-                teamId
-            )
+            read = rowToEvent(row, columns, teamId, keepText)
         } catch (error) {
             // The key columns alone still place the row, so the cursor moves past it and it is not lost silently.
             const ms = Number(row[keyAt.created_at_ms ?? -1])
@@ -83,13 +115,19 @@ export function pageRecords(response: QueryResponse, teamId: number, previous: C
             continue
         }
         cursor = cursorAfter(cursor, { createdAtMs: read.createdAtMs, uuid: read.event.uuid })
-        records.push({ position: cursor, kind: 'event', event: read.event as unknown as Record<string, unknown> })
+        const event = read.event as unknown as Record<string, unknown>
+        records.push(
+            read.text
+                ? { position: cursor, kind: 'event', event, text: read.text }
+                : { position: cursor, kind: 'event', event }
+        )
     }
     return records
 }
 
 interface PagePlan {
     response: Promise<QueryResponse>
+    from: Cursor
     upperMs: number
     horizonMs: number
 }
@@ -105,9 +143,11 @@ export async function* posthogSource(options: SourceOptions): AsyncGenerator<Sou
     const sleep = options.sleep ?? abortableSleep
     const lagMs = options.lagMs ?? DEFAULT_LAG_MS
     const pageSize = options.pageSize ?? DEFAULT_PAGE_SIZE
+    const maxStepMs = options.scanStepMs ?? DEFAULT_SCAN_STEP_MS
+    let stepMs = maxStepMs
     const plan = (from: Cursor): PagePlan => {
         const horizonMs = horizonFor(now(), lagMs, options.follow ? null : options.untilMs)
-        const upperMs = scanUpperMs(from, horizonMs, options.scanStepMs ?? DEFAULT_SCAN_STEP_MS)
+        const upperMs = scanUpperMs(from, horizonMs, stepMs)
         const response = options.run(
             buildPageQuery({
                 cursor: from,
@@ -121,12 +161,12 @@ export async function* posthogSource(options: SourceOptions): AsyncGenerator<Sou
         )
         // Awaited below; until then a failure must not count as unhandled.
         response.catch(() => undefined)
-        return { response, upperMs, horizonMs }
+        return { response, from, upperMs, horizonMs }
     }
     let scan = options.start
     let next: PagePlan | null = null
     while (!options.signal?.aborted) {
-        const { response: pending, upperMs, horizonMs } = next ?? plan(scan)
+        const { response: pending, from, upperMs, horizonMs } = next ?? plan(scan)
         next = null
         let response: QueryResponse
         try {
@@ -137,13 +177,15 @@ export async function* posthogSource(options: SourceOptions): AsyncGenerator<Sou
             }
             throw error
         }
-        const records = pageRecords(response, options.teamId, scan)
+        const records = pageRecords(response, options.teamId, scan, options.keepText ?? false)
         scan = records[records.length - 1]?.position ?? scan
         // With a LIMIT, PostHog returns min(LIMIT, 50,000) rows and no hasMore: a full page may have more.
         const full = records.length >= pageSize || response.hasMore === true
         if (full) {
+            stepMs = nextScanStep('full', scan.ms - from.ms, maxStepMs)
             next = plan(scan)
         } else {
+            stepMs = nextScanStep('short', 0, maxStepMs)
             scan = cursorAfterShortPage(scan, upperMs)
         }
         const caughtUp = !full && upperMs >= horizonMs

@@ -70,6 +70,7 @@ export async function sync(options: SyncOptions): Promise<SyncReport> {
     const pages = posthogSource({
         ...options,
         run: (hogql) => client.run(hogql),
+        keepText: options.config.excludedProperties.length === 0,
         signal: options.signal,
         onPage: (info) => {
             page = info

@@ -1,0 +1,180 @@
+/**
+ * `npx tsx bench/sync.ts [--events N] [--quick]`: sync of N events (default 1,000,000) from the PostHog stand-in,
+ * next to replay of the same events in the same run, both as the CLI a user runs, against one receiver.
+ *
+ * - Throughput: sync's events/s against replay's (target: sync ≥ 50% of replay). Sync pays for what replay does
+ *   not: HogQL parsing and a ClickHouse query per page, JSON results, and rebuilding each event.
+ * - Peak RSS of the sync process (VmHWM from /proc), against an idle Node process with the same TypeScript loader
+ *   (baseline) and a ceiling of 250 MB. The stand-in and the receiver run in this process, not in the measured one.
+ *
+ * `benchSync()` is exported so `npm run bench` can add it.
+ */
+import { createWriteStream, mkdtempSync, rmSync } from 'node:fs'
+import { cpus, tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { parseArgs } from 'node:util'
+
+import type { ProcessedPluginEvent } from '@posthog/plugin-scaffold'
+
+import { sampleEvent } from '../host/sample-events'
+import { seededRandom, startReceiver } from '../receiver/receiver'
+import { StandInEvent, startPostHogStandIn } from '../standin/server'
+import { DEFAULT_PAGE_SIZE } from '../sync/source'
+import { measureReplayRss, peakRssMb } from './replay'
+
+export const SYNC_THROUGHPUT_TARGET = 0.5
+export const SYNC_RSS_CEILING_MB = 250
+const BIN = join(__dirname, '..', 'bin', 'patterns-connector.js')
+const PROJECT_ID = 1
+/** Rows per insert into the stand-in while seeding. */
+const INSERT_CHUNK = 25_000
+/** Events are 250 ms apart (sampleEvent); PostHog stores each 1.5 s after its timestamp. */
+const INGESTION_DELAY_MS = 1_500
+
+export interface SyncBench {
+    events: number
+    sync: { ms: number; peakMb: number; rows: number; requests: number }
+    replay: { ms: number; peakMb: number; rows: number }
+    idleMb: number
+    pageSize: number
+}
+
+const perSecond = (events: number, ms: number): number => Math.round(events / Math.max(ms / 1000, 0.001))
+
+/** The event as sync delivers it (the plugin's shape, `elements` aside), and as the stand-in stores it. */
+function bothForms(event: ProcessedPluginEvent): { line: string; stored: StandInEvent } {
+    const properties: Record<string, unknown> = { ...event.properties }
+    // PostHog keeps person updates inside properties; the plugin's event also carries them at the top level.
+    if (event.$set) {
+        properties.$set = event.$set
+    }
+    if (event.$set_once) {
+        properties.$set_once = event.$set_once
+    }
+    const delivered = {
+        uuid: event.uuid,
+        event: event.event,
+        distinct_id: event.distinct_id,
+        team_id: PROJECT_ID,
+        ip: null,
+        timestamp: event.timestamp,
+        properties,
+        ...(event.$set ? { $set: event.$set } : {}),
+        ...(event.$set_once ? { $set_once: event.$set_once } : {}),
+    }
+    const stored: StandInEvent = {
+        uuid: event.uuid,
+        event: event.event,
+        distinct_id: event.distinct_id,
+        properties,
+        timestamp: event.timestamp,
+        created_at: new Date(Date.parse(event.timestamp) + INGESTION_DELAY_MS).toISOString(),
+    }
+    return { line: JSON.stringify(delivered) + '\n', stored }
+}
+
+/** The same `count` events into the stand-in and into a JSON Lines file for replay; stored between `startMs` and now. */
+async function seedBoth(
+    insert: (events: StandInEvent[]) => Promise<unknown>,
+    file: string,
+    count: number,
+    startMs: number
+): Promise<void> {
+    const out = createWriteStream(file)
+    const random = seededRandom(11)
+    let chunk: StandInEvent[] = []
+    let lines: string[] = []
+    for (let n = 0; n < count; n++) {
+        const { line, stored } = bothForms(sampleEvent(n, random, startMs))
+        chunk.push(stored)
+        lines.push(line)
+        if (chunk.length === INSERT_CHUNK || n === count - 1) {
+            const written = lines.join('')
+            await Promise.all([
+                insert(chunk),
+                new Promise<void>((resolve, reject) => out.write(written, (e) => (e ? reject(e) : resolve()))),
+            ])
+            chunk = []
+            lines = []
+        }
+    }
+    await new Promise<void>((resolve) => out.end(() => resolve()))
+}
+
+/** The sync CLI as a user runs it, from the stand-in to a receiver on loopback: time, peak RSS, rows. */
+async function measureSync(url: string, apiKey: string, sinceMs: number) {
+    const dataDir = mkdtempSync(join(tmpdir(), 'bench-sync-rx-'))
+    const rx = await startReceiver({ dataDir, persist: false })
+    const args = [BIN, 'sync', '--posthog-url', url, '--project-id', String(PROJECT_ID)]
+    args.push('--since', new Date(sinceMs).toISOString(), '--lag', '0s')
+    const started = Date.now()
+    const peakMb = await peakRssMb(args, { ...process.env, POSTHOG_API_KEY: apiKey, PATTERNS_WEBHOOK_URL: rx.url })
+    const ms = Date.now() - started
+    const summary = rx.summary()
+    await rx.close()
+    rmSync(dataDir, { recursive: true, force: true })
+    return { ms, peakMb, rows: summary.rows, requests: summary.requests }
+}
+
+export async function benchSync(events: number): Promise<SyncBench> {
+    const workDir = mkdtempSync(join(tmpdir(), 'bench-sync-'))
+    const apiKey = 'phx_bench_key_0123456789abcdef'
+    const posthog = await startPostHogStandIn({ apiKey, projectId: PROJECT_ID })
+    try {
+        // 250 ms apart, the last stored well before now: the whole history is there when sync starts.
+        const startMs = Date.now() - events * 250 - 3_600_000
+        const file = join(workDir, 'events.jsonl')
+        await seedBoth((chunk) => posthog.insertEvents(chunk), file, events, startMs)
+        const sync = await measureSync(posthog.url, apiKey, startMs - 60_000)
+        const replayed = await measureReplayRss(file, events)
+        const idleMb = await peakRssMb(['-e', 'require("tsx/cjs"); setTimeout(() => {}, 300)'], process.env)
+        return {
+            events,
+            sync,
+            replay: { ms: replayed.ms, peakMb: replayed.peakMb, rows: replayed.rows },
+            idleMb,
+            pageSize: DEFAULT_PAGE_SIZE,
+        }
+    } finally {
+        await posthog.close()
+        rmSync(workDir, { recursive: true, force: true })
+    }
+}
+
+export function syncBenchText(bench: SyncBench): string {
+    const verdict = (ok: boolean): string => (ok ? 'ok' : 'MISSED')
+    const syncRate = perSecond(bench.sync.rows, bench.sync.ms)
+    const replayRate = perSecond(bench.replay.rows, bench.replay.ms)
+    const share = syncRate / Math.max(replayRate, 1)
+    return [
+        `Sync of ${bench.events} events from the PostHog stand-in, next to replay of the same events (both CLIs)`,
+        `  sync      ${syncRate} events/s, ${bench.sync.rows} rows received in ${bench.sync.requests} requests, ` +
+            `pages of ${bench.pageSize}, peak RSS ${bench.sync.peakMb} MB`,
+        `  replay    ${replayRate} events/s, ${bench.replay.rows} rows received (the same events from a JSON Lines ` +
+            `file), peak RSS ${bench.replay.peakMb} MB`,
+        `  sync / replay = ${(share * 100).toFixed(0)}% (target ≥ ${SYNC_THROUGHPUT_TARGET * 100}%: ` +
+            `${verdict(share >= SYNC_THROUGHPUT_TARGET)})`,
+        `  sync peak RSS ${bench.sync.peakMb} MB (baseline: idle Node with the same loader ${bench.idleMb} MB; ` +
+            `ceiling ${SYNC_RSS_CEILING_MB} MB: ${verdict(bench.sync.peakMb <= SYNC_RSS_CEILING_MB)})`,
+        '',
+    ].join('\n')
+}
+
+async function main(): Promise<void> {
+    const { values } = parseArgs({
+        options: { quick: { type: 'boolean', default: false }, events: { type: 'string', default: '1000000' } },
+    })
+    const events = values.quick ? 20_000 : Number(values.events)
+    process.stdout.write(
+        `Sync bench, ${new Date().toISOString().slice(0, 10)}, Node ${process.version}, ` +
+            `${cpus().length} × ${cpus()[0]?.model ?? 'cpu'}\n\n`
+    )
+    process.stdout.write(syncBenchText(await benchSync(events)))
+}
+
+if (require.main === module) {
+    void main().catch((error) => {
+        process.stderr.write(`bench failed: ${(error as Error).message}\n`)
+        process.exit(1)
+    })
+}
