@@ -25,6 +25,8 @@ import { createHash } from 'node:crypto'
 import { createServer, IncomingMessage, Server, ServerResponse } from 'node:http'
 import { AddressInfo } from 'node:net'
 
+import createHogQLParser from '@posthog/hogql-parser'
+
 import { ColumnType, EventStore, OUTPUT_SETTINGS } from './engine'
 import { eventJsonLine, normalizeEvent, SeedOptions, seedSql, StandInEvent, StoredEvent } from './events'
 import { CompiledQuery, compileHogQL, HogQLError, HogQLParser } from './hogql'
@@ -218,9 +220,30 @@ let parserPromise: Promise<HogQLParser> | undefined
 
 /** PostHog's HogQL parser, loaded once per process (its CommonJS entry wraps the WebAssembly build). */
 export function loadParser(): Promise<HogQLParser> {
-    // eslint-disable-next-line @typescript-eslint/no-require-imports
-    parserPromise ??= (require('@posthog/hogql-parser') as () => Promise<HogQLParser>)()
+    parserPromise ??= createHogQLParser()
     return parserPromise
+}
+
+/**
+ * The parser with a small cache by query text: a client that keeps its cursor in `values` sends the same text for
+ * every page. Placeholders are filled after parsing, so the cached AST is the same one.
+ */
+function cachingParser(parser: HogQLParser, size = 256): HogQLParser {
+    const cache = new Map<string, string>()
+    return {
+        parseSelect(input: string, isInternal?: boolean): string {
+            const key = `${isInternal ? 1 : 0}:${input}`
+            let result = cache.get(key)
+            if (result === undefined) {
+                result = parser.parseSelect(input, isInternal)
+                if (cache.size >= size) {
+                    cache.delete(cache.keys().next().value as string)
+                }
+                cache.set(key, result)
+            }
+            return result
+        },
+    }
 }
 
 class StandIn {
@@ -624,7 +647,7 @@ function validateOptions(options: StandInOptions): void {
 /** Starts a stand-in in this process. See the file comment for the API. */
 export async function startPostHogStandIn(options: StandInOptions): Promise<PostHogStandIn> {
     validateOptions(options)
-    const parser = await loadParser()
+    const parser = cachingParser(await loadParser())
     const store = await EventStore.open(options.dataDir)
     const standIn = new StandIn(options, store, parser)
     const server: Server = createServer((req, res) => {
