@@ -95,6 +95,32 @@ describe('authentication and routing', () => {
         })
     })
 
+    it('reads the key only from "Bearer <key>", case-sensitive, as PostHog does', async () => {
+        const reply = await post({ query: { kind: 'HogQLQuery', query: 'SELECT 1 FROM events' } }, { key: null })
+        const lower = await fetch(`${posthog.url}/api/projects/${PROJECT}/query/`, {
+            method: 'POST',
+            headers: { Authorization: `bearer ${API_KEY}`, 'Content-Type': 'application/json' },
+            body: JSON.stringify({ query: { kind: 'HogQLQuery', query: 'SELECT 1 FROM events' } }),
+        })
+        expect(lower.status).toBe(401)
+        expect(await lower.json()).toEqual(reply.body)
+    })
+
+    it('can answer a bad key with 403, as DRF may on the query view, with the same body', async () => {
+        const strict = await startPostHogStandIn({ apiKey: API_KEY, projectId: 7002, unauthenticatedStatus: 403 })
+        try {
+            const response = await fetch(`${strict.url}/api/projects/7002/query/`, {
+                method: 'POST',
+                headers: { Authorization: 'Bearer phx_wrong_key_456', 'Content-Type': 'application/json' },
+                body: JSON.stringify({ query: { kind: 'HogQLQuery', query: 'SELECT 1 FROM events' } }),
+            })
+            expect(response.status).toBe(403)
+            expect(await response.json()).toMatchObject({ type: 'authentication_error', code: 'authentication_failed' })
+        } finally {
+            await strict.close()
+        }
+    })
+
     it('a key without query:read gets 403 naming the scope', async () => {
         const reply = await post(
             { query: { kind: 'HogQLQuery', query: 'SELECT 1 FROM events' } },

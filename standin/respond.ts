@@ -110,13 +110,10 @@ export function readBody(req: IncomingMessage): Promise<string> {
     })
 }
 
+/** The personal API key, read as PostHog reads it: `Authorization: Bearer <key>`, case-sensitive; else null. */
 export function bearerToken(req: IncomingMessage): string | null {
-    const header = req.headers.authorization
-    if (!header) {
-        return null
-    }
-    const match = /^Bearer\s+(.+)$/i.exec(header.trim())
-    return match ? (match[1] as string).trim() : ''
+    const match = /^Bearer\s+(\S.+)$/.exec(req.headers.authorization ?? '')
+    return match ? (match[1] as string).trim() : null
 }
 
 export interface QueryRequestBody {

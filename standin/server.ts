@@ -137,6 +137,11 @@ export interface StandInOptions {
     limits?: Partial<StandInLimits>
     /** Accept OFFSET, as PostHog does for organisations on its allow-list. Default false (PostHog refuses it). */
     allowOffset?: boolean
+    /**
+     * Status of a missing or invalid key. PostHog's docs say 401; on the query view DRF may turn it into 403 (its
+     * first authenticator declares no WWW-Authenticate; standin/FACTS.md §2). The body is the same. Default 401.
+     */
+    unauthenticatedStatus?: 401 | 403
     /** Enables `/_standin/*` control endpoints (used by spawnPostHogStandIn) for requests bearing this token. */
     controlToken?: string
     clock?: Clock
@@ -266,6 +271,7 @@ class StandIn {
     private readonly types = new Map<string, ColumnType[]>()
     private readonly keys = new Map<string, string[]>()
     private answered = 0
+    private readonly unauthenticatedStatus: 401 | 403
     private readonly clock: Clock
 
     constructor(
@@ -274,6 +280,7 @@ class StandIn {
         private readonly parser: HogQLParser
     ) {
         this.clock = options.clock ?? Date.now
+        this.unauthenticatedStatus = options.unauthenticatedStatus ?? 401
         this.limits = { ...DEFAULT_LIMITS, ...options.limits }
         this.concurrency = new ConcurrencyLimiter(
             this.limits.concurrentQueries,
@@ -396,12 +403,18 @@ class StandIn {
         const key = bearerToken(req)
         if (key === null) {
             const detail = 'Authentication credentials were not provided.'
-            throw new HttpError(401, errorBody('authentication_error', 'not_authenticated', detail))
+            throw new HttpError(
+                this.unauthenticatedStatus,
+                errorBody('authentication_error', 'not_authenticated', detail)
+            )
         }
         const scopes = this.keys.get(key)
         if (!scopes) {
             const detail = 'Personal API key found in request Authorization header is invalid.'
-            throw new HttpError(401, errorBody('authentication_error', 'authentication_failed', detail))
+            throw new HttpError(
+                this.unauthenticatedStatus,
+                errorBody('authentication_error', 'authentication_failed', detail)
+            )
         }
         if (!scopes.includes('*') && !scopes.includes('query:read') && !scopes.includes('query:write')) {
             const detail = "API key missing required scope 'query:read'"
