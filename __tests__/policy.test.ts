@@ -231,6 +231,17 @@ describe('parseRetryAfter', () => {
         expect(parseRetryAfter('soon', NOW)).toBeNull()
         expect(parseRetryAfter(null, NOW)).toBeNull()
     })
+
+    it('reads fractional seconds as seconds, not as a date in 2001', () => {
+        expect(parseRetryAfter('1.5', NOW)).toBe(1_500)
+        expect(parseRetryAfter('0.2', NOW)).toBe(200)
+    })
+
+    it('reads only texts with a month or day name as dates', () => {
+        expect(parseRetryAfter('12-1', NOW)).toBeNull()
+        expect(parseRetryAfter('2026', NOW)).toBe(2_026_000)
+        expect(parseRetryAfter(new Date(NOW + 7_000).toUTCString(), NOW)).toBe(7_000)
+    })
 })
 
 describe('classifyError', () => {
