@@ -75,10 +75,20 @@ export function storedTime(value: string | Date, field: string): string {
     return new Date(ms).toISOString()
 }
 
-/** A stable person UUID for a distinct_id, so the same user keeps the same person. */
+const personIds = new Map<string, string>()
+
+/** A stable person UUID for a distinct_id, so the same user keeps the same person (memoised: users repeat). */
 export function personIdFor(distinctId: string): string {
-    const hex = createHash('sha1').update(`person:${distinctId}`).digest('hex')
-    return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20, 32)}`
+    let id = personIds.get(distinctId)
+    if (id === undefined) {
+        const hex = createHash('sha1').update(`person:${distinctId}`).digest('hex')
+        id = `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20, 32)}`
+        if (personIds.size >= 100_000) {
+            personIds.clear()
+        }
+        personIds.set(distinctId, id)
+    }
+    return id
 }
 
 /** Fills the defaults and validates the shape; throws naming the field. */
