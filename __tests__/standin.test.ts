@@ -5,7 +5,9 @@
  * event names so their rows never mix.
  */
 import { parseStandInArgs } from '../standin/cli'
+import { EngineError } from '../standin/engine'
 import { backoffMs, checkThrottles, parseRate, SlidingWindowThrottle, throttledDetail } from '../standin/limits'
+import { queryError } from '../standin/respond'
 import { loadParser, PostHogStandIn, startPostHogStandIn } from '../standin/server'
 import { posthogDateTime, rowsToJsonArray } from '../standin/server'
 import { spawnPostHogStandIn } from '../standin/spawn'
@@ -584,6 +586,30 @@ describe('throttle arithmetic (DRF SimpleRateThrottle)', () => {
         expect(out('[1]\n[2]\n[3]\n', 2)).toEqual([[[1], [2]], true])
         expect(out('[1]\n[2]\n', 2)).toEqual([[[1], [2]], false])
         expect(out('', 100)).toEqual([[], false])
+    })
+
+    it("maps ClickHouse's errors as PostHog does: timeout 504, busy 503, user errors 400 by name, the rest 500", () => {
+        const timeout = queryError(new EngineError('Code: 159. DB::Exception: Timeout exceeded: elapsed 10.1 s', 159))
+        expect([timeout.status, timeout.body.detail]).toEqual([504, expect.stringMatching(/^Query has hit the max/)])
+        const user = queryError(
+            new EngineError(
+                'Code: 43. DB::Exception: Illegal type UUID of argument of function plus. Stack trace: …',
+                43
+            )
+        )
+        expect([user.status, user.body]).toEqual([
+            400,
+            {
+                type: 'validation_error',
+                code: 'illegal_type_of_argument',
+                detail: 'Illegal type UUID of argument of function plus.',
+                attr: null,
+            },
+        ])
+        const busy = queryError(new EngineError('Code: 202. DB::Exception: Too many simultaneous queries', 202))
+        expect(busy.status).toBe(503)
+        const other = queryError(new EngineError('Code: 1000. DB::Exception: Poco exception', 1000))
+        expect([other.status, other.body.detail]).toEqual([500, 'ClickHouse error while executing query.'])
     })
 
     it('renders datetimes as orjson does: microseconds only when non-zero', () => {

@@ -86,6 +86,17 @@ export async function runStandInCli(argv: string[], env: NodeJS.ProcessEnv): Pro
     }
     process.once('SIGINT', stop)
     process.once('SIGTERM', stop)
+    // Started by spawnPostHogStandIn: never outlive the parent (a crashed test run must not leave chdb running).
+    const parent = Number(env.STANDIN_PARENT_PID)
+    if (parent > 0) {
+        setInterval(() => {
+            try {
+                process.kill(parent, 0)
+            } catch {
+                stop()
+            }
+        }, 1000).unref()
+    }
 }
 
 if (require.main === module) {

@@ -33,6 +33,25 @@ export class HttpError extends Error {
 export const TIMEOUT_DETAIL =
     'Query has hit the max execution time before completing. See our docs for how to improve your query ' +
     'performance. You may need to materialize.'
+/** ClickHouse errors PostHog answers with its own status and text (posthog/errors.py, posthog/exceptions.py). */
+const CAPACITY_ERRORS: Readonly<Record<number, { status: number; detail: string }>> = {
+    159: { status: 504, detail: TIMEOUT_DETAIL }, // TIMEOUT_EXCEEDED
+    241: {
+        status: 504, // MEMORY_LIMIT_EXCEEDED (per query)
+        detail:
+            'Query has reached the max memory limit before completing. See our docs for how to improve your query ' +
+            'memory footprint. You may need to narrow date range or materialize.',
+    },
+    202: {
+        status: 503, // TOO_MANY_SIMULTANEOUS_QUERIES
+        detail: "Queries are a little too busy right now. We're working to free up resources. Please try again later.",
+    },
+    160: {
+        status: 512, // TOO_SLOW
+        detail: 'Estimated query execution time is too long. Try reducing its scope by changing the time range.',
+    },
+}
+
 /** ClickHouse error codes PostHog passes to the user as a 400 with their name (posthog/errors.py). */
 const USER_ERROR_CODES: Readonly<Record<number, string>> = {
     43: 'illegal_type_of_argument',
@@ -156,8 +175,9 @@ export function queryError(error: unknown): HttpError {
         return error
     }
     if (error instanceof EngineError) {
-        if (error.clickhouseCode === 159) {
-            return new HttpError(504, errorBody('server_error', 'error', TIMEOUT_DETAIL))
+        const capacity = CAPACITY_ERRORS[error.clickhouseCode ?? -1]
+        if (capacity) {
+            return new HttpError(capacity.status, errorBody('server_error', 'error', capacity.detail))
         }
         const name = error.clickhouseCode !== null ? USER_ERROR_CODES[error.clickhouseCode] : undefined
         if (name) {

@@ -71,7 +71,12 @@ export async function spawnPostHogStandIn(options: SpawnOptions): Promise<Spawne
         args.push('--limits', JSON.stringify(options.limits))
     }
     const child = spawn(process.execPath, args, {
-        env: { ...process.env, STANDIN_API_KEY: options.apiKey, STANDIN_CONTROL_TOKEN: controlToken },
+        env: {
+            ...process.env,
+            STANDIN_API_KEY: options.apiKey,
+            STANDIN_CONTROL_TOKEN: controlToken,
+            STANDIN_PARENT_PID: String(process.pid),
+        },
         stdio: ['ignore', 'pipe', 'pipe'],
     })
     const ready = await waitForReady(child, options.startTimeoutMs ?? 30_000)
