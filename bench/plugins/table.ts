@@ -214,7 +214,40 @@ export async function runPluginTable(
         }
     }
     write(calibration(figures) + '\n')
+    write(targets(figures) + '\n')
     return figures
+}
+
+/** Issue 7's targets for this plugin: speed against the original app and requests per event, per path. */
+export const PLUGIN_TARGETS = {
+    /** At 0 ms, at least this many times the original app's events/s, on both paths. */
+    fastWebhookRatio: 1.5,
+    /** At any higher latency, never below the original app. */
+    slowWebhookRatio: 1,
+    maxRequestsPerEvent: { direct: 0.12, kafka: 0.25 } as Record<HostPath, number>,
+}
+
+/** One line per measured latency and path: does the plugin meet the targets in this run? */
+export function targets(figures: Map<string, Figures>): string {
+    const lines = ['Targets for this plugin (÷ original ≥ 1.5 at 0 ms, ≥ 1 above; req/ev ≤ 0.12 direct, ≤ 0.25 kafka):']
+    for (const key of figures.keys()) {
+        const [latency, path, plugin] = key.split('/') as [string, HostPath, string]
+        const original = figures.get(`${latency}/${path}/original`)
+        const f = figures.get(key)
+        if (plugin !== 'plugin' || !original || !f) {
+            continue
+        }
+        const ratio = rate(f) / Math.max(rate(original), 1)
+        const wanted = latency === '0' ? PLUGIN_TARGETS.fastWebhookRatio : PLUGIN_TARGETS.slowWebhookRatio
+        const requests = f.requests / Math.max(f.events, 1)
+        const maxRequests = PLUGIN_TARGETS.maxRequestsPerEvent[path]
+        const verdict = (ok: boolean): string => (ok ? 'ok' : 'MISSED')
+        lines.push(
+            `  ${`${latency} ms`.padStart(5)} ${path.padEnd(6)} ÷ original ${ratio.toFixed(2)} ` +
+                `(${verdict(ratio >= wanted)}), req/ev ${requests.toFixed(3)} (${verdict(requests <= maxRequests)})`
+        )
+    }
+    return lines.length > 1 ? lines.join('\n') : ''
 }
 
 /** How the emulator's ratios at 0 ms compare with those measured in PostHog's own 2021 host. */
