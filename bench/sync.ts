@@ -1,5 +1,5 @@
 /**
- * `npx tsx bench/sync.ts [--events N] [--quick]`: sync of N events (default 1,000,000) from the PostHog stand-in,
+ * `npx tsx bench/sync.ts [--events N] [--page-size N] [--quick]`: sync of N events (default 1,000,000) from the PostHog stand-in,
  * next to replay of the same events in the same run, both as the CLI a user runs, against one receiver.
  *
  * - Throughput: sync's events/s against replay's (target: sync ≥ 50% of replay). Sync pays for what replay does
@@ -102,11 +102,11 @@ async function seedBoth(
 }
 
 /** The sync CLI as a user runs it, from the stand-in to a receiver on loopback: time, peak RSS, rows. */
-async function measureSync(url: string, apiKey: string, sinceMs: number) {
+async function measureSync(url: string, apiKey: string, sinceMs: number, pageSize: number) {
     const dataDir = mkdtempSync(join(tmpdir(), 'bench-sync-rx-'))
     const rx = await startReceiver({ dataDir, persist: false })
     const args = [BIN, 'sync', '--posthog-url', url, '--project-id', String(PROJECT_ID)]
-    args.push('--since', new Date(sinceMs).toISOString(), '--lag', '0s')
+    args.push('--since', new Date(sinceMs).toISOString(), '--lag', '0s', '--page-size', String(pageSize))
     const started = Date.now()
     const peakMb = await peakRssMb(args, { ...process.env, POSTHOG_API_KEY: apiKey, PATTERNS_WEBHOOK_URL: rx.url })
     const ms = Date.now() - started
@@ -116,7 +116,7 @@ async function measureSync(url: string, apiKey: string, sinceMs: number) {
     return { ms, peakMb, rows: summary.rows, requests: summary.requests }
 }
 
-export async function benchSync(events: number): Promise<SyncBench> {
+export async function benchSync(events: number, pageSize = DEFAULT_PAGE_SIZE): Promise<SyncBench> {
     const workDir = mkdtempSync(join(tmpdir(), 'bench-sync-'))
     const apiKey = 'phx_bench_key_0123456789abcdef'
     const posthog = await startPostHogStandIn({ apiKey, projectId: PROJECT_ID })
@@ -125,7 +125,7 @@ export async function benchSync(events: number): Promise<SyncBench> {
         const startMs = Date.now() - events * 250 - 3_600_000
         const file = join(workDir, 'events.jsonl')
         await seedBoth((chunk) => posthog.insertEvents(chunk), file, events, startMs)
-        const sync = await measureSync(posthog.url, apiKey, startMs - 60_000)
+        const sync = await measureSync(posthog.url, apiKey, startMs - 60_000, pageSize)
         const replayed = await measureReplayRss(file, events)
         const idleMb = await peakRssMb(['-e', 'require("tsx/cjs"); setTimeout(() => {}, 300)'], process.env)
         return {
@@ -133,7 +133,7 @@ export async function benchSync(events: number): Promise<SyncBench> {
             sync,
             replay: { ms: replayed.ms, peakMb: replayed.peakMb, rows: replayed.rows },
             idleMb,
-            pageSize: DEFAULT_PAGE_SIZE,
+            pageSize,
         }
     } finally {
         await posthog.close()
@@ -162,14 +162,18 @@ export function syncBenchText(bench: SyncBench): string {
 
 async function main(): Promise<void> {
     const { values } = parseArgs({
-        options: { quick: { type: 'boolean', default: false }, events: { type: 'string', default: '1000000' } },
+        options: {
+            quick: { type: 'boolean', default: false },
+            events: { type: 'string', default: '1000000' },
+            'page-size': { type: 'string', default: String(DEFAULT_PAGE_SIZE) },
+        },
     })
     const events = values.quick ? 20_000 : Number(values.events)
     process.stdout.write(
         `Sync bench, ${new Date().toISOString().slice(0, 10)}, Node ${process.version}, ` +
             `${cpus().length} × ${cpus()[0]?.model ?? 'cpu'}\n\n`
     )
-    process.stdout.write(syncBenchText(await benchSync(events)))
+    process.stdout.write(syncBenchText(await benchSync(events, Number(values['page-size']))))
 }
 
 if (require.main === module) {

@@ -132,21 +132,23 @@ interface PagePlan {
     horizonMs: number
 }
 
-/**
- * Pages of records, in key order, from the cursor on. `scan` is where the next query starts: the last record's
- * key, or, after a short page, the end of the range that page covered. Only record positions reach the
- * checkpoint, so a resume may re-scan an empty range, never skip a full one. After a full page the next query is
- * sent at once, while the pipeline delivers this one: one query in flight, two pages in memory at most.
- */
-export async function* posthogSource(options: SourceOptions): AsyncGenerator<SourceRecord<Cursor>[]> {
+/** Resolves to the value, or to null once the run is interrupted (AbortedError): the source then just ends. */
+async function unlessAborted<T>(promise: Promise<T>): Promise<T | null> {
+    try {
+        return await promise
+    } catch (error) {
+        if (error instanceof AbortedError) {
+            return null
+        }
+        throw error
+    }
+}
+
+/** Sends the query for the page after `from`, with the horizon as of now and the current scan step. */
+function pagePlanner(options: SourceOptions) {
     const now = options.now ?? (() => Date.now())
-    const sleep = options.sleep ?? abortableSleep
-    const lagMs = options.lagMs ?? DEFAULT_LAG_MS
-    const pageSize = options.pageSize ?? DEFAULT_PAGE_SIZE
-    const maxStepMs = options.scanStepMs ?? DEFAULT_SCAN_STEP_MS
-    let stepMs = maxStepMs
-    const plan = (from: Cursor): PagePlan => {
-        const horizonMs = horizonFor(now(), lagMs, options.follow ? null : options.untilMs)
+    return (from: Cursor, stepMs: number): PagePlan => {
+        const horizonMs = horizonFor(now(), options.lagMs ?? DEFAULT_LAG_MS, options.follow ? null : options.untilMs)
         const upperMs = scanUpperMs(from, horizonMs, stepMs)
         const response = options.run(
             buildPageQuery({
@@ -154,38 +156,46 @@ export async function* posthogSource(options: SourceOptions): AsyncGenerator<Sou
                 upperMs,
                 lateWindowMs: options.lateWindowMs ?? DEFAULT_LATE_WINDOW_MS,
                 futureWindowMs: FUTURE_WINDOW_MS,
-                pageSize,
+                pageSize: options.pageSize ?? DEFAULT_PAGE_SIZE,
                 allowedEvents: options.allowedEvents,
                 excludedEvents: options.excludedEvents,
             })
         )
-        // Awaited below; until then a failure must not count as unhandled.
+        // Awaited by the source; until then a failure must not count as unhandled.
         response.catch(() => undefined)
         return { response, from, upperMs, horizonMs }
     }
+}
+
+/**
+ * Pages of records, in key order, from the cursor on. `scan` is where the next query starts: the last record's
+ * key, or, after a short page, the end of the range that page covered. Only record positions reach the
+ * checkpoint, so a resume may re-scan an empty range, never skip a full one. After a full page the next query is
+ * sent at once, while the pipeline delivers this one: one query in flight, two pages in memory at most.
+ */
+export async function* posthogSource(options: SourceOptions): AsyncGenerator<SourceRecord<Cursor>[]> {
+    const sleep = options.sleep ?? abortableSleep
+    const pageSize = options.pageSize ?? DEFAULT_PAGE_SIZE
+    const maxStepMs = options.scanStepMs ?? DEFAULT_SCAN_STEP_MS
+    const plan = pagePlanner(options)
+    let stepMs = maxStepMs
     let scan = options.start
     let next: PagePlan | null = null
     while (!options.signal?.aborted) {
-        const { response: pending, from, upperMs, horizonMs } = next ?? plan(scan)
+        const { response: pending, from, upperMs, horizonMs } = next ?? plan(scan, stepMs)
         next = null
-        let response: QueryResponse
-        try {
-            response = await pending
-        } catch (error) {
-            if (error instanceof AbortedError) {
-                return
-            }
-            throw error
+        const response = await unlessAborted(pending)
+        if (!response) {
+            return
         }
         const records = pageRecords(response, options.teamId, scan, options.keepText ?? false)
         scan = records[records.length - 1]?.position ?? scan
         // With a LIMIT, PostHog returns min(LIMIT, 50,000) rows and no hasMore: a full page may have more.
         const full = records.length >= pageSize || response.hasMore === true
+        stepMs = nextScanStep(full ? 'full' : 'short', scan.ms - from.ms, maxStepMs)
         if (full) {
-            stepMs = nextScanStep('full', scan.ms - from.ms, maxStepMs)
-            next = plan(scan)
+            next = plan(scan, stepMs)
         } else {
-            stepMs = nextScanStep('short', 0, maxStepMs)
             scan = cursorAfterShortPage(scan, upperMs)
         }
         const caughtUp = !full && upperMs >= horizonMs
@@ -193,20 +203,15 @@ export async function* posthogSource(options: SourceOptions): AsyncGenerator<Sou
         if (records.length > 0) {
             yield records
         }
-        if (!caughtUp) {
-            continue
-        }
-        if (!options.follow && options.untilMs !== null && horizonMs >= options.untilMs) {
+        if (caughtUp && !options.follow && options.untilMs !== null && horizonMs >= options.untilMs) {
             return
         }
         // Caught up with the horizon: wait for it to move (following, or --until still ahead of now - lag).
-        try {
-            await sleep(options.pollIntervalMs ?? DEFAULT_POLL_INTERVAL_MS, options.signal)
-        } catch (error) {
-            if (error instanceof AbortedError) {
-                return
-            }
-            throw error
+        if (
+            caughtUp &&
+            (await unlessAborted(sleep(options.pollIntervalMs ?? DEFAULT_POLL_INTERVAL_MS, options.signal))) === null
+        ) {
+            return
         }
     }
 }

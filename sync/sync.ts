@@ -44,15 +44,23 @@ export interface SyncOptions extends Omit<SourceOptions, 'run' | 'onPage' | 'sig
     onWarning?: (message: string) => void
 }
 
-export async function sync(options: SyncOptions): Promise<SyncReport> {
-    const { client } = options
-    const now = options.now ?? (() => Date.now())
+/** Dead letters as JSON Lines: the reason, and the refused event's JSON or the unreadable row as read. */
+function deadLetterWriter(file: string | null): (entry: DeadLetter<Cursor>) => void {
+    return (entry) => {
+        if (file) {
+            const record = entry.event ? `"event":${entry.event}` : `"raw":${JSON.stringify(entry.raw ?? '')}`
+            appendFileSync(file, `{"reason":${JSON.stringify(entry.reason)},${record}}\n`)
+        }
+    }
+}
+
+/** One progress report from the pipeline's counters and the source's latest page. */
+function progressReporter(client: QueryClient, onProgress?: (progress: SyncProgress) => void) {
     let page: PageInfo | null = null
-    let committed = options.start
     let latest: PipelineProgress | null = null
-    const progress = (): void => {
-        if (latest && options.onProgress) {
-            options.onProgress({
+    const report = (): void => {
+        if (latest && onProgress) {
+            onProgress({
                 ...latest,
                 cursorMs: page?.cursor.ms ?? null,
                 caughtUp: page?.caughtUp ?? false,
@@ -62,6 +70,23 @@ export async function sync(options: SyncOptions): Promise<SyncReport> {
             })
         }
     }
+    return {
+        onPage: (info: PageInfo) => {
+            page = info
+            report()
+        },
+        onProgress: (progress: PipelineProgress) => {
+            latest = progress
+            report()
+        },
+    }
+}
+
+export async function sync(options: SyncOptions): Promise<SyncReport> {
+    const { client } = options
+    const now = options.now ?? (() => Date.now())
+    const progress = progressReporter(client, options.onProgress)
+    let committed = options.start
     if (options.checkpointFile) {
         // Saved before anything is read, so a first run that finds nothing still pins --since and the source.
         writeSyncCheckpoint(options.checkpointFile, options.binding, options.start, now())
@@ -71,11 +96,7 @@ export async function sync(options: SyncOptions): Promise<SyncReport> {
         ...options,
         run: (hogql) => client.run(hogql),
         keepText: options.config.excludedProperties.length === 0,
-        signal: options.signal,
-        onPage: (info) => {
-            page = info
-            progress()
-        },
+        onPage: progress.onPage,
     })
     // The pipeline keeps only a source error's message; the error itself says whether it is configuration.
     async function* source() {
@@ -101,16 +122,8 @@ export async function sync(options: SyncOptions): Promise<SyncReport> {
                 writeSyncCheckpoint(options.checkpointFile, options.binding, position, now())
             }
         },
-        deadLetter: (entry: DeadLetter<Cursor>) => {
-            if (options.deadLetterFile) {
-                const record = entry.event ? `"event":${entry.event}` : `"raw":${JSON.stringify(entry.raw ?? '')}`
-                appendFileSync(options.deadLetterFile, `{"reason":${JSON.stringify(entry.reason)},${record}}\n`)
-            }
-        },
-        onProgress: (p) => {
-            latest = p
-            progress()
-        },
+        deadLetter: deadLetterWriter(options.deadLetterFile),
+        onProgress: progress.onProgress,
         onWarning: options.onWarning,
     })
     return { ...report, queries: client.queries, queryRetries: client.retries, cursor: committed, sourceError }
