@@ -4,6 +4,10 @@
  * cache, late events and faults. One stand-in (one chdb engine) serves the whole file; each test uses its own
  * event names so their rows never mix.
  */
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+
 import { parseStandInArgs } from '../standin/cli'
 import { EngineError } from '../standin/engine'
 import { backoffMs, checkThrottles, parseRate, SlidingWindowThrottle, throttledDetail } from '../standin/limits'
@@ -523,6 +527,23 @@ describe('spawnPostHogStandIn', () => {
             await child.close()
         }
         expect(() => process.kill(child.pid, 0)).toThrow()
+    })
+
+    it('keeps the events of a dataDir across a restart', async () => {
+        const dataDir = mkdtempSync(join(tmpdir(), 'standin-data-'))
+        try {
+            const first = await spawnPostHogStandIn({ apiKey: 'phx_d4ta_k3y', projectId: 32, dataDir })
+            await first.insertEvents([{ event: 'kept', distinct_id: 'k', timestamp: '2026-11-03T00:00:00Z' }])
+            await first.close()
+            const second = await spawnPostHogStandIn({ apiKey: 'phx_d4ta_k3y', projectId: 32, dataDir })
+            try {
+                expect(await second.count()).toBe(1)
+            } finally {
+                await second.close()
+            }
+        } finally {
+            rmSync(dataDir, { recursive: true, force: true })
+        }
     })
 })
 
