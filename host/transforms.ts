@@ -108,8 +108,12 @@ export function importRewrite(whitelist: readonly string[]) {
 export function loopGuard() {
     return ({ types: t, template }: BabelApi) => {
         const visit = (path: NodePath): void => {
+            if (!path.node.loc) {
+                // A loop Babel generated has no line in the plugin's source; the host leaves those unguarded.
+                return
+            }
             const started = path.scope.generateUidIdentifier('loopStart')
-            const where = path.node.loc ? `${path.node.loc.start.line}:${path.node.loc.start.column}` : '?'
+            const where = `${path.node.loc.start.line}:${path.node.loc.start.column}`
             path.insertBefore(
                 t.variableDeclaration('const', [
                     t.variableDeclarator(
