@@ -498,48 +498,39 @@ describe('faults', () => {
 })
 
 describe('spawnPostHogStandIn', () => {
-    it('serves the same API from a child process, controlled over HTTP, and stops it on close', async () => {
-        const child = await spawnPostHogStandIn({ apiKey: 'phx_child_k3y_abc', projectId: 31, limits: ROOMY })
-        try {
-            await child.seed({ count: 100, eventNames: ['spawned'], start: '2026-11-01T00:00:00Z' })
-            const [stored] = await child.insertEvents([
-                { event: 'spawned', distinct_id: 'x', timestamp: '2026-11-02T00:00:00Z' },
-            ])
-            expect(await child.count()).toBe(101)
-            const response = await fetch(`${child.url}/api/projects/31/query/`, {
-                method: 'POST',
-                headers: { Authorization: 'Bearer phx_child_k3y_abc', 'Content-Type': 'application/json' },
-                body: JSON.stringify({
-                    query: { kind: 'HogQLQuery', query: "SELECT uuid FROM events WHERE distinct_id = 'x'" },
-                }),
-            })
-            expect(response.status).toBe(200)
-            expect(((await response.json()) as { results: unknown[] }).results).toEqual([[stored?.uuid]])
-            await child.setFaults({ script: ['500'] })
-            const failed = await fetch(`${child.url}/api/projects/31/query/`, {
-                method: 'POST',
-                headers: { Authorization: 'Bearer phx_child_k3y_abc', 'Content-Type': 'application/json' },
-                body: JSON.stringify({ query: { kind: 'HogQLQuery', query: 'SELECT 1 FROM events LIMIT 1' } }),
-            })
-            expect(failed.status).toBe(500)
-            expect(await child.stats()).toMatchObject({ requests: 2, queries: 1, faults: { '500': 1 } })
-        } finally {
-            await child.close()
-        }
-        expect(() => process.kill(child.pid, 0)).toThrow()
-    })
-
-    it('keeps the events of a dataDir across a restart', async () => {
+    it('serves the same API from a child process, stops it on close, and keeps a dataDir across a restart', async () => {
         const dataDir = mkdtempSync(join(tmpdir(), 'standin-data-'))
+        const options = { apiKey: 'phx_child_k3y_abc', projectId: 31, limits: ROOMY, dataDir }
+        const query = (url: string, hogqlText: string) =>
+            fetch(`${url}/api/projects/31/query/`, {
+                method: 'POST',
+                headers: { Authorization: 'Bearer phx_child_k3y_abc', 'Content-Type': 'application/json' },
+                body: JSON.stringify({ query: { kind: 'HogQLQuery', query: hogqlText } }),
+            })
         try {
-            const first = await spawnPostHogStandIn({ apiKey: 'phx_d4ta_k3y', projectId: 32, dataDir })
-            await first.insertEvents([{ event: 'kept', distinct_id: 'k', timestamp: '2026-11-03T00:00:00Z' }])
-            await first.close()
-            const second = await spawnPostHogStandIn({ apiKey: 'phx_d4ta_k3y', projectId: 32, dataDir })
+            const child = await spawnPostHogStandIn(options)
             try {
-                expect(await second.count()).toBe(1)
+                await child.seed({ count: 100, eventNames: ['spawned'], start: '2026-11-01T00:00:00Z' })
+                const [stored] = await child.insertEvents([
+                    { event: 'spawned', distinct_id: 'x', timestamp: '2026-11-02T00:00:00Z' },
+                ])
+                expect(await child.count()).toBe(101)
+                const response = await query(child.url, "SELECT uuid FROM events WHERE distinct_id = 'x'")
+                expect(response.status).toBe(200)
+                expect(((await response.json()) as { results: unknown[] }).results).toEqual([[stored?.uuid]])
+                await child.setFaults({ script: ['500'] })
+                expect((await query(child.url, 'SELECT 1 FROM events LIMIT 1')).status).toBe(500)
+                expect(await child.stats()).toMatchObject({ requests: 2, queries: 1, faults: { '500': 1 } })
             } finally {
-                await second.close()
+                await child.close()
+            }
+            expect(() => process.kill(child.pid, 0)).toThrow()
+
+            const restarted = await spawnPostHogStandIn(options)
+            try {
+                expect(await restarted.count()).toBe(101)
+            } finally {
+                await restarted.close()
             }
         } finally {
             rmSync(dataDir, { recursive: true, force: true })
