@@ -39,6 +39,8 @@ export interface JobOptions {
     concurrency?: number
     /** Scales the host's own retry waits (vm2022), so tests need not sit through 3 s and 6 s. */
     hostRetryScale?: number
+    /** false: no host retry of a RetryError even in vm2022 (for tests of a single call's bounds). */
+    hostRetry?: boolean
     /** Scales the waits between setupPlugin attempts (3 s, 6 s, … about 25 minutes in the 2021 host). */
     setupRetryScale?: number
     /** Before finishing, wait until setup succeeded or the plugin was disabled (use with a small scale). */
@@ -192,6 +194,7 @@ async function runDirect(options: JobOptions, era: Era, code: string, tally: Tal
         config: configOf(options),
         setupRetryScale: options.setupRetryScale ?? 1,
         hostRetryScale: options.hostRetryScale ?? 1,
+        hostRetry: options.hostRetry,
         log,
     })
     await instance.started()
@@ -244,6 +247,7 @@ async function runKafka(options: JobOptions, era: Era, code: string, tally: Tall
             config: configOf(options),
             setupRetryScale: options.setupRetryScale ?? 1,
             hostRetryScale: options.hostRetryScale ?? 1,
+            hostRetry: options.hostRetry,
         },
         (line) => log(line)
     )
