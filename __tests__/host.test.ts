@@ -11,6 +11,7 @@ import { createPluginVm, guard, PluginLoadError, PROJECT_PLUGIN_DIR, transpileFo
 import { JobResult, loadForEra, runJob } from '../host/run'
 import { sampleEvents } from '../host/sample-events'
 import { startReceiver } from '../receiver/receiver'
+import { startServer } from './helpers/server'
 
 const vm2021 = getEra('vm2021')
 const noConsole = {
@@ -198,6 +199,33 @@ describe('the 2021 sandbox', () => {
     ])('finds onEvent on %s, and passes meta last', async (_where, source) => {
         const { methods } = load2021(source)
         await expect(methods.onEvent?.({})).resolves.toBe(1)
+    })
+
+    it('gives node-fetch 2.6.1, which enforces the timeout a plugin passes; its errors pass instanceof Error', async () => {
+        const server = await startServer(() => 'hang')
+        try {
+            const { methods } = load2021(
+                [
+                    'export async function onEvent(event, meta) {',
+                    '  const started = Date.now()',
+                    '  try { await fetch(event.url, { method: "POST", body: "[]", timeout: 200 }) } catch (e) {',
+                    '    return [e instanceof Error, e.name, e.type, Date.now() - started]',
+                    '  }',
+                    '}',
+                ].join('\n')
+            )
+            const [isError, name, type, ms] = (await methods.onEvent?.({ url: server.url })) as [
+                boolean,
+                string,
+                string,
+                number,
+            ]
+            expect([isError, name, type]).toEqual([true, 'FetchError', 'request-timeout'])
+            expect(ms).toBeGreaterThanOrEqual(190)
+            expect(ms).toBeLessThan(2_000)
+        } finally {
+            await server.close()
+        }
     })
 
     it('fails to load a plugin that calls setTimeout at top level', () => {
