@@ -112,6 +112,25 @@ describe('authentication and routing', () => {
         expect(await lower.json()).toEqual(reply.body)
     })
 
+    it('also takes the key from a personal_api_key body field or query parameter, and never records it', async () => {
+        const inBody = await post(
+            { query: { kind: 'HogQLQuery', query: 'SELECT 1 FROM events LIMIT 1' }, personal_api_key: API_KEY },
+            { key: null }
+        )
+        expect(inBody.status).toBe(200)
+        expect(posthog.log[posthog.log.length - 1]?.body).toMatchObject({ personal_api_key: '[redacted]' })
+        const inQuery = await post(
+            { query: { kind: 'HogQLQuery', query: 'SELECT 1 FROM events LIMIT 1' } },
+            { key: null, path: `/api/projects/${PROJECT}/query/?personal_api_key=${API_KEY}` }
+        )
+        expect(inQuery.status).toBe(200)
+        const wrong = await post(
+            { query: { kind: 'HogQLQuery', query: 'SELECT 1' }, personal_api_key: 'phx_nope_1' },
+            { key: null }
+        )
+        expect(wrong.body.detail).toBe('Personal API key found in request body is invalid.')
+    })
+
     it('can answer a bad key with 403, as DRF may on the query view, with the same body', async () => {
         const strict = await startPostHogStandIn({ apiKey: API_KEY, projectId: 7002, unauthenticatedStatus: 403 })
         try {

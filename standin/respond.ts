@@ -129,10 +129,33 @@ export function readBody(req: IncomingMessage): Promise<string> {
     })
 }
 
-/** The personal API key, read as PostHog reads it: `Authorization: Bearer <key>`, case-sensitive; else null. */
-export function bearerToken(req: IncomingMessage): string | null {
+/**
+ * The personal API key and where it was found, in PostHog's order (`PersonalAPIKeyAuthentication`): the
+ * `Authorization: Bearer <key>` header (case-sensitive), a `personal_api_key` body field, the query string.
+ */
+export function findApiKey(req: IncomingMessage, raw: string): { key: string; source: string } | null {
     const match = /^Bearer\s+(\S.+)$/.exec(req.headers.authorization ?? '')
-    return match ? (match[1] as string).trim() : null
+    if (match) {
+        return { key: (match[1] as string).trim(), source: 'Authorization header' }
+    }
+    try {
+        const body = JSON.parse(raw) as { personal_api_key?: unknown } | null
+        if (body && typeof body.personal_api_key === 'string') {
+            return { key: body.personal_api_key, source: 'body' }
+        }
+    } catch {
+        // Not JSON: the body is refused later, with PostHog's parse error.
+    }
+    const fromQuery = new URL(req.url ?? '/', 'http://standin').searchParams.get('personal_api_key')
+    return fromQuery ? { key: fromQuery, source: 'query string' } : null
+}
+
+/** A request body as the stand-in records it: never the key a client may send in it. */
+export function redactKey(body: unknown): unknown {
+    if (body && typeof body === 'object' && 'personal_api_key' in body) {
+        return { ...(body as Record<string, unknown>), personal_api_key: '[redacted]' }
+    }
+    return body
 }
 
 export interface QueryRequestBody {

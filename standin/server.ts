@@ -32,8 +32,8 @@ import { eventJsonLine, normalizeEvent, SeedOptions, seedSql, StandInEvent, Stor
 import { CompiledQuery, compileHogQL, HogQLError, HogQLParser } from './hogql'
 import { checkThrottles, Clock, ConcurrencyLimiter, parseRate, SlidingWindowThrottle, throttledDetail } from './limits'
 import {
-    bearerToken,
     errorBody,
+    findApiKey,
     formatColumn,
     HttpError,
     parseRequest,
@@ -41,6 +41,7 @@ import {
     queryError,
     QueryRequestBody,
     readBody,
+    redactKey,
     rowsToJsonArray,
     send,
     sendText,
@@ -358,7 +359,7 @@ class StandIn {
             throw new HttpError(405, errorBody('invalid_request', 'method_not_allowed', detail))
         }
         const raw = await readBody(req)
-        const key = this.authenticate(req)
+        const key = this.authenticate(req, raw)
         if (String(this.options.projectId) !== projectId) {
             throw new HttpError(404, errorBody('invalid_request', 'not_found', 'Project not found.'))
         }
@@ -376,7 +377,7 @@ class StandIn {
             throw new HttpError(415, errorBody('invalid_request', 'unsupported_media_type', detail))
         }
         const body = parseRequest(raw)
-        record.body = body
+        record.body = redactKey(body)
         const fault = this.nextFault()
         this.throwInjected(fault)
         const text = await this.answer(body, fault === 'slow', res)
@@ -399,18 +400,19 @@ class StandIn {
         }
     }
 
-    private authenticate(req: IncomingMessage): string {
-        const key = bearerToken(req)
-        if (key === null) {
+    private authenticate(req: IncomingMessage, raw: string): string {
+        const found = findApiKey(req, raw)
+        if (found === null) {
             const detail = 'Authentication credentials were not provided.'
             throw new HttpError(
                 this.unauthenticatedStatus,
                 errorBody('authentication_error', 'not_authenticated', detail)
             )
         }
+        const { key } = found
         const scopes = this.keys.get(key)
         if (!scopes) {
-            const detail = 'Personal API key found in request Authorization header is invalid.'
+            const detail = `Personal API key found in request ${found.source} is invalid.`
             throw new HttpError(
                 this.unauthenticatedStatus,
                 errorBody('authentication_error', 'authentication_failed', detail)
