@@ -233,6 +233,15 @@ describe('HogQL through PostHog parser', () => {
         expect(String(reply.body.detail)).toContain('JOIN is not supported by the PostHog stand-in')
     })
 
+    it('finds functions by exact name, else lowercase, as PostHog does: NOT (…) and COUNT() work', async () => {
+        await posthog.insertEvents([
+            { event: 'case test', distinct_id: 'keep', timestamp: '2026-11-20T00:00:00Z' },
+            { event: 'case test', distinct_id: 'drop', timestamp: '2026-11-20T00:00:00Z' },
+        ])
+        const reply = await hogql("SELECT COUNT() FROM events WHERE event = 'case test' AND NOT (distinct_id = 'drop')")
+        expect(reply.results).toEqual([[1]])
+    })
+
     it('fills {placeholders} from values, and names a missing one', async () => {
         await posthog.insertEvents([
             { event: 'placeholder test', distinct_id: 'p1', timestamp: '2026-11-20T00:00:00Z' },

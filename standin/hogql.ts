@@ -321,7 +321,17 @@ function printField(node: HogQLNode, ctx: PrintContext): string {
     return field.datetime ? `toTimeZone(${column}, ${clickhouseString(ctx.compile.timezone)})` : column
 }
 
-function printCall(name: string, args: HogQLNode[], ctx: PrintContext): string {
+/** PostHog's lookup: the exact name, else its lowercase form (`NOT(…)`, `COUNT()`), as `_find_function` does. */
+function canonicalFunctionName(name: string): string {
+    if (name in FUNCTIONS || TIMEZONE_FUNCTIONS.has(name)) {
+        return name
+    }
+    const lower = name.toLowerCase()
+    return lower in FUNCTIONS || TIMEZONE_FUNCTIONS.has(lower) ? lower : name
+}
+
+function printCall(rawName: string, args: HogQLNode[], ctx: PrintContext): string {
+    const name = canonicalFunctionName(rawName)
     const printed = args.map((arg) => printExpr(arg, ctx))
     if (ctx.dialect === 'hogql') {
         if (name === 'count' && args.length === 1 && args[0]?.node === 'Field' && chainOf(args[0])[0] === '*') {
