@@ -3,6 +3,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
+import { splitBody } from '../sync/body'
 import { bindingDifferences, resumeFrom, SourceBinding, writeSyncCheckpoint } from '../sync/checkpoint'
 import { behindNowMs, parseDuration, parsePostHogUrl, parseSyncArgs } from '../sync/cli'
 import { classifyQueryResponse, errorDetail, PostHogQueryError, queryBackoffMs, rateLimitWaitMs } from '../sync/posthog'
@@ -158,7 +159,8 @@ describe("PostHog's responses", () => {
             NOW,
             target
         )
-        expect(outcome).toEqual({ kind: 'ok', response: { results: [[1]], columns: ['a'], hasMore: null } })
+        expect(outcome).toMatchObject({ kind: 'ok', response: { rowCount: 1, columns: ['a'], hasMore: null } })
+        expect([...(outcome as { response: { rows: Iterable<unknown> } }).response.rows]).toEqual([[1]])
     })
 
     it('a 401 names the key and the fix, and is configuration', () => {
@@ -356,5 +358,48 @@ describe('the scan step', () => {
         expect(nextScanStep('full', 0, 86_400_000)).toBe(1_000)
         expect(nextScanStep('full', 10 * 86_400_000, 86_400_000)).toBe(86_400_000)
         expect(nextScanStep('short', 0, 86_400_000)).toBe(86_400_000)
+    })
+})
+
+describe('reading a response body row by row', () => {
+    const tricky = {
+        cache_key: 'k',
+        clickhouse: 'SELECT "results":[1,2] FROM x WHERE a = \'[\' OR b = "]"',
+        columns: ['uuid', 'properties', 'n'],
+        hasMore: null,
+        hogql: '{"results": [[0]]}',
+        results: [
+            ['0190a1b2-0000-7000-8000-000000000001', '{"a":"[\\"]}\\\\","b":[1,[2]]}', 1],
+            ['0190a1b2-0000-7000-8000-000000000002', '{}', 2],
+            ['0190a1b2-0000-7000-8000-000000000003', 'é ✓ \u0000', [3, [4]]],
+        ],
+        timezone: 'UTC',
+        types: [['uuid', 'UUID']],
+    }
+
+    it('finds the top-level results and each row, whatever the strings around and inside them hold', () => {
+        const body = Buffer.from(JSON.stringify(tricky))
+        const split = splitBody(body)
+        expect(split?.rowCount).toBe(3)
+        expect([...(split?.rows() ?? [])]).toEqual(tricky.results)
+        expect(split?.head).toEqual({ ...tricky, results: [] })
+    })
+
+    it('reads results that come before columns, with spaces, and an empty results', () => {
+        const reordered = `{ "results" : [ [1, "x"] , [2,"y"] ], "columns": ["n", "s"], "hasMore": false }`
+        expect([...(splitBody(Buffer.from(reordered))?.rows() ?? [])]).toEqual([
+            [1, 'x'],
+            [2, 'y'],
+        ])
+        expect(splitBody(Buffer.from('{"results":[],"columns":[]}'))?.rowCount).toBe(0)
+        expect(splitBody(Buffer.from('{"detail":"no results here"}'))).toBeNull()
+    })
+
+    it('gives the same page as parsing the whole body', () => {
+        const body = JSON.stringify(tricky)
+        const fromBytes = classifyQueryResponse(200, Buffer.from(body), null, NOW, target)
+        const fromText = classifyQueryResponse(200, body, null, NOW, target)
+        const rows = (o: typeof fromBytes) => [...(o as { response: { rows: Iterable<unknown> } }).response.rows]
+        expect(rows(fromBytes)).toEqual(rows(fromText))
     })
 })

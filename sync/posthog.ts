@@ -4,6 +4,7 @@
  * pure and exported; `runQuery` is the one small effectful loop, with its clock and sleep injectable.
  */
 import { parseRetryAfter, redactText } from '../index'
+import { splitBody } from './body'
 
 /** PostHog's limits for query API calls, per team (see the README for the sources). */
 export const POSTHOG_QUERIES_PER_MINUTE = 240
@@ -50,7 +51,10 @@ export class PostHogQueryError extends Error {
 
 export interface QueryResponse {
     columns: string[]
-    results: unknown[][]
+    /** How many rows `results` holds. */
+    rowCount: number
+    /** The rows, parsed one at a time as they are read (see body.ts); read them once. */
+    rows: Iterable<unknown>
     hasMore: boolean | null
 }
 
@@ -82,11 +86,12 @@ export interface QueryTarget {
 /** The outcome ladder for one response of the query API. */
 export function classifyQueryResponse(
     status: number,
-    body: string,
+    bytes: Buffer | string,
     retryAfter: string | null,
     nowMs: number,
     target: QueryTarget
 ): QueryOutcome {
+    const body = typeof bytes === 'string' ? bytes : bytes.toString('utf8')
     const detail = (): string => {
         const text = errorDetail(body)
         return text ? `: ${text}` : ''
@@ -96,7 +101,7 @@ export function classifyQueryResponse(
         error: new PostHogQueryError(kind, message),
     })
     if (status >= 200 && status < 300) {
-        return parseQueryBody(body)
+        return parseQueryBody(bytes)
     }
     // A redirect would carry the API key elsewhere, and a moved API is a configuration change: never followed.
     if (status >= 300 && status < 400) {
@@ -144,15 +149,26 @@ export function classifyQueryResponse(
     return fatal('unexpected', `PostHog answered HTTP ${status}${detail()}`)
 }
 
-function parseQueryBody(body: string): QueryOutcome {
-    let parsed: { results?: unknown; columns?: unknown; hasMore?: unknown }
+function parseQueryBody(bytes: Buffer | string): QueryOutcome {
+    let head: { results?: unknown; columns?: unknown; hasMore?: unknown }
+    let rows: Iterable<unknown>
+    let rowCount: number
     try {
-        parsed = JSON.parse(body) as typeof parsed
+        const split = typeof bytes === 'string' ? null : splitBody(bytes)
+        if (split) {
+            head = split.head as typeof head
+            rows = split.rows()
+            rowCount = split.rowCount
+        } else {
+            head = JSON.parse(typeof bytes === 'string' ? bytes : bytes.toString('utf8')) as typeof head
+            rows = Array.isArray(head.results) ? head.results : []
+            rowCount = Array.isArray(head.results) ? head.results.length : 0
+        }
     } catch {
         // A truncated body (a proxy cut it short) is worth another try.
         return { kind: 'retry', reason: 'the response was not JSON', waitMs: null }
     }
-    if (!Array.isArray(parsed.results) || !Array.isArray(parsed.columns)) {
+    if (!Array.isArray(head.results) || !Array.isArray(head.columns)) {
         return {
             kind: 'fatal',
             error: new PostHogQueryError('unexpected', 'the query API answered without "results" and "columns"'),
@@ -161,9 +177,10 @@ function parseQueryBody(body: string): QueryOutcome {
     return {
         kind: 'ok',
         response: {
-            columns: parsed.columns.map(String),
-            results: parsed.results as unknown[][],
-            hasMore: typeof parsed.hasMore === 'boolean' ? parsed.hasMore : null,
+            columns: head.columns.map(String),
+            rowCount,
+            rows,
+            hasMore: typeof head.hasMore === 'boolean' ? head.hasMore : null,
         },
     }
 }
@@ -320,7 +337,8 @@ export class QueryClient {
                 redirect: 'manual',
                 signal: controller.signal,
             })
-            const body = await response.text()
+            // Bytes, not text: a page's rows are cut out and parsed one by one (body.ts).
+            const body = Buffer.from(await response.arrayBuffer())
             const outcome = classifyQueryResponse(
                 response.status,
                 body,

@@ -53,6 +53,8 @@ export interface SourceOptions {
      * no property is excluded.
      */
     keepText?: boolean
+    /** Called once a page's response is read into records and dropped (the CLI collects garbage there). */
+    afterPage?: () => void
     allowedEvents: readonly string[] | null
     excludedEvents: readonly string[]
     now?: () => number
@@ -94,7 +96,8 @@ export function pageRecords(
     }
     const records: SourceRecord<Cursor>[] = []
     let cursor = previous
-    for (const row of response.results) {
+    for (const item of response.rows) {
+        const row = Array.isArray(item) ? (item as unknown[]) : [item]
         let read: PageRow
         try {
             read = rowToEvent(row, columns, teamId, keepText)
@@ -189,6 +192,7 @@ export async function* posthogSource(options: SourceOptions): AsyncGenerator<Sou
             return
         }
         const records = pageRecords(response, options.teamId, scan, options.keepText ?? false)
+        options.afterPage?.()
         scan = records[records.length - 1]?.position ?? scan
         // With a LIMIT, PostHog returns min(LIMIT, 50,000) rows and no hasMore: a full page may have more.
         const full = records.length >= pageSize || response.hasMore === true
