@@ -31,6 +31,8 @@ interface Pending {
     resolve: (value: unknown) => void
     reject: (error: Error) => void
     slot: Slot
+    /** Tasks count against the thread's limit; reports and teardown do not. */
+    counted: boolean
 }
 
 export interface WorkerReport {
@@ -130,7 +132,7 @@ export class WorkerPool {
         const id = this.nextId++
         return new Promise((resolve, reject) => {
             // Not counted against the thread's task limit.
-            this.pending.set(id, { resolve, reject, slot })
+            this.pending.set(id, { resolve, reject, slot, counted: false })
             slot.worker.postMessage({ ...message, id })
         })
     }
@@ -159,7 +161,7 @@ export class WorkerPool {
             }
             const id = this.nextId++
             best.inFlight++
-            this.pending.set(id, { resolve: next.resolve, reject: next.reject, slot: best })
+            this.pending.set(id, { resolve: next.resolve, reject: next.reject, slot: best, counted: true })
             best.worker.postMessage({ ...next.message, id } satisfies ToWorker)
         }
     }
@@ -170,7 +172,9 @@ export class WorkerPool {
             return
         }
         this.pending.delete(id)
-        pending.slot.inFlight = Math.max(0, pending.slot.inFlight - 1)
+        if (pending.counted) {
+            pending.slot.inFlight--
+        }
         pending.resolve(value)
         this.dispatch()
     }
