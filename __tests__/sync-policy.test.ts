@@ -325,7 +325,7 @@ describe('flags', () => {
 
     it('defaults --since to now and --until to now minus the lag', () => {
         const args = parseSyncArgs(required, env, NOW)
-        expect(args).toMatchObject({ sinceMs: NOW, untilMs: NOW - 60_000, follow: false, pageSize: 5_000 })
+        expect(args).toMatchObject({ sinceMs: NOW, untilMs: NOW - 60_000, follow: false, pageSize: 10_000 })
     })
 
     it('names the flag and the fix for each mistake', () => {

@@ -5,7 +5,7 @@
  * - Throughput: sync's events/s against replay's (target: sync ≥ 50% of replay). Sync pays for what replay does
  *   not: HogQL parsing and a ClickHouse query per page, JSON results, and rebuilding each event.
  * - Peak RSS of the sync process (VmHWM from /proc), against an idle Node process with the same TypeScript loader
- *   (baseline) and a ceiling of 250 MB. The stand-in and the receiver run in this process, not in the measured one.
+ *   (baseline) and a ceiling of 250 MB. The stand-in runs in a child process of its own, the receiver in this one.
  *
  * `benchSync()` is exported so `npm run bench` can add it.
  */
@@ -18,7 +18,8 @@ import type { ProcessedPluginEvent } from '@posthog/plugin-scaffold'
 
 import { sampleEvent } from '../host/sample-events'
 import { seededRandom, startReceiver } from '../receiver/receiver'
-import { StandInEvent, startPostHogStandIn } from '../standin/server'
+import { StandInEvent } from '../standin/server'
+import { spawnPostHogStandIn } from '../standin/spawn'
 import { DEFAULT_PAGE_SIZE } from '../sync/source'
 import { measureReplayRss, peakRssMb } from './replay'
 
@@ -119,7 +120,8 @@ async function measureSync(url: string, apiKey: string, sinceMs: number, pageSiz
 export async function benchSync(events: number, pageSize = DEFAULT_PAGE_SIZE): Promise<SyncBench> {
     const workDir = mkdtempSync(join(tmpdir(), 'bench-sync-'))
     const apiKey = 'phx_bench_key_0123456789abcdef'
-    const posthog = await startPostHogStandIn({ apiKey, projectId: PROJECT_ID })
+    // In its own process, as PostHog is: this process only hosts the receiver, as in replay's measurement.
+    const posthog = await spawnPostHogStandIn({ apiKey, projectId: PROJECT_ID })
     try {
         // 250 ms apart, the last stored well before now: the whole history is there when sync starts.
         const startMs = Date.now() - events * 250 - 3_600_000

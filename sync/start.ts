@@ -13,7 +13,7 @@ import { PostHogStandIn, StandInFaults, startPostHogStandIn } from '../standin/s
 import { runSyncCli, SyncIO } from './cli'
 
 export const DEFAULT_START_COUNT = 10_000
-/** Small pages, so a local run shows the cursor paging (sync's own default is 5,000). */
+/** Small pages, so a local run shows the cursor paging (sync's own default is 10,000). */
 const DEFAULT_START_PAGE_SIZE = '1000'
 const PROJECT_ID = 1
 /** Late arrivals in the seed: one per this many events, with client timestamps three days old. */
