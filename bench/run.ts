@@ -24,6 +24,7 @@ async function main(): Promise<void> {
             workers: { type: 'string', default: '1' },
             repeat: { type: 'string' },
             'rich-events': { type: 'boolean', default: false },
+            'receiver-thread': { type: 'boolean', default: false },
             'replay-events': { type: 'string', default: '100000' },
             'rss-events': { type: 'string', default: '100000,1000000' },
         },
@@ -42,6 +43,7 @@ async function main(): Promise<void> {
             workers: Number(values.workers),
             repeat: Number(values.repeat ?? (quick ? 1 : 2)),
             richEvents: values['rich-events'],
+            receiverThread: values['receiver-thread'],
         },
         (text) => process.stdout.write(text)
     )

@@ -3,12 +3,14 @@
  * on both host paths, at several webhook latencies. The original per-event app is the baseline; the
  * serialise-only plugin is the ceiling for anything that sends events; the do-nothing plugin is the host's own.
  */
-import { readFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import { PROJECT_PLUGIN_DIR, readPluginSource } from '../../host/loader'
 import { HostPath, runJob } from '../../host/run'
 import { sampleEvents } from '../../host/sample-events'
+import { startReceiver } from '../../receiver/receiver'
 import { startReceiverThread } from './receiver-thread'
 
 export const BENCH_PLUGINS = ['do-nothing', 'serialise-only', 'original', 'plugin'] as const
@@ -35,6 +37,30 @@ export interface TableOptions {
     repeat: number
     /** Events with the ~45 properties posthog-js sends, instead of the ~10 of the sample events. */
     richEvents?: boolean
+    /** The receiver on its own thread instead of the bench's main thread (the host's consumer thread). */
+    receiverThread?: boolean
+}
+
+interface BenchReceiver {
+    url: string
+    requests: () => Promise<number>
+    close: () => Promise<void>
+}
+
+async function benchReceiver(latencyMs: number, ownThread: boolean): Promise<BenchReceiver> {
+    if (ownThread) {
+        return startReceiverThread(latencyMs)
+    }
+    const dataDir = mkdtempSync(join(tmpdir(), 'bench-'))
+    const rx = await startReceiver({ dataDir, persist: false, faults: { latencyMs } })
+    return {
+        url: rx.url,
+        requests: async () => rx.summary().requests,
+        close: async () => {
+            await rx.close()
+            rmSync(dataDir, { recursive: true, force: true })
+        },
+    }
 }
 
 /** The properties posthog-js adds to a browser event, on top of the sample event's own. */
@@ -114,9 +140,10 @@ export async function measure(
     latencyMs: number,
     count: number,
     workers: number,
-    richEvents = false
+    richEvents = false,
+    receiverThread = false
 ): Promise<Figures> {
-    const rx = await startReceiverThread(latencyMs)
+    const rx = await benchReceiver(latencyMs, receiverThread)
     try {
         const result = await runJob({
             era: BENCH_ERA,
@@ -161,7 +188,8 @@ export async function runPluginTable(
 ): Promise<Map<string, Figures>> {
     const figures = new Map<string, Figures>()
     write(
-        `Plugins in the emulated ${BENCH_ERA} host (vm2 3.9.5, PostHog's transforms), embedded receiver on loopback in its own thread; ` +
+        `Plugins in the emulated ${BENCH_ERA} host (vm2 3.9.5, PostHog's transforms), embedded receiver on loopback ` +
+            (options.receiverThread ? 'in its own thread; ' : "in the host's main thread; ") +
             `Kafka path with ${options.workers} worker thread(s) × 10 tasks; best of ${options.repeat} interleaved runs at 0 ms` +
             (options.richEvents ? '; events with posthog-js properties\n' : '\n')
     )
@@ -178,7 +206,15 @@ export async function runPluginTable(
             for (let run = 0; run < runs; run++) {
                 for (const plugin of options.plugins) {
                     const key = `${latencyMs}/${path}/${plugin}`
-                    const f = await measure(plugin, path, latencyMs, count, options.workers, options.richEvents)
+                    const f = await measure(
+                        plugin,
+                        path,
+                        latencyMs,
+                        count,
+                        options.workers,
+                        options.richEvents,
+                        options.receiverThread
+                    )
                     const best = figures.get(key)
                     if (!best || rate(f) > rate(best)) {
                         figures.set(key, f)
