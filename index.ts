@@ -65,6 +65,8 @@ export const BURST_GATHER_MICROTASKS = 5
 export const BURST_GATHER_MAX_MS = 20
 /** The gather ends once no call has arrived for this long: the burst is over. */
 export const BURST_IDLE_MS = 3
+/** And after this many turns whatever the clock says, so a clock that stands still can't keep it going. */
+export const BURST_GATHER_MAX_TURNS = 400
 /** Error bodies are quoted, redacted and cut to this length, so a receiver's explanation reaches the user. */
 export const ERROR_BODY_SNIPPET_CHARS = 200
 /** At most this much of an error body is read: a hostile receiver can't make the connector buffer more. */
@@ -1235,7 +1237,7 @@ export class Sender {
             this.dispatch()
         } else if (this.inFlight === 0 && !this.gathering) {
             this.gathering = true
-            void this.gather(this.env.now() + BURST_GATHER_MAX_MS)
+            void this.gather(this.env.now() + BURST_GATHER_MAX_MS, BURST_GATHER_MAX_TURNS)
         }
     }
 
@@ -1244,12 +1246,12 @@ export class Sender {
      * until no call has come for BURST_IDLE_MS, or BURST_GATHER_MAX_MS in all (the arrival that completes a
      * learned burst sends it at once). A turn at a time, not a loop: the host's loop guard counts a loop's life.
      */
-    private gather(until: number): Promise<void> {
+    private gather(until: number, turnsLeft: number): Promise<void> {
         return this.env.yieldTurn().then(() => {
             const now = this.env.now()
             const waiting = this.queue.length > 0 && this.inFlight === 0
-            if (waiting && now < until && now - this.lastArrival < BURST_IDLE_MS) {
-                return this.gather(until)
+            if (waiting && turnsLeft > 1 && now < until && now - this.lastArrival < BURST_IDLE_MS) {
+                return this.gather(until, turnsLeft - 1)
             }
             this.gathering = false
             this.dispatch()

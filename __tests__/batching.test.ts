@@ -4,14 +4,9 @@
  */
 import { BURST_GATHER_MAX_MS, hostYieldTurn, Sender } from '../index'
 import { makeEvent, makeSender, testEnv } from './helpers/env'
-import { startServer, TestServer } from './helpers/server'
+import { perTestServers } from './helpers/server'
 
-let server: TestServer | undefined
-
-afterEach(async () => {
-    await server?.close()
-    server = undefined
-})
+const { start } = perTestServers()
 
 const nextMacrotask = (): Promise<void> => new Promise((resolve) => setImmediate(resolve))
 
@@ -27,7 +22,7 @@ async function spreadRound(sender: Sender, first: number, count: number): Promis
 
 describe('calls that arrive spread out', () => {
     it('after the first round, a micro-batch of 10 arriving over several milliseconds goes as one POST', async () => {
-        server = await startServer(() => ({ status: 200 }))
+        const server = await start(() => ({ status: 200 }))
         const sender = makeSender({ webhookUrl: server.url }, testEnv())
         await spreadRound(sender, 0, 10)
         const firstRound = server.received.length
@@ -41,7 +36,7 @@ describe('calls that arrive spread out', () => {
     })
 
     it('does not wait for calls that never come: a short round still goes within the gather bound', async () => {
-        server = await startServer(() => ({ status: 200 }))
+        const server = await start(() => ({ status: 200 }))
         const sender = makeSender({ webhookUrl: server.url }, testEnv())
         await spreadRound(sender, 0, 10)
         const started = Date.now()

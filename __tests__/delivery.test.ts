@@ -4,21 +4,9 @@ import nodeFetch from 'node-fetch'
 
 import { FetchLike, fetchTransport, MAX_ATTEMPTS_WITHOUT_TIMERS, RESERVED_HEADERS, USER_AGENT } from '../index'
 import { makeEvent, makeSender, settle, testEnv } from './helpers/env'
-import { eventsIn, Reply, startServer, TestServer } from './helpers/server'
+import { eventsIn, perTestServers } from './helpers/server'
 
-let server: TestServer | undefined
-
-afterEach(async () => {
-    await server?.close()
-    server = undefined
-})
-
-async function serve(replies: Reply[] | ((index: number) => Reply)): Promise<TestServer> {
-    server = await startServer((_request, index) =>
-        typeof replies === 'function' ? replies(index) : (replies[index] ?? { status: 200 })
-    )
-    return server
-}
+const { serve, start } = perTestServers()
 
 describe('delivery outcomes', () => {
     it.each([200, 201, 202, 204])(
@@ -105,10 +93,9 @@ describe('delivery outcomes', () => {
     })
 
     it('splits a 413 batch down to single events', async () => {
-        const big = await startServer((request) =>
+        const big = await start((request) =>
             eventsIn(request).length > 1 ? { status: 413, body: 'Payload Too Large' } : { status: 200 }
         )
-        server = big
         const sender = makeSender({ webhookUrl: big.url }, testEnv())
         await Promise.all([1, 2, 3, 4].map((n) => sender.send(makeEvent(n))))
         // 4 → 2 + 2 → 1 + 1 + 1 + 1: three refused requests, four accepted.
@@ -291,7 +278,7 @@ describe('natural batching', () => {
         const firstHeld = new Promise<void>((resolve) => (releaseFirst = resolve))
         let firstArrived: () => void = () => undefined
         const arrived = new Promise<void>((resolve) => (firstArrived = resolve))
-        server = await startServer(async (_request, index) => {
+        const server = await start(async (_request, index) => {
             if (index === 0) {
                 firstArrived()
                 await firstHeld
@@ -328,7 +315,7 @@ describe('natural batching', () => {
 
     it('settles each call with its own event fate', async () => {
         const bad = makeEvent(2)
-        server = await startServer((request) => {
+        const server = await start((request) => {
             const events = eventsIn(request)
             if (events.length > 1) {
                 return { status: 413 }
@@ -360,7 +347,7 @@ describe('deadline', () => {
         const env = testEnv({ fakeClock: true, random: () => 1 })
         const late = makeEvent(2)
         let lateResult: ReturnType<typeof settle> | undefined
-        server = await startServer((_request, index) => {
+        const server = await start((_request, index) => {
             if (index === 0) {
                 // A call arrives while the first POST is out, and then that POST takes most of the deadline.
                 lateResult = settle(sender.send(late))
@@ -388,7 +375,7 @@ describe('deadline where the timeout cannot be enforced', () => {
         const env = { ...testEnv({ timers: false, fakeClock: true }), timeoutEnforced: false }
         const late = makeEvent(2)
         let lateResult: ReturnType<typeof settle> | undefined
-        server = await startServer((_request, index) => {
+        const server = await start((_request, index) => {
             if (index === 0) {
                 lateResult = settle(sender.send(late))
             }

@@ -20,25 +20,13 @@ import {
     shapeEvent,
 } from '../index'
 import { makeEvent, makeSender, settle, testEnv } from './helpers/env'
-import { Reply, startServer, TestServer, WEBHOOK_TOKEN } from './helpers/server'
+import { perTestServers, Reply, WEBHOOK_TOKEN } from './helpers/server'
 
 /** node-fetch 2.6.1, the 2021 host's fetch (no type declarations of its own). */
 // eslint-disable-next-line @typescript-eslint/no-require-imports
 const nodeFetch2021 = require('node-fetch-2021') as FetchLike
 
-let server: TestServer | undefined
-
-afterEach(async () => {
-    await server?.close()
-    server = undefined
-})
-
-async function serve(replies: Reply[] | ((index: number) => Reply)): Promise<TestServer> {
-    server = await startServer((_request, index) =>
-        typeof replies === 'function' ? replies(index) : (replies[index] ?? { status: 200 })
-    )
-    return server
-}
+const { serve, start } = perTestServers()
 
 /** Every run of SECRET_FRAGMENT_CHARS characters of a secret, to look for in what the plugin printed. */
 function fragmentsOf(secret: string): string[] {
@@ -84,7 +72,7 @@ describe('secrets echoed back by the receiver', () => {
         const s = await serve(() => ({ status: 200 }))
         const cases = bodies(s.url)
         let index = 0
-        server = await startServer(() => cases[index]?.reply ?? { status: 200 })
+        const server = await start(() => cases[index]?.reply ?? { status: 200 })
         const url = server.url
         const printed: string[] = []
         for (; index < cases.length; index++) {
@@ -226,7 +214,7 @@ describe('receivers that refuse too much', () => {
     it('still isolates one oversized event in a batch of 500', async () => {
         const s = await serve(() => ({ status: 200 }))
         await s.close()
-        server = await startServer((request) => (request.body.includes('"BIG"') ? { status: 413 } : { status: 200 }))
+        const server = await start((request) => (request.body.includes('"BIG"') ? { status: 413 } : { status: 200 }))
         const items = Array.from({ length: 500 }, (_, n) => ({
             uuid: `u${n}`,
             json: JSON.stringify(n === 321 ? { ...makeEvent(n), event: 'BIG' } : makeEvent(n)),

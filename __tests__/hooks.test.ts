@@ -3,13 +3,11 @@ import { request as httpRequest } from 'node:http'
 import * as plugin from '../index'
 import { MetaFetch, PatternsConfig, PatternsGlobal } from '../index'
 import { captureLogger, makeEvent, makeSender, settle, testEnv } from './helpers/env'
-import { eventsIn, Reply, startServer, TestServer, WEBHOOK_TOKEN } from './helpers/server'
+import { eventsIn, perTestServers, Reply, WEBHOOK_TOKEN } from './helpers/server'
 
-let server: TestServer | undefined
+const { serve, start } = perTestServers()
 
-afterEach(async () => {
-    await server?.close()
-    server = undefined
+afterEach(() => {
     jest.restoreAllMocks()
 })
 
@@ -56,13 +54,6 @@ const cdpFetch: MetaFetch = (url, init) =>
         req.on('error', reject)
         req.end(init.body)
     })
-
-async function serve(replies: Reply[] | ((index: number) => Reply)): Promise<TestServer> {
-    server = await startServer((_request, index) =>
-        typeof replies === 'function' ? replies(index) : (replies[index] ?? { status: 200 })
-    )
-    return server
-}
 
 describe('exports', () => {
     it('exports onEvent and neither exportEvents nor composeWebhook, which would double-send on old hosts', () => {
@@ -175,7 +166,7 @@ describe('secrets', () => {
             { status: 400, body: signingSecret },
             { status: 413 },
         ]
-        server = await startServer((request, index) => {
+        const server = await start((request, index) => {
             const reply = replies[index % replies.length] ?? { status: 200 }
             if (typeof reply === 'object' && reply.body?.includes('URL')) {
                 return { ...reply, body: reply.body.replace('URL', `http://127.0.0.1${request.path}`) }

@@ -87,3 +87,27 @@ export function eventsIn(request: ReceivedRequest | undefined): Record<string, u
     }
     return JSON.parse(request.body) as Record<string, unknown>[]
 }
+
+/**
+ * The servers of one test file: `start` runs one with a responder, `serve` one that answers from a script (a list
+ * of replies, then 200s, or a function of the request index). Each test's servers are closed after it.
+ */
+export function perTestServers(): {
+    start: (responder: Responder) => Promise<TestServer>
+    serve: (replies: Reply[] | ((index: number) => Reply)) => Promise<TestServer>
+} {
+    const open: TestServer[] = []
+    afterEach(async () => {
+        await Promise.all(open.splice(0).map((s) => s.close()))
+    })
+    const start = async (responder: Responder): Promise<TestServer> => {
+        const s = await startServer(responder)
+        open.push(s)
+        return s
+    }
+    const serve = (replies: Reply[] | ((index: number) => Reply)): Promise<TestServer> =>
+        start((_request, index) =>
+            typeof replies === 'function' ? replies(index) : (replies[index] ?? { status: 200 })
+        )
+    return { start, serve }
+}
