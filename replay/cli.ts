@@ -10,10 +10,18 @@ import {
     DEFAULT_REQUEST_TIMEOUT_MS,
     FetchLike,
     fetchTransport,
-    parseConfig,
     SenderEnv,
     toLogger,
 } from '../index'
+import {
+    DELIVERY_OPTIONS,
+    deliverySettings,
+    joinNegativeNumbers,
+    TIME_BUDGET_MAX_ATTEMPTS,
+    UsageError,
+    usageMessage,
+    webhookUrlFrom,
+} from '../pipeline/cli-options'
 import { INPUT_FORMATS, InputError, InputFormat } from './input'
 import {
     CheckpointError,
@@ -55,112 +63,26 @@ Exit codes: 0 every event was delivered or deliberately filtered; 1 anything els
 Compressed input goes through standard input: gunzip -c FILE | patterns-connector replay - [options] Ctrl-C finishes the requests in flight, writes the checkpoint and exits.
 `
 
-export class UsageError extends Error {}
+export { UsageError }
 
 /** Problem lines printed before the rest are only counted. */
 export const MAX_WARNING_LINES = 20
 
-function positiveInt(name: string, value: string | undefined, fallback: number): number {
-    if (value === undefined) {
-        return fallback
-    }
-    const number = Number(value)
-    if (!Number.isInteger(number) || number < 1) {
-        throw new UsageError(`--${name}: expected a whole number of at least 1, got "${value}"`)
-    }
-    return number
-}
-
-const NUMERIC_OPTIONS = ['concurrency', 'batch-events', 'batch-bytes', 'timeout', 'retry-for']
-
-/**
- * `--concurrency -1` would read as an option named -1 ("argument is ambiguous"): a value that looks like a
- * number is joined to its numeric option, so it reaches the range check that names the flag.
- */
-function joinNegativeNumbers(argv: string[]): string[] {
-    const joined: string[] = []
-    for (let i = 0; i < argv.length; i++) {
-        const arg = argv[i] as string
-        const value = argv[i + 1]
-        if (NUMERIC_OPTIONS.includes(arg.replace(/^--/, '')) && arg.startsWith('--') && /^-[\d.]/.test(value ?? '')) {
-            joined.push(`${arg}=${value}`)
-            i++
-        } else {
-            joined.push(arg)
-        }
-    }
-    return joined
-}
-
-/** Node's parseArgs messages, with the fix for the one that says "ambiguous". */
-function usageMessage(error: Error & { code?: string }): string {
-    const ambiguous = /Option '(-[^ ']+)[^']*' argument is ambiguous/.exec(error.message)
-    if (ambiguous) {
-        const flag = ambiguous[1] ?? 'the option'
-        return `${flag}: its value starts with "-"; write ${flag}=VALUE, or give it a value`
-    }
-    return error.message
-}
-
 /** Replay's own per-batch budget: time, not a count of attempts (--retry-for). */
-export const REPLAY_MAX_ATTEMPTS = 1_000_000
+export const REPLAY_MAX_ATTEMPTS = TIME_BUDGET_MAX_ATTEMPTS
 
 const OPTIONS = {
-    'webhook-url': { type: 'string' },
-    'allowed-events': { type: 'string' },
-    'excluded-events': { type: 'string' },
-    'excluded-properties': { type: 'string' },
-    'custom-headers': { type: 'string' },
-    'signing-secret': { type: 'string' },
-    concurrency: { type: 'string' },
-    'batch-events': { type: 'string' },
-    'batch-bytes': { type: 'string' },
-    timeout: { type: 'string' },
-    'retry-for': { type: 'string' },
+    ...DELIVERY_OPTIONS,
     format: { type: 'string', default: 'auto' },
-    checkpoint: { type: 'string' },
-    'dead-letter': { type: 'string' },
     'dry-run': { type: 'boolean', default: false },
-    help: { type: 'boolean', short: 'h', default: false },
 } as const
-
-type Values = ReturnType<typeof parseArgs<{ options: typeof OPTIONS; allowPositionals: true }>>['values']
-
-/** The plugin's config from the flags and the environment; errors name the field, never its value. */
-function replayConfig(values: Values, env: Record<string, string | undefined>, webhookUrl: string | undefined) {
-    const retryForMs = positiveInt('retry-for', values['retry-for'], REPLAY_BATCH_DEADLINE_MS / 1000) * 1000
-    // --retry-for is the whole budget of a batch: retries and Retry-After waits go on until it is spent.
-    const overrides = {
-        requestTimeoutMs: positiveInt('timeout', values.timeout, DEFAULT_REQUEST_TIMEOUT_MS / 1000) * 1000,
-        deadlineMs: retryForMs,
-        maxAttempts: REPLAY_MAX_ATTEMPTS,
-        retryAfterCapMs: retryForMs,
-        maxBatchEvents: positiveInt('batch-events', values['batch-events'], DEFAULT_MAX_BATCH_EVENTS),
-        maxBatchBytes: positiveInt('batch-bytes', values['batch-bytes'], DEFAULT_MAX_BATCH_BYTES),
-    }
-    try {
-        return parseConfig(
-            {
-                webhookUrl: webhookUrl ?? 'https://dry-run.invalid/',
-                allowedEventTypes: values['allowed-events'],
-                excludedEventTypes: values['excluded-events'],
-                excludedProperties: values['excluded-properties'],
-                customHeaders: values['custom-headers'] ?? env.PATTERNS_CUSTOM_HEADERS,
-                signingSecret: values['signing-secret'] ?? env.PATTERNS_SIGNING_SECRET,
-            },
-            overrides
-        )
-    } catch (error) {
-        throw new UsageError((error as Error).message)
-    }
-}
 
 export function parseReplayArgs(argv: string[], env: Record<string, string | undefined>) {
     let parsed
     try {
         parsed = parseArgs({ args: joinNegativeNumbers(argv), allowPositionals: true, strict: true, options: OPTIONS })
     } catch (error) {
-        throw new UsageError(`${usageMessage(error as Error)}. Run with --help for the options.`)
+        throw new UsageError(usageMessage(error as Error))
     }
     const { values, positionals } = parsed
     if (values.help) {
@@ -173,17 +95,15 @@ export function parseReplayArgs(argv: string[], env: Record<string, string | und
     if (format !== 'auto' && !(INPUT_FORMATS as readonly string[]).includes(format)) {
         throw new UsageError(`--format: expected auto, ${INPUT_FORMATS.join(', ')}; got "${format}"`)
     }
-    const webhookUrl = values['webhook-url'] ?? env.PATTERNS_WEBHOOK_URL
+    const webhookUrl = webhookUrlFrom(values, env)
     if (!webhookUrl && !values['dry-run']) {
         throw new UsageError('--webhook-url (or PATTERNS_WEBHOOK_URL) is required')
     }
     return {
         input: positionals[0] ?? '-',
         format: format as InputFormat | 'auto',
-        config: replayConfig(values, env, webhookUrl),
-        concurrency: positiveInt('concurrency', values.concurrency, DEFAULT_CONCURRENCY),
-        checkpointFile: values.checkpoint ?? null,
-        deadLetterFile: values['dead-letter'] ?? null,
+        // --retry-for is the whole budget of a batch: retries and Retry-After waits go on until it is spent.
+        ...deliverySettings(values, env, webhookUrl ?? 'https://dry-run.invalid/', true),
         dryRun: values['dry-run'],
     }
 }

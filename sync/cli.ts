@@ -7,9 +7,18 @@ import {
     DEFAULT_MAX_BATCH_BYTES,
     DEFAULT_MAX_BATCH_EVENTS,
     DEFAULT_REQUEST_TIMEOUT_MS,
-    parseConfig,
+    ParsedConfig,
     redactText,
 } from '../index'
+import {
+    DELIVERY_OPTIONS,
+    deliverySettings,
+    joinNegativeNumbers,
+    UsageError,
+    usageMessage,
+    webhookUrlFrom,
+    wholeNumber,
+} from '../pipeline/cli-options'
 import { nodeEnv } from '../replay/cli'
 import { DEFAULT_CONCURRENCY, REPLAY_BATCH_DEADLINE_MS } from '../replay/replay'
 import { CheckpointError, resumeFrom, SourceBinding } from './checkpoint'
@@ -77,7 +86,8 @@ run stopped early (see the summary; the same command resumes); 2 bad usage or co
 scope, project, checkpoint of another source); 130 interrupted (Ctrl-C; the checkpoint is written).
 `
 
-export class SyncUsageError extends Error {
+/** Bad usage of `sync`: a UsageError, as the shared delivery flags throw. */
+export class SyncUsageError extends UsageError {
     name = 'SyncUsageError'
 }
 
@@ -89,17 +99,6 @@ export function parseDuration(flag: string, text: string): number {
     }
     const unit = { ms: 1, s: 1_000, m: 60_000, h: 3_600_000, d: 86_400_000 }[match[2] ?? 's'] ?? 1_000
     return Math.round(Number(match[1]) * unit)
-}
-
-function wholeNumber(flag: string, text: string | undefined, fallback: number, max = Number.MAX_SAFE_INTEGER) {
-    if (text === undefined) {
-        return fallback
-    }
-    const value = Number(text)
-    if (!Number.isInteger(value) || value < 1 || value > max) {
-        throw new SyncUsageError(`--${flag}: expected a whole number from 1 to ${max}, got "${text}"`)
-    }
-    return value
 }
 
 function isoTime(flag: string, text: string): number {
@@ -159,7 +158,7 @@ export interface SyncArgs {
     origin: string
     projectId: string
     apiKey: string
-    config: ReturnType<typeof parseConfig>
+    config: ParsedConfig
     sinceMs: number
     sinceGiven: boolean
     untilMs: number | null
@@ -176,75 +175,40 @@ export interface SyncArgs {
     deadLetterFile: string | null
 }
 
+const OPTIONS = {
+    ...DELIVERY_OPTIONS,
+    'posthog-url': { type: 'string' },
+    'project-id': { type: 'string' },
+    'posthog-api-key': { type: 'string' },
+    since: { type: 'string' },
+    until: { type: 'string' },
+    follow: { type: 'boolean', default: false },
+    lag: { type: 'string' },
+    'poll-interval': { type: 'string' },
+    'late-window': { type: 'string' },
+    'page-size': { type: 'string' },
+    'query-timeout': { type: 'string' },
+    'max-queries-per-minute': { type: 'string' },
+    'max-queries-per-hour': { type: 'string' },
+} as const
+
+/** The numeric flags, whose negative values must reach the range check that names the flag. */
+const NUMERIC_FLAGS = [
+    'concurrency',
+    'batch-events',
+    'batch-bytes',
+    'timeout',
+    'retry-for',
+    'page-size',
+    'max-queries-per-minute',
+    'max-queries-per-hour',
+]
+
 function readFlags(argv: string[]) {
     try {
-        return parseArgs({
-            args: argv,
-            allowPositionals: false,
-            strict: true,
-            options: {
-                'posthog-url': { type: 'string' },
-                'project-id': { type: 'string' },
-                'posthog-api-key': { type: 'string' },
-                'webhook-url': { type: 'string' },
-                since: { type: 'string' },
-                until: { type: 'string' },
-                follow: { type: 'boolean', default: false },
-                lag: { type: 'string' },
-                'poll-interval': { type: 'string' },
-                'late-window': { type: 'string' },
-                'page-size': { type: 'string' },
-                'query-timeout': { type: 'string' },
-                'max-queries-per-minute': { type: 'string' },
-                'max-queries-per-hour': { type: 'string' },
-                'allowed-events': { type: 'string' },
-                'excluded-events': { type: 'string' },
-                'excluded-properties': { type: 'string' },
-                'custom-headers': { type: 'string' },
-                'signing-secret': { type: 'string' },
-                concurrency: { type: 'string' },
-                'batch-events': { type: 'string' },
-                'batch-bytes': { type: 'string' },
-                timeout: { type: 'string' },
-                'retry-for': { type: 'string' },
-                checkpoint: { type: 'string' },
-                'dead-letter': { type: 'string' },
-                help: { type: 'boolean', short: 'h', default: false },
-            },
-        }).values
+        return parseArgs({ args: joinNegativeNumbers(argv, NUMERIC_FLAGS), strict: true, options: OPTIONS }).values
     } catch (error) {
-        // Node's message names the flag; a value given to it is not repeated (it could be a secret).
-        const message = (error as Error).message.split('\n')[0] ?? 'bad arguments'
-        throw new SyncUsageError(`${message}. Run with --help for the options.`)
-    }
-}
-
-type Flags = ReturnType<typeof readFlags>
-
-/** The delivery half of the options, parsed by the plugin's own parseConfig (errors name the field, never its value). */
-function deliveryConfig(values: Flags, webhookUrl: string, env: Record<string, string | undefined>) {
-    try {
-        return parseConfig(
-            {
-                webhookUrl,
-                allowedEventTypes: values['allowed-events'],
-                excludedEventTypes: values['excluded-events'],
-                excludedProperties: values['excluded-properties'],
-                customHeaders: values['custom-headers'] ?? env.PATTERNS_CUSTOM_HEADERS,
-                signingSecret: values['signing-secret'] ?? env.PATTERNS_SIGNING_SECRET,
-            },
-            {
-                requestTimeoutMs: wholeNumber('timeout', values.timeout, DEFAULT_REQUEST_TIMEOUT_MS / 1000) * 1000,
-                deadlineMs: wholeNumber('retry-for', values['retry-for'], REPLAY_BATCH_DEADLINE_MS / 1000) * 1000,
-                maxBatchEvents: wholeNumber('batch-events', values['batch-events'], DEFAULT_MAX_BATCH_EVENTS),
-                maxBatchBytes: wholeNumber('batch-bytes', values['batch-bytes'], DEFAULT_MAX_BATCH_BYTES),
-            }
-        )
-    } catch (error) {
-        if (error instanceof SyncUsageError) {
-            throw error
-        }
-        throw new SyncUsageError((error as Error).message)
+        throw new SyncUsageError(usageMessage(error as Error))
     }
 }
 
@@ -263,7 +227,7 @@ export function parseSyncArgs(argv: string[], env: Record<string, string | undef
         )
     }
     const apiKey = parseApiKey(values['posthog-api-key'] ?? env.POSTHOG_API_KEY)
-    const webhookUrl = values['webhook-url'] ?? env.PATTERNS_WEBHOOK_URL
+    const webhookUrl = webhookUrlFrom(values, env)
     if (!webhookUrl) {
         throw new SyncUsageError('PATTERNS_WEBHOOK_URL (or --webhook-url) is required')
     }
@@ -277,7 +241,7 @@ export function parseSyncArgs(argv: string[], env: Record<string, string | undef
     if (untilMs !== null && values.until !== undefined && untilMs <= sinceMs) {
         throw new SyncUsageError(`--until must be after --since (${new Date(sinceMs).toISOString()})`)
     }
-    const config = deliveryConfig(values, webhookUrl, env)
+    const delivery = deliverySettings(values, env, webhookUrl, false)
     const duration = (flag: 'poll-interval' | 'late-window' | 'query-timeout', fallback: number): number => {
         const text = values[flag]
         const ms = text === undefined ? fallback : parseDuration(flag, text)
@@ -290,7 +254,7 @@ export function parseSyncArgs(argv: string[], env: Record<string, string | undef
         origin,
         projectId,
         apiKey,
-        config,
+        config: delivery.config,
         sinceMs,
         sinceGiven: values.since !== undefined,
         untilMs,
@@ -302,9 +266,9 @@ export function parseSyncArgs(argv: string[], env: Record<string, string | undef
         pageSize: wholeNumber('page-size', values['page-size'], DEFAULT_PAGE_SIZE, MAX_QUERY_ROWS),
         perMinute: wholeNumber('max-queries-per-minute', values['max-queries-per-minute'], DEFAULT_QUERIES_PER_MINUTE),
         perHour: wholeNumber('max-queries-per-hour', values['max-queries-per-hour'], DEFAULT_QUERIES_PER_HOUR),
-        concurrency: wholeNumber('concurrency', values.concurrency, DEFAULT_CONCURRENCY),
-        checkpointFile: values.checkpoint ?? null,
-        deadLetterFile: values['dead-letter'] ?? null,
+        concurrency: delivery.concurrency,
+        checkpointFile: delivery.checkpointFile,
+        deadLetterFile: delivery.deadLetterFile,
     }
 }
 
@@ -481,7 +445,7 @@ export async function runSyncCli(
         start = resumeFrom(args.checkpointFile, bindingOf(args), args.sinceGiven)
     } catch (error) {
         output.line(`error: ${(error as Error).message}`)
-        return error instanceof SyncUsageError || error instanceof CheckpointError ? 2 : 1
+        return error instanceof UsageError || error instanceof CheckpointError ? 2 : 1
     }
     const from = start.resumed
         ? `resuming after ${new Date(start.cursor.ms).toISOString()}`

@@ -1,0 +1,161 @@
+/**
+ * The webhook half of the command line, shared by `replay` and `sync`: the flags, their checks and messages, and
+ * the plugin's config built from them (by the plugin's own parseConfig, so the CLIs and the plugin agree). Each
+ * CLI adds its own source flags (an input file, or PostHog) next to these.
+ */
+import {
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_BATCH_EVENTS,
+    DEFAULT_REQUEST_TIMEOUT_MS,
+    parseConfig,
+    ParsedConfig,
+} from '../index'
+import { REPLAY_BATCH_DEADLINE_MS } from '../replay/replay'
+import { DEFAULT_CONCURRENCY } from './index'
+
+/** Bad usage: a flag, its value, or a missing setting. The CLIs exit with 2 on it. */
+export class UsageError extends Error {}
+
+/** With a time budget, attempts are not what ends a batch's retries (--retry-for is). */
+export const TIME_BUDGET_MAX_ATTEMPTS = 1_000_000
+
+/** The delivery flags both CLIs take, as node:util parseArgs options. */
+export const DELIVERY_OPTIONS = {
+    'webhook-url': { type: 'string' },
+    'allowed-events': { type: 'string' },
+    'excluded-events': { type: 'string' },
+    'excluded-properties': { type: 'string' },
+    'custom-headers': { type: 'string' },
+    'signing-secret': { type: 'string' },
+    concurrency: { type: 'string' },
+    'batch-events': { type: 'string' },
+    'batch-bytes': { type: 'string' },
+    timeout: { type: 'string' },
+    'retry-for': { type: 'string' },
+    checkpoint: { type: 'string' },
+    'dead-letter': { type: 'string' },
+    help: { type: 'boolean', short: 'h', default: false },
+} as const
+
+/** The delivery flags' values as parseArgs returns them. */
+export interface DeliveryValues {
+    'webhook-url'?: string
+    'allowed-events'?: string
+    'excluded-events'?: string
+    'excluded-properties'?: string
+    'custom-headers'?: string
+    'signing-secret'?: string
+    concurrency?: string
+    'batch-events'?: string
+    'batch-bytes'?: string
+    timeout?: string
+    'retry-for'?: string
+    checkpoint?: string
+    'dead-letter'?: string
+}
+
+/** The numeric delivery flags: a negative value given to one must reach its range check (joinNegativeNumbers). */
+const NUMERIC_OPTIONS = ['concurrency', 'batch-events', 'batch-bytes', 'timeout', 'retry-for']
+
+/**
+ * A whole number from 1 (to `max` if given), or `fallback` when the flag is absent. The message names the flag and
+ * repeats what was typed: numeric flags hold no secret.
+ */
+export function wholeNumber(flag: string, text: string | undefined, fallback: number, max?: number): number {
+    if (text === undefined) {
+        return fallback
+    }
+    const value = Number(text)
+    if (!Number.isInteger(value) || value < 1 || (max !== undefined && value > max)) {
+        const range = max === undefined ? 'of at least 1' : `from 1 to ${max}`
+        throw new UsageError(`--${flag}: expected a whole number ${range}, got "${text}"`)
+    }
+    return value
+}
+
+/**
+ * `--concurrency -1` would read as an option named -1 ("argument is ambiguous"): a value that looks like a
+ * number is joined to its numeric option, so it reaches the range check that names the flag.
+ */
+export function joinNegativeNumbers(argv: string[], numeric: readonly string[] = NUMERIC_OPTIONS): string[] {
+    const joined: string[] = []
+    for (let i = 0; i < argv.length; i++) {
+        const arg = argv[i] as string
+        const value = argv[i + 1]
+        if (numeric.includes(arg.replace(/^--/, '')) && arg.startsWith('--') && /^-[\d.]/.test(value ?? '')) {
+            joined.push(`${arg}=${value}`)
+            i++
+        } else {
+            joined.push(arg)
+        }
+    }
+    return joined
+}
+
+/**
+ * Node's parseArgs message as a usage error: its first line only (a value given to a flag is not repeated, it
+ * could be a secret), with the fix for the one that says "ambiguous".
+ */
+export function usageMessage(error: Error): string {
+    const ambiguous = /Option '(-[^ ']+)[^']*' argument is ambiguous/.exec(error.message)
+    const flag = ambiguous?.[1] ?? 'the option'
+    const message = ambiguous
+        ? `${flag}: its value starts with "-"; write ${flag}=VALUE, or give it a value`
+        : (error.message.split('\n')[0] ?? 'bad arguments')
+    return `${message}. Run with --help for the options.`
+}
+
+/** The webhook URL from --webhook-url, else PATTERNS_WEBHOOK_URL (the documented way: it stays out of `ps`). */
+export function webhookUrlFrom(values: DeliveryValues, env: Record<string, string | undefined>): string | undefined {
+    return values['webhook-url'] ?? env.PATTERNS_WEBHOOK_URL
+}
+
+export interface DeliverySettings {
+    config: ParsedConfig
+    concurrency: number
+    checkpointFile: string | null
+    deadLetterFile: string | null
+}
+
+/**
+ * The plugin's config and the run's delivery settings from the flags and the environment; errors name the field,
+ * never its value. `retryForIsBudget`: --retry-for is the whole budget of a batch (retries and Retry-After waits
+ * go on until it is spent) rather than a deadline over the plugin's own count of attempts.
+ */
+export function deliverySettings(
+    values: DeliveryValues,
+    env: Record<string, string | undefined>,
+    webhookUrl: string,
+    retryForIsBudget: boolean
+): DeliverySettings {
+    const retryForMs = wholeNumber('retry-for', values['retry-for'], REPLAY_BATCH_DEADLINE_MS / 1000) * 1000
+    const overrides = {
+        requestTimeoutMs: wholeNumber('timeout', values.timeout, DEFAULT_REQUEST_TIMEOUT_MS / 1000) * 1000,
+        deadlineMs: retryForMs,
+        ...(retryForIsBudget ? { maxAttempts: TIME_BUDGET_MAX_ATTEMPTS, retryAfterCapMs: retryForMs } : {}),
+        maxBatchEvents: wholeNumber('batch-events', values['batch-events'], DEFAULT_MAX_BATCH_EVENTS),
+        maxBatchBytes: wholeNumber('batch-bytes', values['batch-bytes'], DEFAULT_MAX_BATCH_BYTES),
+    }
+    let config: ParsedConfig
+    try {
+        config = parseConfig(
+            {
+                webhookUrl,
+                allowedEventTypes: values['allowed-events'],
+                excludedEventTypes: values['excluded-events'],
+                excludedProperties: values['excluded-properties'],
+                customHeaders: values['custom-headers'] ?? env.PATTERNS_CUSTOM_HEADERS,
+                signingSecret: values['signing-secret'] ?? env.PATTERNS_SIGNING_SECRET,
+            },
+            overrides
+        )
+    } catch (error) {
+        throw new UsageError((error as Error).message)
+    }
+    return {
+        config,
+        concurrency: wholeNumber('concurrency', values.concurrency, DEFAULT_CONCURRENCY),
+        checkpointFile: values.checkpoint ?? null,
+        deadLetterFile: values['dead-letter'] ?? null,
+    }
+}
