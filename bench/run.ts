@@ -6,12 +6,15 @@
  *    Kafka path, at 0, 20 and 50 ms webhook latency. `--only`, `--path`, `--latency` run a subset.
  * 2. Replay (bench/replay.ts, also runnable alone): events/s from a file of 100k events against the raw limit;
  *    peak RSS of the replay CLI reading files of 100k and 1M events, against an idle Node process and a ceiling.
+ * 3. Sync (bench/sync.ts, also runnable alone): 1M events from the PostHog stand-in against replay of the same
+ *    events in the same run, and sync's peak RSS against an idle Node process and a ceiling.
  */
 import { cpus } from 'node:os'
 import { parseArgs } from 'node:util'
 
 import { BENCH_LATENCIES_MS, BENCH_PATHS, BENCH_PLUGINS, parseList, runPluginTable } from './plugins/table'
 import { benchReplay, replayBenchText } from './replay'
+import { benchSync, syncBenchText } from './sync'
 
 async function main(): Promise<void> {
     const { values } = parseArgs({
@@ -27,6 +30,7 @@ async function main(): Promise<void> {
             'receiver-thread': { type: 'boolean', default: false },
             'replay-events': { type: 'string', default: '100000' },
             'rss-events': { type: 'string', default: '100000,1000000' },
+            'sync-events': { type: 'string', default: '1000000' },
         },
     })
     const quick = values.quick
@@ -55,6 +59,8 @@ async function main(): Promise<void> {
     const replayEvents = quick ? 5_000 : Number(values['replay-events'])
     const rssEvents = quick ? [20_000] : values['rss-events'].split(',').map(Number)
     process.stdout.write('\n' + replayBenchText(await benchReplay(replayEvents, rssEvents)))
+    const syncEvents = quick ? 20_000 : Number(values['sync-events'])
+    process.stdout.write('\n' + syncBenchText(await benchSync(syncEvents)))
 }
 
 void main().catch((error) => {
