@@ -188,15 +188,7 @@ async function microtaskTurns(count: number): Promise<void> {
 
 /** The direct path: micro-batches of calls started together in this thread, a few microtask turns apart. */
 async function runDirect(options: JobOptions, era: Era, code: string, tally: Tally, log: (line: string) => void) {
-    const instance = new PluginInstance({
-        era: era.name,
-        code,
-        config: configOf(options),
-        setupRetryScale: options.setupRetryScale ?? 1,
-        hostRetryScale: options.hostRetryScale ?? 1,
-        hostRetry: options.hostRetry,
-        log,
-    })
+    const instance = new PluginInstance({ ...instanceOptions(options, era, code), log })
     await instance.started()
     const eventsStarted = Date.now()
     const cpuStarted = process.cpuUsage()
@@ -238,19 +230,7 @@ async function runDirect(options: JobOptions, era: Era, code: string, tally: Tal
 async function runKafka(options: JobOptions, era: Era, code: string, tally: Tally, log: (line: string) => void) {
     const workers = options.workers ?? DEFAULT_WORKERS
     const tasksPerWorker = options.tasksPerWorker ?? DEFAULT_TASKS_PER_WORKER
-    const pool = new WorkerPool(
-        workers,
-        tasksPerWorker,
-        {
-            era: era.name,
-            code,
-            config: configOf(options),
-            setupRetryScale: options.setupRetryScale ?? 1,
-            hostRetryScale: options.hostRetryScale ?? 1,
-            hostRetry: options.hostRetry,
-        },
-        (line) => log(line)
-    )
+    const pool = new WorkerPool(workers, tasksPerWorker, instanceOptions(options, era, code), (line) => log(line))
     let reports: WorkerReport[] = []
     try {
         await pool.started()
@@ -289,6 +269,18 @@ async function runKafka(options: JobOptions, era: Era, code: string, tally: Tall
 
 function cpuMs(usage: NodeJS.CpuUsage): number {
     return (usage.user + usage.system) / 1000
+}
+
+/** What each VM is made from: the same on the direct path and in every worker thread. */
+function instanceOptions(options: JobOptions, era: Era, code: string) {
+    return {
+        era: era.name,
+        code,
+        config: configOf(options),
+        setupRetryScale: options.setupRetryScale ?? 1,
+        hostRetryScale: options.hostRetryScale ?? 1,
+        hostRetry: options.hostRetry,
+    }
 }
 
 function configOf(options: JobOptions): Record<string, string> {

@@ -128,22 +128,6 @@ export function rowToEvent(
     if (typeof uuid !== 'string' || !Number.isSafeInteger(createdAtMs)) {
         throw new RowError(`a row without a readable uuid or created_at: ${JSON.stringify(row).slice(0, 200)}`)
     }
-    const verbatim = keepText ? verbatimProperties(get('properties')) : null
-    if (verbatim !== null) {
-        const event: SyncedEvent = {
-            uuid,
-            event: String(get('event')),
-            distinct_id: String(get('distinct_id')),
-            team_id: teamId,
-            ip: null,
-            timestamp: timestampOf(get('timestamp_ms'), get('timestamp')),
-            properties: {},
-        }
-        const chain = get('elements_chain')
-        const tail = typeof chain === 'string' && chain !== '' ? `,"elements_chain":${JSON.stringify(chain)}` : ''
-        return { event, createdAtMs, text: `${eventHead(event)}${verbatim}${tail}}` }
-    }
-    const properties = parseProperties(get('properties'))
     const event: SyncedEvent = {
         uuid,
         event: String(get('event')),
@@ -151,8 +135,16 @@ export function rowToEvent(
         team_id: teamId,
         ip: null,
         timestamp: timestampOf(get('timestamp_ms'), get('timestamp')),
-        properties,
+        properties: {},
     }
+    const verbatim = keepText ? verbatimProperties(get('properties')) : null
+    if (verbatim !== null) {
+        const chain = get('elements_chain')
+        const tail = typeof chain === 'string' && chain !== '' ? `,"elements_chain":${JSON.stringify(chain)}` : ''
+        return { event, createdAtMs, text: `${eventHead(event)}${verbatim}${tail}}` }
+    }
+    const properties = parseProperties(get('properties'))
+    event.properties = properties
     // The plugin's event carries person updates at the top level too (PostHog's convertToProcessedPluginEvent).
     if (properties.$set !== undefined) {
         event.$set = properties.$set
