@@ -27,6 +27,7 @@ import { AddressInfo } from 'node:net'
 
 import createHogQLParser from '@posthog/hogql-parser'
 
+import { seededRandom } from '../receiver/receiver'
 import { ColumnType, EventStore, OUTPUT_SETTINGS } from './engine'
 import { eventJsonLine, normalizeEvent, SeedOptions, seedSql, StandInEvent, StoredEvent } from './events'
 import { CompiledQuery, compileHogQL, HogQLError, HogQLParser } from './hogql'
@@ -195,18 +196,6 @@ export interface PostHogStandIn extends PostHogStandInClient {
 
 const QUERY_PATH = /^\/api\/(projects|environments)\/([^/]+)\/query\/?$/
 const LOG_LIMIT = 10_000
-
-/** A small seeded PRNG (mulberry32) so random faults repeat with their seed. */
-function seededRandom(seed: number): () => number {
-    let state = seed >>> 0
-    return () => {
-        state = (state + 0x6d2b79f5) >>> 0
-        let t = state
-        t = Math.imul(t ^ (t >>> 15), t | 1)
-        t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-        return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-    }
-}
 
 interface CachedResult {
     at: number
