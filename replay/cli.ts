@@ -4,14 +4,11 @@ import { Readable } from 'node:stream'
 import { parseArgs } from 'node:util'
 
 import {
-    BURST_GATHER_MICROTASKS,
     DEFAULT_MAX_BATCH_BYTES,
     DEFAULT_MAX_BATCH_EVENTS,
     DEFAULT_REQUEST_TIMEOUT_MS,
-    FetchLike,
-    fetchTransport,
+    hostEnv,
     SenderEnv,
-    toLogger,
 } from '../index'
 import {
     DELIVERY_OPTIONS,
@@ -60,7 +57,8 @@ Options (secrets can come from the environment instead, so they stay out of shel
 
 Exit codes: 0 every event was delivered or deliberately filtered; 1 anything else (see the summary);
 2 bad usage: a flag, a missing, unreadable or compressed input, a checkpoint of another input.
-Compressed input goes through standard input: gunzip -c FILE | patterns-connector replay - [options] Ctrl-C finishes the requests in flight, writes the checkpoint and exits.
+Compressed input goes through standard input: gunzip -c FILE | patterns-connector replay - [options]
+Ctrl-C finishes the requests in flight, writes the checkpoint and exits.
 `
 
 export { UsageError }
@@ -130,19 +128,9 @@ function openInputFile(path: string): { size: number; stream: ReadStream } | str
 
 /** The sender environment for a Node process: real fetch, timers, and nothing logged per request. */
 export function nodeEnv(): SenderEnv {
-    return {
-        transport: fetchTransport(fetch as unknown as FetchLike),
-        timeoutEnforced: true,
-        logger: toLogger({}),
-        now: () => Date.now(),
-        sleep: (ms) => new Promise((resolve) => setTimeout(resolve, ms)),
-        random: Math.random,
-        yieldTurn: async () => {
-            for (let i = 0; i < BURST_GATHER_MICROTASKS; i++) {
-                await Promise.resolve()
-            }
-        },
-    }
+    // The plugin's own host adaptation: Node has fetch, AbortController and timers. The tools print their own
+    // progress and warnings, so the sender's log lines are dropped.
+    return hostEnv({ logger: {} })
 }
 
 function formatDuration(seconds: number): string {
