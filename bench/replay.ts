@@ -30,6 +30,8 @@ export const THROUGHPUT_TARGET = 0.6
 /** The most a replay from a file may take, whatever its size (README). */
 export const RSS_CEILING_MB = 200
 const BIN = join(__dirname, '..', 'bin', 'patterns-connector.js')
+/** Linux's USER_HZ, the unit of the CPU times in /proc/<pid>/stat (`getconf CLK_TCK`). */
+const CLOCK_TICKS_PER_S = 100
 
 export interface Figures {
     requests: number
@@ -130,17 +132,32 @@ export async function measureRawFile(file: string, inFlight: number): Promise<Fi
 }
 
 /** Peak RSS of a child process, polled from /proc while it runs (VmHWM where the kernel reports it). */
-export async function peakRssMb(args: string[], env: NodeJS.ProcessEnv): Promise<number> {
+/** CPU time (user + system, ms) a process has used so far, from /proc; 0 once it has gone. */
+export function cpuMsOf(pid: number): number {
+    try {
+        // Fields after the command name, which sits in parentheses and may hold spaces.
+        const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]?.split(' ') ?? []
+        const ticks = Number(fields[11]) + Number(fields[12])
+        return Number.isFinite(ticks) ? (ticks * 1000) / CLOCK_TICKS_PER_S : 0
+    } catch {
+        return 0
+    }
+}
+
+/** A child Node process run to its end: peak RSS (MB) and the CPU time it used (ms, as last seen). */
+export async function measureProcess(args: string[], env: NodeJS.ProcessEnv): Promise<{ peakMb: number; cpuMs: number }> {
     const child = spawn(process.execPath, args, { env, stdio: ['ignore', 'ignore', 'pipe'] })
     // Kept for the failure message only: the progress lines would clutter the figures.
     let stderr = ''
     child.stderr?.on('data', (c: Buffer) => (stderr = (stderr + c.toString()).slice(-2_000)))
     let peakKb = 0
+    let cpuMs = 0
     const read = (): void => {
         try {
             const status = readFileSync(`/proc/${child.pid}/status`, 'utf8')
             const kb = Number(/VmHWM:\s+(\d+)/.exec(status)?.[1] ?? /VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0)
             peakKb = Math.max(peakKb, kb)
+            cpuMs = Math.max(cpuMs, cpuMsOf(child.pid as number))
         } catch {
             // The process has exited.
         }
@@ -151,15 +168,22 @@ export async function peakRssMb(args: string[], env: NodeJS.ProcessEnv): Promise
     if (code !== 0) {
         throw new Error(`measured process exited with ${code}: ${stderr.trim()}`)
     }
-    return Math.round(peakKb / 1024)
+    return { peakMb: Math.round(peakKb / 1024), cpuMs: Math.round(cpuMs) }
+}
+
+export async function peakRssMb(args: string[], env: NodeJS.ProcessEnv): Promise<number> {
+    return (await measureProcess(args, env)).peakMb
 }
 
 /** The replay CLI, as a user runs it, reading `file`; its peak RSS and what the receiver got. */
 export async function measureReplayRss(file: string, events: number) {
     const { rx, close } = await receiverWith(0)
     const started = Date.now()
-    const peakMb = await peakRssMb([BIN, 'replay', file], { ...process.env, PATTERNS_WEBHOOK_URL: rx.url })
-    const figures = { events, peakMb, rows: rx.summary().rows, ms: Date.now() - started }
+    const receiverCpu = process.cpuUsage()
+    const { peakMb, cpuMs } = await measureProcess([BIN, 'replay', file], { ...process.env, PATTERNS_WEBHOOK_URL: rx.url })
+    const used = process.cpuUsage(receiverCpu)
+    const receiverCpuMs = Math.round((used.user + used.system) / 1000)
+    const figures = { events, peakMb, cpuMs, receiverCpuMs, rows: rx.summary().rows, ms: Date.now() - started }
     await close()
     return figures
 }

@@ -21,7 +21,7 @@ import { seededRandom, startReceiver } from '../receiver/receiver'
 import { StandInEvent } from '../standin/server'
 import { spawnPostHogStandIn } from '../standin/spawn'
 import { DEFAULT_PAGE_SIZE } from '../sync/source'
-import { measureReplayRss, peakRssMb } from './replay'
+import { cpuMsOf, measureProcess, measureReplayRss, peakRssMb } from './replay'
 
 export const SYNC_THROUGHPUT_TARGET = 0.5
 export const SYNC_RSS_CEILING_MB = 250
@@ -34,10 +34,17 @@ const INGESTION_DELAY_MS = 1_500
 
 export interface SyncBench {
     events: number
-    sync: { ms: number; peakMb: number; rows: number; requests: number }
-    replay: { ms: number; peakMb: number; rows: number }
+    sync: { ms: number; peakMb: number; rows: number; requests: number } & CpuSplit
+    replay: { ms: number; peakMb: number; rows: number } & CpuSplit
     idleMb: number
     pageSize: number
+}
+
+/** CPU time (ms) each process spent during a run: the CLI, the receiver (this process) and the stand-in. */
+interface CpuSplit {
+    cpuMs: number
+    receiverCpuMs: number
+    standInCpuMs?: number
 }
 
 const perSecond = (events: number, ms: number): number => Math.round(events / Math.max(ms / 1000, 0.001))
@@ -102,19 +109,25 @@ async function seedBoth(
     await new Promise<void>((resolve) => out.end(() => resolve()))
 }
 
-/** The sync CLI as a user runs it, from the stand-in to a receiver on loopback: time, peak RSS, rows. */
-async function measureSync(url: string, apiKey: string, sinceMs: number, pageSize: number) {
+/** The sync CLI as a user runs it, from the stand-in to a receiver on loopback: time, peak RSS, rows, CPU. */
+async function measureSync(url: string, apiKey: string, sinceMs: number, pageSize: number, standInPid: number) {
     const dataDir = mkdtempSync(join(tmpdir(), 'bench-sync-rx-'))
     const rx = await startReceiver({ dataDir, persist: false })
     const args = [BIN, 'sync', '--posthog-url', url, '--project-id', String(PROJECT_ID)]
     args.push('--since', new Date(sinceMs).toISOString(), '--lag', '0s', '--page-size', String(pageSize))
     const started = Date.now()
-    const peakMb = await peakRssMb(args, { ...process.env, POSTHOG_API_KEY: apiKey, PATTERNS_WEBHOOK_URL: rx.url })
+    const standInBefore = cpuMsOf(standInPid)
+    const receiverBefore = process.cpuUsage()
+    const env = { ...process.env, POSTHOG_API_KEY: apiKey, PATTERNS_WEBHOOK_URL: rx.url }
+    const { peakMb, cpuMs } = await measureProcess(args, env)
     const ms = Date.now() - started
+    const receiverUsed = process.cpuUsage(receiverBefore)
+    const standInCpuMs = Math.round(cpuMsOf(standInPid) - standInBefore)
     const summary = rx.summary()
     await rx.close()
     rmSync(dataDir, { recursive: true, force: true })
-    return { ms, peakMb, rows: summary.rows, requests: summary.requests }
+    const receiverCpuMs = Math.round((receiverUsed.user + receiverUsed.system) / 1000)
+    return { ms, peakMb, rows: summary.rows, requests: summary.requests, cpuMs, receiverCpuMs, standInCpuMs }
 }
 
 export async function benchSync(events: number, pageSize = DEFAULT_PAGE_SIZE): Promise<SyncBench> {
@@ -127,13 +140,19 @@ export async function benchSync(events: number, pageSize = DEFAULT_PAGE_SIZE): P
         const startMs = Date.now() - events * 250 - 3_600_000
         const file = join(workDir, 'events.jsonl')
         await seedBoth((chunk) => posthog.insertEvents(chunk), file, events, startMs)
-        const sync = await measureSync(posthog.url, apiKey, startMs - 60_000, pageSize)
+        const sync = await measureSync(posthog.url, apiKey, startMs - 60_000, pageSize, posthog.pid)
         const replayed = await measureReplayRss(file, events)
         const idleMb = await peakRssMb(['-e', 'require("tsx/cjs"); setTimeout(() => {}, 300)'], process.env)
         return {
             events,
             sync,
-            replay: { ms: replayed.ms, peakMb: replayed.peakMb, rows: replayed.rows },
+            replay: {
+                ms: replayed.ms,
+                peakMb: replayed.peakMb,
+                rows: replayed.rows,
+                cpuMs: replayed.cpuMs,
+                receiverCpuMs: replayed.receiverCpuMs,
+            },
             idleMb,
             pageSize,
         }
@@ -148,6 +167,7 @@ export function syncBenchText(bench: SyncBench): string {
     const syncRate = perSecond(bench.sync.rows, bench.sync.ms)
     const replayRate = perSecond(bench.replay.rows, bench.replay.ms)
     const share = syncRate / Math.max(replayRate, 1)
+    const perThousand = (ms: number): string => ((ms * 1000) / Math.max(bench.events, 1)).toFixed(1)
     return [
         `Sync of ${bench.events} events from the PostHog stand-in, next to replay of the same events (both CLIs)`,
         `  sync      ${syncRate} events/s, ${bench.sync.rows} rows received in ${bench.sync.requests} requests, ` +
@@ -156,6 +176,9 @@ export function syncBenchText(bench: SyncBench): string {
             `file), peak RSS ${bench.replay.peakMb} MB`,
         `  sync / replay = ${(share * 100).toFixed(0)}% (target ≥ ${SYNC_THROUGHPUT_TARGET * 100}%: ` +
             `${verdict(share >= SYNC_THROUGHPUT_TARGET)})`,
+        `  CPU per 1,000 events: sync CLI ${perThousand(bench.sync.cpuMs)} ms, its receiver ` +
+            `${perThousand(bench.sync.receiverCpuMs)} ms, the stand-in ${perThousand(bench.sync.standInCpuMs ?? 0)} ms; ` +
+            `replay CLI ${perThousand(bench.replay.cpuMs)} ms, its receiver ${perThousand(bench.replay.receiverCpuMs)} ms`,
         `  sync peak RSS ${bench.sync.peakMb} MB (baseline: idle Node with the same loader ${bench.idleMb} MB; ` +
             `ceiling ${SYNC_RSS_CEILING_MB} MB: ${verdict(bench.sync.peakMb <= SYNC_RSS_CEILING_MB)})`,
         '',
