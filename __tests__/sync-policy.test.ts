@@ -3,7 +3,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-import { splitBody } from '../sync/body'
+import { BodyBuffers, BodyTooLargeError, readPage } from '../sync/body'
 import { bindingDifferences, resumeFrom, SourceBinding, writeSyncCheckpoint } from '../sync/checkpoint'
 import { behindNowMs, parseDuration, parsePostHogUrl, parseSyncArgs } from '../sync/cli'
 import { classifyQueryResponse, errorDetail, PostHogQueryError, queryBackoffMs, rateLimitWaitMs } from '../sync/posthog'
@@ -72,7 +72,16 @@ describe('the page query', () => {
 })
 
 describe('rows to events', () => {
-    const at = { uuid: 0, event: 1, distinct_id: 2, timestamp: 3, properties: 4, elements_chain: 5, created_at_ms: 6 }
+    const at = {
+        uuid: 0,
+        event: 1,
+        distinct_id: 2,
+        timestamp: 3,
+        properties: 4,
+        elements_chain: 5,
+        created_at_ms: 6,
+        timestamp_ms: -1,
+    }
 
     it('builds the event the plugin sends, with $set and $set_once lifted from properties', () => {
         const row = [
@@ -160,7 +169,7 @@ describe("PostHog's responses", () => {
             target
         )
         expect(outcome).toMatchObject({ kind: 'ok', response: { rowCount: 1, columns: ['a'], hasMore: null } })
-        expect([...(outcome as { response: { rows: Iterable<unknown> } }).response.rows]).toEqual([[1]])
+        expect((outcome as { response: { row: (i: number) => unknown } }).response.row(0)).toEqual([1])
     })
 
     it('a 401 names the key and the fix, and is configuration', () => {
@@ -377,29 +386,83 @@ describe('reading a response body row by row', () => {
         types: [['uuid', 'UUID']],
     }
 
+    const allRows = (page: { rowCount: number; row: (i: number) => unknown } | null | undefined): unknown[] =>
+        Array.from({ length: page?.rowCount ?? 0 }, (_, i) => page?.row(i))
+
     it('finds the top-level results and each row, whatever the strings around and inside them hold', () => {
         const body = Buffer.from(JSON.stringify(tricky))
-        const split = splitBody(body)
-        expect(split?.rowCount).toBe(3)
-        expect([...(split?.rows() ?? [])]).toEqual(tricky.results)
-        expect(split?.head).toEqual({ ...tricky, results: [] })
+        const page = readPage(body)
+        expect(page?.rowCount).toBe(3)
+        expect(allRows(page)).toEqual(tricky.results)
+        expect(page?.row(2)).toEqual(tricky.results[2])
+        expect(page?.head).toEqual({ ...tricky, results: [] })
     })
 
     it('reads results that come before columns, with spaces, and an empty results', () => {
         const reordered = `{ "results" : [ [1, "x"] , [2,"y"] ], "columns": ["n", "s"], "hasMore": false }`
-        expect([...(splitBody(Buffer.from(reordered))?.rows() ?? [])]).toEqual([
+        expect(allRows(readPage(Buffer.from(reordered)))).toEqual([
             [1, 'x'],
             [2, 'y'],
         ])
-        expect(splitBody(Buffer.from('{"results":[],"columns":[]}'))?.rowCount).toBe(0)
-        expect(splitBody(Buffer.from('{"detail":"no results here"}'))).toBeNull()
+        expect(readPage(Buffer.from('{"results":[],"columns":[]}'))?.rowCount).toBe(0)
+        expect(readPage(Buffer.from('{"detail":"no results here"}'))).toBeNull()
+    })
+
+    it('decodes UTF-8 and plain ASCII bodies to the same rows as JSON.parse does', () => {
+        // Plain ASCII, with an escape that decodes to a character outside it.
+        const ascii = String.raw`{"results":[["a","{\"k\":\"\u00e9\"}",1]],"columns":["s","p","n"]}`
+        for (const body of [ascii, JSON.stringify(tricky)]) {
+            const parsed = JSON.parse(body) as { results: unknown[] }
+            expect(allRows(readPage(Buffer.from(body)))).toEqual(parsed.results)
+        }
     })
 
     it('gives the same page as parsing the whole body', () => {
         const body = JSON.stringify(tricky)
         const fromBytes = classifyQueryResponse(200, Buffer.from(body), null, NOW, target)
         const fromText = classifyQueryResponse(200, body, null, NOW, target)
-        const rows = (o: typeof fromBytes) => [...(o as { response: { rows: Iterable<unknown> } }).response.rows]
+        const rows = (o: typeof fromBytes) =>
+            allRows((o as { response: { rowCount: number; row: (i: number) => unknown } }).response)
+        expect(rows(fromBytes)).toEqual(tricky.results)
         expect(rows(fromBytes)).toEqual(rows(fromText))
+    })
+})
+
+describe('kept body buffers', () => {
+    async function* chunks(...parts: string[]): AsyncGenerator<Uint8Array> {
+        for (const part of parts) {
+            yield Buffer.from(part)
+        }
+    }
+
+    it('never lends a buffer that is still out, and reuses one once released', async () => {
+        const buffers = new BodyBuffers(2)
+        const first = await buffers.read(chunks('{"a":', '1}'), 1024)
+        const second = await buffers.read(chunks('{"b":2}'), 1024)
+        expect(first.bytes.toString()).toBe('{"a":1}')
+        expect(second.bytes.toString()).toBe('{"b":2}')
+        expect(first.bytes.buffer).not.toBe(second.bytes.buffer)
+        first.release()
+        first.release()
+        const third = await buffers.read(chunks('{"c":3}'), 1024)
+        expect(third.bytes.buffer).toBe(first.bytes.buffer)
+        expect(second.bytes.toString()).toBe('{"b":2}')
+    })
+
+    it('grows past the first chunk and stops reading past the limit', async () => {
+        const buffers = new BodyBuffers()
+        const big = 'x'.repeat(70_000)
+        const lease = await buffers.read(chunks(big, big, 'end'), 1_000_000)
+        expect(lease.bytes.length).toBe(140_003)
+        expect(lease.bytes.toString('latin1', 139_998)).toBe('xxend')
+        let pulled = 0
+        async function* endless(): AsyncGenerator<Uint8Array> {
+            for (;;) {
+                pulled++
+                yield Buffer.alloc(1000)
+            }
+        }
+        await expect(buffers.read(endless(), 10_000)).rejects.toThrow(BodyTooLargeError)
+        expect(pulled).toBe(11)
     })
 })

@@ -13,10 +13,11 @@ export function shapeRecord<P>(
 ): Item<P> {
     const { event, text } = record
     // With nothing to remove the event goes as read: its text is already valid JSON, and byte for byte the input.
-    const json =
-        text !== undefined && config.excludedProperties.length === 0
-            ? text
-            : JSON.stringify(shapeEvent(event, config.excludedProperties))
+    if (text !== undefined && config.excludedProperties.length === 0) {
+        const bytes = record.bytes ?? Buffer.byteLength(text)
+        return { position: record.position, uuid: String(event.uuid ?? ''), json: text, bytes }
+    }
+    const json = JSON.stringify(shapeEvent(event, config.excludedProperties))
     return { position: record.position, uuid: String(event.uuid ?? ''), json, bytes: Buffer.byteLength(json) }
 }
 

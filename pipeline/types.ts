@@ -8,6 +8,8 @@ export type SourceRecord<P> =
           event: Record<string, unknown>
           /** The event's JSON as read; sent byte for byte when no property is removed. */
           text?: string
+          /** `text`'s size in UTF-8, when the source already knows it. */
+          bytes?: number
       }
     | { position: P; kind: 'malformed'; reason: string; raw: string; line?: number | null }
 

@@ -187,7 +187,9 @@ export class EventStore {
     async runBytes(sql: string, format = 'JSONCompactEachRow'): Promise<Buffer> {
         try {
             const result = await this.session.queryAsync(sql, { format })
-            return Buffer.from(result.bytes())
+            // A view, not a copy: a page is megabytes.
+            const bytes = result.bytes()
+            return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)
         } catch (error) {
             throw engineError(error)
         }

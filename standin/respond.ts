@@ -233,3 +233,19 @@ export function sendText(
     })
     res.end(text)
 }
+
+/** A 200 written from pieces, with the length of them all: a large body is never copied into one buffer. */
+export function sendParts(res: ServerResponse, status: number, parts: readonly Buffer[]): void {
+    if (res.headersSent || res.destroyed) {
+        return
+    }
+    res.writeHead(status, {
+        'Content-Type': 'application/json',
+        'Content-Length': parts.reduce((sum, part) => sum + part.length, 0),
+    })
+    res.cork()
+    for (const part of parts) {
+        res.write(part)
+    }
+    res.end()
+}

@@ -45,7 +45,7 @@ import {
     redactKey,
     rowsToJsonArray,
     send,
-    sendText,
+    sendParts,
     TIMEOUT_DETAIL,
 } from './respond'
 
@@ -196,6 +196,11 @@ export interface PostHogStandIn extends PostHogStandInClient {
 
 const QUERY_PATH = /^\/api\/(projects|environments)\/([^/]+)\/query\/?$/
 const LOG_LIMIT = 10_000
+/**
+ * Result bytes the cache keeps; the oldest entries go first. PostHog's cache (Redis) evicts too. Without a bound a
+ * sync of a million events would keep every page it was served (a `force_blocking` query still writes the cache).
+ */
+const CACHE_MAX_BYTES = 64 * 1024 * 1024
 
 interface CachedResult {
     at: number
@@ -258,6 +263,7 @@ class StandIn {
     private throttles: SlidingWindowThrottle[] = []
     private readonly concurrency: ConcurrencyLimiter
     private readonly cache = new Map<string, CachedResult>()
+    private cachedBytes = 0
     private readonly types = new Map<string, ColumnType[]>()
     private readonly keys = new Map<string, string[]>()
     private answered = 0
@@ -296,6 +302,7 @@ class StandIn {
         ]
         this.concurrency.configure(this.limits.concurrentQueries, this.limits.concurrencyWaitMs)
         this.cache.clear()
+        this.cachedBytes = 0
     }
 
     setFaults(faults: StandInFaults): void {
@@ -322,7 +329,7 @@ class StandIn {
             this.counters.requests += 1
             const text = await this.query(req, match[2] as string, record, res)
             status = 200
-            sendText(res, 200, text)
+            sendParts(res, 200, text)
         } catch (error) {
             const httpError =
                 error instanceof HttpError
@@ -442,7 +449,7 @@ class StandIn {
     }
 
     /** Cache, concurrency slot, compile, run, render: the body of a 200. */
-    private async answer(request: QueryRequestBody, slow: boolean, res: ServerResponse): Promise<Buffer> {
+    private async answer(request: QueryRequestBody, slow: boolean, res: ServerResponse): Promise<Buffer[]> {
         const cacheKey = createHash('sha256')
             .update(JSON.stringify([this.options.projectId, request.query.query, request.query.values ?? null]))
             .digest('hex')
@@ -469,7 +476,7 @@ class StandIn {
             }
             const result = await this.execute(compiled)
             if (this.limits.cacheTtlMs > 0) {
-                this.cache.set(cacheKey, result)
+                this.remember(cacheKey, result)
             }
             return this.render(result, cacheKey, false)
         } finally {
@@ -527,6 +534,24 @@ class StandIn {
         }
     }
 
+    /** Caches a result, dropping the oldest while the cache holds more than CACHE_MAX_BYTES (Maps keep insert order). */
+    private remember(cacheKey: string, result: CachedResult): void {
+        const previous = this.cache.get(cacheKey)
+        if (previous) {
+            this.cache.delete(cacheKey)
+            this.cachedBytes -= previous.results.length
+        }
+        this.cache.set(cacheKey, result)
+        this.cachedBytes += result.results.length
+        for (const [key, entry] of this.cache) {
+            if (this.cachedBytes <= CACHE_MAX_BYTES || key === cacheKey) {
+                break
+            }
+            this.cache.delete(key)
+            this.cachedBytes -= entry.results.length
+        }
+    }
+
     /** Column types by SELECT list: a cursor's pages share one, so DESCRIBE runs once, not per page. */
     private async describe(typesSql: string): Promise<ColumnType[]> {
         let types = this.types.get(typesSql)
@@ -541,7 +566,7 @@ class StandIn {
     }
 
     /** The 200 body with the key order of a production response; `results` is spliced in as ClickHouse wrote it. */
-    private render(result: CachedResult, cacheKey: string, isCached: boolean): Buffer {
+    private render(result: CachedResult, cacheKey: string, isCached: boolean): Buffer[] {
         const token = `__results_${cacheKey}__`
         const { compiled } = result
         const body = {
@@ -574,7 +599,8 @@ class StandIn {
             types: result.types,
         }
         const [before, after] = JSON.stringify(body).split(`"${token}"`) as [string, string]
-        return Buffer.concat([Buffer.from(before), result.results, Buffer.from(after)])
+        // In pieces, written one after the other: joining them would copy the megabytes of results once more.
+        return [Buffer.from(before), result.results, Buffer.from(after)]
     }
 
     /** Stores events; `createdAt` applies to those without their own created_at (default: the insert's moment). */

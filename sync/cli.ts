@@ -1,7 +1,5 @@
 /** `patterns-connector sync`: a live, batched, resumable feed from PostHog's query API to the webhook. */
 import { parseArgs } from 'node:util'
-import { setFlagsFromString } from 'node:v8'
-import { runInNewContext } from 'node:vm'
 
 import {
     DEFAULT_MAX_BATCH_BYTES,
@@ -395,25 +393,6 @@ function queryClient(args: SyncArgs, output: Output, signal?: AbortSignal): Quer
     })
 }
 
-/**
- * A full garbage collection, run after each page. A page's body and rows become garbage at once, and V8 lets the
- * old generation grow by hundreds of MB before it collects on its own; collecting at page boundaries keeps the
- * process near its live set (two pages and the batches in flight) for a few ms per page. Node exposes `gc` only
- * behind a flag, which is set here, before the first page, rather than asked of every user.
- */
-export function pageGarbageCollector(): () => void {
-    try {
-        setFlagsFromString('--expose_gc')
-        const gc = runInNewContext('gc') as unknown
-        if (typeof gc === 'function') {
-            return () => (gc as () => void)()
-        }
-    } catch {
-        // Without it, V8 collects on its own schedule: the same results, more memory.
-    }
-    return () => undefined
-}
-
 /** 2 for configuration PostHog refused (key, scope, project), 130 interrupted, 1 anything left undone. */
 export function syncExitCode(report: SyncReport, aborted: boolean): number {
     if (report.sourceError instanceof PostHogQueryError && report.sourceError.isConfig) {
@@ -465,7 +444,6 @@ export async function runSyncCli(
             binding: start.binding,
             signal,
             onProgress: progressPrinter(output),
-            afterPage: pageGarbageCollector(),
             onWarning: (message) => output.line(`warning: ${message}`),
         })
     } catch (error) {

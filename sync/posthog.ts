@@ -4,7 +4,7 @@
  * pure and exported; `runQuery` is the one small effectful loop, with its clock and sleep injectable.
  */
 import { parseRetryAfter, redactText } from '../index'
-import { splitBody } from './body'
+import { BodyBuffers, BodyTooLargeError, readPage } from './body'
 
 /** PostHog's limits for query API calls, per team (see the README for the sources). */
 export const POSTHOG_QUERIES_PER_MINUTE = 240
@@ -23,6 +23,11 @@ export const DEFAULT_QUERY_TIMEOUT_MS = 60_000
 /** How long one query keeps retrying (429, 5xx, network, timeouts) before the run stops; a resume continues. */
 export const DEFAULT_QUERY_RETRY_FOR_MS = 600_000
 export const QUERY_BACKOFF_BASE_MS = 1_000
+/**
+ * The most a query response may take. A full page of PostHog's largest events fits; anything bigger is a server
+ * that will not stop talking, and reading on would exhaust memory.
+ */
+export const MAX_RESPONSE_BYTES = 512 * 1024 * 1024
 export const QUERY_BACKOFF_CAP_MS = 30_000
 /** Quoted from an error body at most, e.g. PostHog's `detail`. */
 const DETAIL_CHARS = 300
@@ -51,11 +56,12 @@ export class PostHogQueryError extends Error {
 
 export interface QueryResponse {
     columns: string[]
-    /** How many rows `results` holds. */
     rowCount: number
-    /** The rows, parsed one at a time as they are read (see body.ts); read them once. */
-    rows: Iterable<unknown>
+    /** Row `index` of `results` (an array in the order of `columns`), parsed when asked for. */
+    row(index: number): unknown
     hasMore: boolean | null
+    /** Hands the body's buffer back for a later response; the rows must not be read after this. */
+    release(): void
 }
 
 export type QueryOutcome =
@@ -149,20 +155,22 @@ export function classifyQueryResponse(
     return fatal('unexpected', `PostHog answered HTTP ${status}${detail()}`)
 }
 
+/** A 2xx body: `results` and `columns` are required; rows are parsed as the source reads them (body.ts). */
 function parseQueryBody(bytes: Buffer | string): QueryOutcome {
     let head: { results?: unknown; columns?: unknown; hasMore?: unknown }
-    let rows: Iterable<unknown>
     let rowCount: number
+    let row: (index: number) => unknown
     try {
-        const split = typeof bytes === 'string' ? null : splitBody(bytes)
-        if (split) {
-            head = split.head as typeof head
-            rows = split.rows()
-            rowCount = split.rowCount
+        const page = typeof bytes === 'string' ? null : readPage(bytes)
+        if (page) {
+            head = page.head as typeof head
+            rowCount = page.rowCount
+            row = page.row
         } else {
             head = JSON.parse(typeof bytes === 'string' ? bytes : bytes.toString('utf8')) as typeof head
-            rows = Array.isArray(head.results) ? head.results : []
-            rowCount = Array.isArray(head.results) ? head.results.length : 0
+            const results = Array.isArray(head.results) ? (head.results as unknown[]) : []
+            rowCount = results.length
+            row = (index) => results[index]
         }
     } catch {
         // A truncated body (a proxy cut it short) is worth another try.
@@ -179,8 +187,9 @@ function parseQueryBody(bytes: Buffer | string): QueryOutcome {
         response: {
             columns: head.columns.map(String),
             rowCount,
-            rows,
+            row,
             hasMore: typeof head.hasMore === 'boolean' ? head.hasMore : null,
+            release: () => undefined,
         },
     }
 }
@@ -254,6 +263,7 @@ export class QueryClient {
     readonly url: string
     readonly target: QueryTarget
     private readonly starts: number[] = []
+    private readonly buffers = new BodyBuffers()
     private readonly options: Required<Omit<QueryClientOptions, 'signal' | 'onWait'>> &
         Pick<QueryClientOptions, 'signal' | 'onWait'>
     queries = 0
@@ -337,15 +347,25 @@ export class QueryClient {
                 redirect: 'manual',
                 signal: controller.signal,
             })
-            // Bytes, not text: a page's rows are cut out and parsed one by one (body.ts).
-            const body = Buffer.from(await response.arrayBuffer())
+            // Bytes, not text, into a kept buffer: a page's rows are cut out and parsed one by one (body.ts).
+            const announced = Number(response.headers.get('content-length'))
+            const lease = await this.buffers.read(
+                response.body,
+                MAX_RESPONSE_BYTES,
+                Number.isSafeInteger(announced) ? announced : 0
+            )
             const outcome = classifyQueryResponse(
                 response.status,
-                body,
+                lease.bytes,
                 response.headers.get('retry-after'),
                 now(),
                 this.target
             )
+            if (outcome.kind === 'ok') {
+                // The rows are read from the buffer until the source is done with the page.
+                return { kind: 'ok', response: { ...outcome.response, release: lease.release } }
+            }
+            lease.release()
             return outcome.kind === 'fatal'
                 ? {
                       kind: 'fatal',
@@ -355,6 +375,15 @@ export class QueryClient {
         } catch (error) {
             if (this.options.signal?.aborted) {
                 throw new AbortedError('interrupted')
+            }
+            if (error instanceof BodyTooLargeError) {
+                return {
+                    kind: 'fatal',
+                    error: new PostHogQueryError(
+                        'unexpected',
+                        `${error.message} (the most one page may take); lower --page-size`
+                    ),
+                }
             }
             const reason = controller.signal.aborted
                 ? `no answer within ${Math.round(timeoutMs / 1000)} s`

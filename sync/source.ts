@@ -6,7 +6,7 @@
 import type { SourceRecord } from '../pipeline/types'
 import { abortableSleep, AbortedError, QueryResponse } from './posthog'
 import { buildPageQuery, Cursor, cursorAfter, cursorAfterShortPage, FUTURE_WINDOW_MS, scanUpperMs } from './query'
-import { columnIndexes, PageRow, rowToEvent } from './rows'
+import { PageRow, RowColumns, rowColumns, RowError, rowToEvent } from './rows'
 
 /** Delay kept behind now so that events still being written are not passed over (see the README). */
 export const DEFAULT_LAG_MS = 60_000
@@ -19,6 +19,8 @@ export const DEFAULT_LATE_WINDOW_MS = 7 * 24 * 3600 * 1000
  * prefetched) well within the sync's memory ceiling, and at 200 queries a minute reads 2,000,000 events a minute.
  */
 export const DEFAULT_PAGE_SIZE = 10_000
+/** Rows per chunk of a page, when the caller does not choose. */
+export const DEFAULT_CHUNK_ROWS = 2_000
 /** The created_at span one query covers at most (see `scanUpperMs`). */
 export const DEFAULT_SCAN_STEP_MS = 24 * 3600 * 1000
 /** The smallest created_at span a query is narrowed to. */
@@ -52,8 +54,11 @@ export interface SourceOptions {
      * no property is excluded.
      */
     keepText?: boolean
-    /** Called once a page's response is read into records and dropped (the CLI collects garbage there). */
-    afterPage?: () => void
+    /**
+     * Rows turned into records at a time (see `pageChunks`). The pipeline flushes a partial batch at the end of
+     * each chunk, so sync makes this a multiple of the batch size.
+     */
+    chunkRows?: number
     allowedEvents: readonly string[] | null
     excludedEvents: readonly string[]
     now?: () => number
@@ -76,38 +81,33 @@ export function horizonFor(nowMs: number, lagMs: number, untilMs: number | null)
     return untilMs === null ? live : Math.min(live, untilMs)
 }
 
-/** A page's rows as pipeline records; a row that cannot be read becomes a dead letter, not a gap. */
+/** The part of a page the source turns into records at a time. */
+export interface RowRange {
+    from: number
+    to: number
+    columns: RowColumns
+}
+
+/** Rows [from, to) of a page as pipeline records; a row that cannot be read becomes a dead letter, not a gap. */
 export function pageRecords(
     response: QueryResponse,
+    range: RowRange,
     teamId: number,
     previous: Cursor,
     keepText = false
 ): SourceRecord<Cursor>[] {
-    const at = columnIndexes(response.columns, ['uuid', 'event', 'distinct_id', 'properties'])
-    const keyAt = columnIndexes(response.columns, ['uuid', 'created_at_ms'])
-    const optional = (name: string): number => response.columns.indexOf(name)
-    const columns = {
-        ...at,
-        ...keyAt,
-        timestamp_ms: optional('timestamp_ms'),
-        timestamp: optional('timestamp'),
-        elements_chain: optional('elements_chain'),
-    }
+    const { columns } = range
     const records: SourceRecord<Cursor>[] = []
     let cursor = previous
-    for (const item of response.rows) {
+    for (let index = range.from; index < range.to; index++) {
+        const item = response.row(index)
         const row = Array.isArray(item) ? (item as unknown[]) : [item]
         let read: PageRow
         try {
             read = rowToEvent(row, columns, teamId, keepText)
         } catch (error) {
             // The key columns alone still place the row, so the cursor moves past it and it is not lost silently.
-            const ms = Number(row[keyAt.created_at_ms ?? -1])
-            const uuid = row[keyAt.uuid ?? -1]
-            if (!Number.isSafeInteger(ms) || typeof uuid !== 'string') {
-                throw error
-            }
-            cursor = { ms, uuid }
+            cursor = rowKey(row, columns, error)
             records.push({
                 position: cursor,
                 kind: 'malformed',
@@ -120,11 +120,31 @@ export function pageRecords(
         const event = read.event as unknown as Record<string, unknown>
         records.push(
             read.text
-                ? { position: cursor, kind: 'event', event, text: read.text }
+                ? { position: cursor, kind: 'event', event, text: read.text, bytes: read.bytes }
                 : { position: cursor, kind: 'event', event }
         )
     }
     return records
+}
+
+/** A row's key, from its key columns alone; `otherwise` is thrown if they cannot be read. */
+function rowKey(row: readonly unknown[], columns: RowColumns, otherwise: unknown): Cursor {
+    const ms = Number(row[columns.created_at_ms])
+    const uuid = row[columns.uuid]
+    if (!Number.isSafeInteger(ms) || typeof uuid !== 'string') {
+        throw otherwise
+    }
+    return { ms, uuid }
+}
+
+/** Where a page ends: its last row's key, read ahead of the rest so the next query can go out at once. */
+export function pageEnd(response: QueryResponse, columns: RowColumns): Cursor | null {
+    if (response.rowCount === 0) {
+        return null
+    }
+    const item = response.row(response.rowCount - 1)
+    const row = Array.isArray(item) ? (item as unknown[]) : [item]
+    return rowKey(row, columns, new RowError(`the last row of a page has no readable uuid or created_at`))
 }
 
 interface PagePlan {
@@ -170,6 +190,26 @@ function pagePlanner(options: SourceOptions) {
 }
 
 /**
+ * A page's records, a chunk of rows at a time: only the chunk being shaped and the batches in flight are ever
+ * strings and objects; the rest of the page waits as bytes.
+ */
+function* pageChunks(
+    response: QueryResponse,
+    columns: RowColumns,
+    pageStart: Cursor,
+    options: SourceOptions
+): Generator<SourceRecord<Cursor>[]> {
+    const chunkRows = options.chunkRows ?? DEFAULT_CHUNK_ROWS
+    let previous = pageStart
+    for (let from = 0; from < response.rowCount; from += chunkRows) {
+        const to = Math.min(response.rowCount, from + chunkRows)
+        const records = pageRecords(response, { from, to, columns }, options.teamId, previous, options.keepText)
+        previous = records[records.length - 1]?.position ?? previous
+        yield records
+    }
+}
+
+/**
  * Pages of records, in key order, from the cursor on. `scan` is where the next query starts: the last record's
  * key, or, after a short page, the end of the range that page covered. Only record positions reach the
  * checkpoint, so a resume may re-scan an empty range, never skip a full one. After a full page the next query is
@@ -190,21 +230,24 @@ export async function* posthogSource(options: SourceOptions): AsyncGenerator<Sou
         if (!response) {
             return
         }
-        const records = pageRecords(response, options.teamId, scan, options.keepText ?? false)
-        options.afterPage?.()
-        scan = records[records.length - 1]?.position ?? scan
-        // With a LIMIT, PostHog returns min(LIMIT, 50,000) rows and no hasMore: a full page may have more.
-        const full = records.length >= pageSize || response.hasMore === true
-        stepMs = nextScanStep(full ? 'full' : 'short', scan.ms - from.ms, maxStepMs)
-        if (full) {
-            next = plan(scan, stepMs)
-        } else {
-            scan = cursorAfterShortPage(scan, upperMs)
-        }
-        const caughtUp = !full && upperMs >= horizonMs
-        options.onPage?.({ rows: records.length, cursor: scan, horizonMs, caughtUp })
-        if (records.length > 0) {
-            yield records
+        let caughtUp: boolean
+        try {
+            const columns = rowColumns(response.columns)
+            const pageStart = scan
+            scan = pageEnd(response, columns) ?? scan
+            // With a LIMIT, PostHog returns min(LIMIT, 50,000) rows and no hasMore: a full page may have more.
+            const full = response.rowCount >= pageSize || response.hasMore === true
+            stepMs = nextScanStep(full ? 'full' : 'short', scan.ms - from.ms, maxStepMs)
+            if (full) {
+                next = plan(scan, stepMs)
+            } else {
+                scan = cursorAfterShortPage(scan, upperMs)
+            }
+            caughtUp = !full && upperMs >= horizonMs
+            options.onPage?.({ rows: response.rowCount, cursor: scan, horizonMs, caughtUp })
+            yield* pageChunks(response, columns, pageStart, options)
+        } finally {
+            response.release()
         }
         if (caughtUp && !options.follow && options.untilMs !== null && horizonMs >= options.untilMs) {
             return

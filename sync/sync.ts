@@ -10,7 +10,7 @@ import type { DeadLetter, PipelineProgress, PipelineReport } from '../pipeline/t
 import { SourceBinding, writeSyncCheckpoint } from './checkpoint'
 import { QueryClient } from './posthog'
 import { Cursor } from './query'
-import { PageInfo, posthogSource, SourceOptions } from './source'
+import { DEFAULT_CHUNK_ROWS, PageInfo, posthogSource, SourceOptions } from './source'
 
 export interface SyncProgress extends PipelineProgress {
     /** created_at of the newest event read (ms), or null before the first page. */
@@ -96,6 +96,9 @@ export async function sync(options: SyncOptions): Promise<SyncReport> {
         ...options,
         run: (hogql) => client.run(hogql),
         keepText: options.config.excludedProperties.length === 0,
+        // Whole batches per chunk: the pipeline flushes a partial batch at each chunk's end (for a live feed).
+        chunkRows:
+            Math.max(1, Math.ceil(DEFAULT_CHUNK_ROWS / options.config.maxBatchEvents)) * options.config.maxBatchEvents,
         onPage: progress.onPage,
     })
     // The pipeline keeps only a source error's message; the error itself says whether it is configuration.
