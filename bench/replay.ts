@@ -145,7 +145,10 @@ export function cpuMsOf(pid: number): number {
 }
 
 /** A child Node process run to its end: peak RSS (MB) and the CPU time it used (ms, as last seen). */
-export async function measureProcess(args: string[], env: NodeJS.ProcessEnv): Promise<{ peakMb: number; cpuMs: number }> {
+export async function measureProcess(
+    args: string[],
+    env: NodeJS.ProcessEnv
+): Promise<{ peakMb: number; cpuMs: number }> {
     const child = spawn(process.execPath, args, { env, stdio: ['ignore', 'ignore', 'pipe'] })
     // Kept for the failure message only: the progress lines would clutter the figures.
     let stderr = ''
@@ -180,7 +183,10 @@ export async function measureReplayRss(file: string, events: number) {
     const { rx, close } = await receiverWith(0)
     const started = Date.now()
     const receiverCpu = process.cpuUsage()
-    const { peakMb, cpuMs } = await measureProcess([BIN, 'replay', file], { ...process.env, PATTERNS_WEBHOOK_URL: rx.url })
+    const { peakMb, cpuMs } = await measureProcess([BIN, 'replay', file], {
+        ...process.env,
+        PATTERNS_WEBHOOK_URL: rx.url,
+    })
     const used = process.cpuUsage(receiverCpu)
     const receiverCpuMs = Math.round((used.user + used.system) / 1000)
     const figures = { events, peakMb, cpuMs, receiverCpuMs, rows: rx.summary().rows, ms: Date.now() - started }
