@@ -430,6 +430,22 @@ describe('results', () => {
         expect(forced.body.is_cached).toBe(false)
         expect(forced.results).toEqual([[1]])
     })
+
+    it('keeps at most cacheMaxBytes of results, dropping the oldest first', async () => {
+        // Each result below is `[[n]]`, 5 bytes: room for two of them.
+        posthog.setLimits({ cacheTtlMs: 60_000, cacheMaxBytes: 10 })
+        const queries = [1, 2, 3].map((n) => `SELECT ${n} FROM events LIMIT 1`)
+        await posthog.insertEvents([{ event: 'cache bound', distinct_id: 'c', timestamp: '2026-11-27T00:00:00Z' }])
+        for (const query of queries) {
+            expect((await hogql(query)).body.is_cached).toBe(false)
+        }
+        const again = []
+        for (const query of [...queries].reverse()) {
+            again.push((await hogql(query)).body.is_cached)
+        }
+        // 3 and 2 were kept; 1 was dropped, and running it again pushed out 2 for the same reason.
+        expect(again).toEqual([true, true, false])
+    })
 })
 
 describe('limits', () => {

@@ -14,6 +14,7 @@ import { PostHogStandIn, startPostHogStandIn } from '../standin/server'
 import { readSyncCheckpoint } from '../sync/checkpoint'
 import { runSyncCli } from '../sync/cli'
 import { PostHogQueryError, QueryClient } from '../sync/posthog'
+import { posthogSource } from '../sync/source'
 import { captureOutput, waitFor } from './helpers/io'
 import { startServer, TestServer } from './helpers/server'
 
@@ -187,6 +188,46 @@ describe('the cursor', () => {
         const saved = readSyncCheckpoint(join(dir, 'ck'))
         expect(saved?.cursor.uuid).toBe(receivedUuids(r)[49])
     })
+
+    it('hands each page on in chunks: the next query goes out first, and the page is released once read', async () => {
+        const createdAt = new Date(Date.now() - HOUR).toISOString()
+        const tied = events(25, { createdAt, prefix: 5 })
+        await standin.insertEvents(tied)
+        const client = new QueryClient({ origin: standin.url, projectId: String(PROJECT), apiKey: API_KEY })
+        const log: string[] = []
+        let queries = 0
+        const run = async (hogql: string) => {
+            const n = ++queries
+            log.push(`query ${n}`)
+            const response = await client.run(hogql)
+            return { ...response, release: () => (log.push(`release ${n}`), response.release()) }
+        }
+        const positions: string[] = []
+        const source = posthogSource({
+            run,
+            start: { ms: Date.now() - 2 * HOUR, uuid: null },
+            teamId: PROJECT,
+            follow: false,
+            untilMs: Date.now() - HOUR / 2,
+            pageSize: 10,
+            chunkRows: 4,
+            allowedEvents: null,
+            excludedEvents: [],
+        })
+        for await (const chunk of source) {
+            log.push(`chunk ${chunk.length}`)
+            positions.push(...chunk.map((record) => String(record.position.uuid)))
+        }
+        expect(log).toEqual([
+            ...['query 1', 'query 2', 'chunk 4', 'chunk 4', 'chunk 2', 'release 1'],
+            ...['query 3', 'chunk 4', 'chunk 4', 'chunk 2', 'release 2'],
+            ...['chunk 4', 'chunk 1', 'release 3'],
+            // The scan had narrowed to the tied millisecond: one more query, empty, reaches the horizon.
+            ...['query 4', 'release 4'],
+        ])
+        const order = (a: string, b: string) => (clickhouseUuidKey(a) < clickhouseUuidKey(b) ? -1 : 1)
+        expect(positions).toEqual(tied.map((e) => e.uuid as string).sort(order))
+    })
 })
 
 describe('crash and resume', () => {
@@ -305,6 +346,25 @@ describe("PostHog's limits and errors", () => {
             /^PostHog refused the query \(HTTP 400: mismatched input 'SELEC'/
         )
         expect(client.queries).toBe(1)
+    })
+
+    it('stops reading a response past maxResponseBytes and names the fix, without retrying', async () => {
+        await standin.insertEvents(events(50, { prefix: 10 }))
+        const client = new QueryClient({
+            origin: standin.url,
+            projectId: String(standin.projectId),
+            apiKey: API_KEY,
+            maxResponseBytes: 4_096,
+        })
+        const small = await client.run('SELECT uuid FROM events LIMIT 2')
+        expect(small.rowCount).toBe(2)
+        small.release()
+        const error = await client.run('SELECT uuid, properties FROM events LIMIT 50').catch((e: unknown) => e)
+        expect(error).toBeInstanceOf(PostHogQueryError)
+        expect((error as PostHogQueryError).message).toBe(
+            'the response passed 4 KB (the most one page may take); lower --page-size'
+        )
+        expect(client.queries).toBe(2)
     })
 })
 

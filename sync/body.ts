@@ -117,6 +117,10 @@ export function readPage(body: Buffer): PageBody | null {
 /** A buffer grown past this (an unusually large page) is not kept for the next one. */
 export const MAX_KEPT_BUFFER_BYTES = 64 * 1024 * 1024
 
+function sizeText(bytes: number): string {
+    return bytes >= 1024 * 1024 ? `${Math.round(bytes / 1024 / 1024)} MB` : `${Math.round(bytes / 1024)} KB`
+}
+
 export class BodyTooLargeError extends Error {
     name = 'BodyTooLargeError'
 }
@@ -150,7 +154,7 @@ export class BodyBuffers {
         for await (const chunk of stream ?? []) {
             if (length + chunk.length > maxBytes) {
                 this.give(buffer)
-                throw new BodyTooLargeError(`the response passed ${Math.round(maxBytes / 1024 / 1024)} MB`)
+                throw new BodyTooLargeError(`the response passed ${sizeText(maxBytes)}`)
             }
             if (length + chunk.length > buffer.length) {
                 // Doubling (or the announced size, at first): O(log n) copies even if the announcement was a lie.

@@ -226,6 +226,8 @@ export interface QueryClientOptions {
     apiKey: string
     timeoutMs?: number
     retryForMs?: number
+    /** The most one response may take (default MAX_RESPONSE_BYTES). */
+    maxResponseBytes?: number
     limits?: RateLimits
     fetch?: typeof fetch
     now?: () => number
@@ -273,6 +275,7 @@ export class QueryClient {
         this.options = {
             timeoutMs: DEFAULT_QUERY_TIMEOUT_MS,
             retryForMs: DEFAULT_QUERY_RETRY_FOR_MS,
+            maxResponseBytes: MAX_RESPONSE_BYTES,
             limits: { perMinute: DEFAULT_QUERIES_PER_MINUTE, perHour: DEFAULT_QUERIES_PER_HOUR },
             fetch: globalThis.fetch,
             now: () => Date.now(),
@@ -351,7 +354,7 @@ export class QueryClient {
             const announced = Number(response.headers.get('content-length'))
             const lease = await this.buffers.read(
                 response.body,
-                MAX_RESPONSE_BYTES,
+                this.options.maxResponseBytes,
                 Number.isSafeInteger(announced) ? announced : 0
             )
             const outcome = classifyQueryResponse(
