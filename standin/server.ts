@@ -62,6 +62,7 @@ export const DEFAULT_LIMITS: StandInLimits = {
     defaultRows: 100,
     maxRows: 50_000,
     cacheTtlMs: 6 * 3600 * 1000,
+    cacheMaxBytes: 64 * 1024 * 1024,
 }
 
 export interface StandInLimits {
@@ -81,6 +82,11 @@ export interface StandInLimits {
     maxRows: number
     /** How long a result is served from cache to a non-forcing `refresh`. PostHog: 6 h. 0 disables the cache. */
     cacheTtlMs: number
+    /**
+     * Result bytes the cache keeps; the oldest entries go first. PostHog's cache (Redis) evicts too. Without a bound
+     * a sync of a million events would keep every page it was served (a `force_blocking` query still writes it).
+     */
+    cacheMaxBytes: number
 }
 
 export type ScriptedFault = 'ok' | '429' | '500' | 'slow'
@@ -196,11 +202,6 @@ export interface PostHogStandIn extends PostHogStandInClient {
 
 const QUERY_PATH = /^\/api\/(projects|environments)\/([^/]+)\/query\/?$/
 const LOG_LIMIT = 10_000
-/**
- * Result bytes the cache keeps; the oldest entries go first. PostHog's cache (Redis) evicts too. Without a bound a
- * sync of a million events would keep every page it was served (a `force_blocking` query still writes the cache).
- */
-const CACHE_MAX_BYTES = 64 * 1024 * 1024
 
 interface CachedResult {
     at: number
@@ -534,7 +535,7 @@ class StandIn {
         }
     }
 
-    /** Caches a result, dropping the oldest while the cache holds more than CACHE_MAX_BYTES (Maps keep insert order). */
+    /** Caches a result, dropping the oldest while the cache holds more than its bound (Maps keep insert order). */
     private remember(cacheKey: string, result: CachedResult): void {
         const previous = this.cache.get(cacheKey)
         if (previous) {
@@ -544,7 +545,7 @@ class StandIn {
         this.cache.set(cacheKey, result)
         this.cachedBytes += result.results.length
         for (const [key, entry] of this.cache) {
-            if (this.cachedBytes <= CACHE_MAX_BYTES || key === cacheKey) {
+            if (this.cachedBytes <= this.limits.cacheMaxBytes || key === cacheKey) {
                 break
             }
             this.cache.delete(key)

@@ -157,8 +157,12 @@ export class BodyBuffers {
                 throw new BodyTooLargeError(`the response passed ${sizeText(maxBytes)}`)
             }
             if (length + chunk.length > buffer.length) {
-                // Doubling (or the announced size, at first): O(log n) copies even if the announcement was a lie.
-                const wanted = Math.max(length + chunk.length, 2 * buffer.length, length === 0 ? expectedBytes : 0)
+                // The announced size and an eighth more, at first (the next page is likely a little larger and then
+                // fits); doubling after that, so a wrong announcement costs O(log n) copies, not O(n).
+                const announced = length === 0 && expectedBytes >= chunk.length
+                const wanted = announced
+                    ? expectedBytes + Math.ceil(expectedBytes / 8)
+                    : Math.max(length + chunk.length, 2 * buffer.length)
                 const grown = Buffer.allocUnsafeSlow(Math.min(maxBytes, wanted))
                 buffer.copy(grown, 0, 0, length)
                 buffer = grown
