@@ -8,7 +8,7 @@ import { bindingDifferences, resumeFrom, SourceBinding, writeSyncCheckpoint } fr
 import { behindNowMs, parseDuration, parsePostHogUrl, parseSyncArgs } from '../sync/cli'
 import { classifyQueryResponse, errorDetail, PostHogQueryError, queryBackoffMs, rateLimitWaitMs } from '../sync/posthog'
 import { afterCursor, buildPageQuery, cursorAfterShortPage, hogqlString, scanUpperMs } from '../sync/query'
-import { parseProperties, rowToEvent, toIsoUtc } from '../sync/rows'
+import { isoFromMs, parseProperties, rowToEvent, toIsoUtc } from '../sync/rows'
 import { horizonFor, nextScanStep } from '../sync/source'
 
 const target = { origin: 'https://us.posthog.com', projectId: '12345' }
@@ -140,6 +140,14 @@ describe('rows to events', () => {
         expect(rowToEvent(withSet, at, 7, true).text).toBeUndefined()
         const broken = ['0190a1b2-0000-7000-8000-00000000000c', 'x', 'u', '2026-11-20T10:00:00Z', 'not json', '', 1]
         expect(() => rowToEvent(broken, at, 7, true)).toThrow()
+    })
+
+    it('writes milliseconds as the same ISO text as Date#toISOString, day after day and at the edges', () => {
+        const edges = [0, 1, 999, 86_399_999, 86_400_000, 951_782_400_000, 253_402_300_799_999, 253_402_300_800_000]
+        const random = Array.from({ length: 2_000 }, (_, n) => Math.floor(Math.abs(Math.sin(n + 1)) * 4e12))
+        for (const ms of [...edges, -1, -86_400_001, ...random, ...random.map((ms) => ms + 1), NOW]) {
+            expect(isoFromMs(ms)).toBe(new Date(ms).toISOString())
+        }
     })
 
     it('reads PostHog datetimes with or without microseconds, Z, or an offset', () => {
