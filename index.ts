@@ -178,7 +178,8 @@ export interface TransportResponse {
 export interface TransportRequest {
     url: string
     headers: Record<string, string>
-    body: string
+    /** A string from the plugin; bytes where the environment encodes bodies itself (`SenderEnv.encodeBody`). */
+    body: string | Uint8Array
     timeoutMs: number
 }
 
@@ -220,6 +221,11 @@ export interface SenderEnv {
     random: () => number
     /** Waits one event-loop turn (a macrotask where the host allows it), so overlapping calls can arrive. */
     yieldTurn: () => Promise<void>
+    /**
+     * Builds a request body from the items' JSON: the same bytes as `batchBody`. The plugin leaves this out (a
+     * string is cheapest inside the sandbox); the tools outside it write bytes directly (see pipeline/body.ts).
+     */
+    encodeBody?: (items: readonly { json: string; bytes?: number }[]) => string | Uint8Array
 }
 
 export interface SenderStats {
@@ -805,14 +811,14 @@ export function planRetry(input: RetryPlanInput): RetryPlan {
 }
 
 /** Standard Webhooks signature: `v1,` + base64 HMAC-SHA256 of `id.timestamp.body`. */
-export function signPayload(key: Buffer, id: string, timestampSeconds: number, body: string): string {
-    const digest = createHmac('sha256', key).update(`${id}.${timestampSeconds}.${body}`).digest('base64')
+export function signPayload(key: Buffer, id: string, timestampSeconds: number, body: string | Uint8Array): string {
+    const digest = createHmac('sha256', key).update(`${id}.${timestampSeconds}.`).update(body).digest('base64')
     return `v1,${digest}`
 }
 
 export function buildHeaders(
     config: Pick<ParsedConfig, 'customHeaders' | 'signingKey'>,
-    body: string,
+    body: string | Uint8Array,
     webhookId: string,
     nowMs: number
 ): Record<string, string> {
@@ -917,7 +923,12 @@ function toTransportResponse(response: FetchLikeResponse): TransportResponse | P
 /** A transport over the CDP executor's `meta.fetch`, which takes the timeout itself. */
 export function metaFetchTransport(metaFetch: MetaFetch): Transport {
     return ({ url, headers, body, timeoutMs }) =>
-        metaFetch(url, { method: 'POST', headers, body, timeoutMs }).then(toTransportResponse)
+        metaFetch(url, {
+            method: 'POST',
+            headers,
+            body: typeof body === 'string' ? body : Buffer.from(body).toString('utf8'),
+            timeoutMs,
+        }).then(toTransportResponse)
 }
 
 /**
@@ -989,7 +1000,7 @@ const DELIVERED: Outcome = { kind: 'delivered' }
 export async function postOnce(
     config: ParsedConfig,
     env: SenderEnv,
-    body: string,
+    body: string | Uint8Array,
     webhookId: string,
     timeoutMs: number
 ): Promise<Outcome> {
@@ -1088,7 +1099,7 @@ async function deliverGroup<T extends { json: string; uuid: string }>(
     delivery: Delivery<T>
 ): Promise<DeliveryResult<T>[]> {
     const { config, env, deadline, fail } = delivery
-    const body = batchBody(items)
+    const body = env.encodeBody ? env.encodeBody(items) : batchBody(items)
     // The same id on every retry of this body lets receivers deduplicate.
     const webhookId = newWebhookId()
     let attempts = 0

@@ -3,9 +3,10 @@
  * the plugin's rule, the ordered checkpoint, back-pressure, flushing live chunks, dead letters and source errors.
  * Delivery goes through a real HTTP server on 127.0.0.1.
  */
-import { parseConfig, takeCount } from '../index'
+import { batchBody, parseConfig, signPayload, takeCount } from '../index'
 import { DeadLetter, runPipeline, SourceRecord } from '../pipeline'
 import { batchItems } from '../pipeline/batch'
+import { batchBodyBytes } from '../pipeline/body'
 import { orderedCheckpoint } from '../pipeline/checkpoint'
 import { Item, ShapedChunk } from '../pipeline/types'
 import { testEnv } from './helpers/env'
@@ -69,6 +70,51 @@ describe('batch stage', () => {
             rest = rest.slice(count)
         }
         expect(got).toEqual(expected)
+    })
+})
+
+describe('request bodies as bytes', () => {
+    const items = [
+        { json: '{"a":"plain"}' },
+        { json: '{"b":"é ✓ 😀"}' },
+        { json: JSON.stringify({ c: 'x'.repeat(5_000) }) },
+    ].map((item) => ({ ...item, bytes: Buffer.byteLength(item.json) }))
+
+    it('are exactly the UTF-8 of the plugin’s joined string, with or without sizes given', () => {
+        const expected = Buffer.from(batchBody(items))
+        expect(batchBodyBytes(items).equals(expected)).toBe(true)
+        expect(batchBodyBytes(items.map(({ json }) => ({ json }))).equals(expected)).toBe(true)
+        expect(batchBodyBytes([]).toString()).toBe('[]')
+    })
+
+    it('fall back to the joined string when a given size is wrong, never sending a cut body', () => {
+        const expected = Buffer.from(batchBody(items))
+        for (const delta of [-1, 1, -3]) {
+            const wrong = items.map((item, i) => (i === 1 ? { ...item, bytes: item.bytes + delta } : item))
+            expect(batchBodyBytes(wrong).equals(expected)).toBe(true)
+        }
+    })
+
+    it('are signed as the same text is', () => {
+        const key = Buffer.from('signing-key-0123456789')
+        const text = batchBody(items)
+        expect(signPayload(key, 'msg_1', 1_795_000_000, batchBodyBytes(items))).toBe(
+            signPayload(key, 'msg_1', 1_795_000_000, text)
+        )
+    })
+
+    it('reach a real server byte for byte through the sender', async () => {
+        server = await startServer(() => ({ status: 200 }))
+        const report = await runPipeline<Cursor>({
+            source: pages(records(1, 0, 4)),
+            config: config(server.url),
+            env: { ...testEnv(), encodeBody: batchBodyBytes },
+        })
+        expect(report.delivered).toBe(4)
+        expect(server.received.map((r) => r.body)).toEqual([
+            batchBody([0, 1].map((n) => ({ json: JSON.stringify(event(n)) }))),
+            batchBody([2, 3].map((n) => ({ json: JSON.stringify(event(n)) }))),
+        ])
     })
 })
 

@@ -10,6 +10,7 @@ import {
     hostEnv,
     SenderEnv,
 } from '../index'
+import { batchBodyBytes } from '../pipeline/body'
 import {
     DELIVERY_OPTIONS,
     deliverySettings,
@@ -129,8 +130,8 @@ function openInputFile(path: string): { size: number; stream: ReadStream } | str
 /** The sender environment for a Node process: real fetch, timers, and nothing logged per request. */
 export function nodeEnv(): SenderEnv {
     // The plugin's own host adaptation: Node has fetch, AbortController and timers. The tools print their own
-    // progress and warnings, so the sender's log lines are dropped.
-    return hostEnv({ logger: {} })
+    // progress and warnings, so the sender's log lines are dropped, and bodies are written as bytes.
+    return { ...hostEnv({ logger: {} }), encodeBody: batchBodyBytes }
 }
 
 function formatDuration(seconds: number): string {
