@@ -5,15 +5,18 @@
 import { ChildProcess, spawn } from 'node:child_process'
 import { createHmac } from 'node:crypto'
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { createServer, IncomingMessage, Server, ServerResponse } from 'node:http'
+import { AddressInfo } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { gzipSync } from 'node:zlib'
 
 import { FAULT_PRESETS, Receiver, startReceiver } from '../receiver/receiver'
 import { StandInEvent } from '../standin/events'
 import { PostHogStandIn, startPostHogStandIn } from '../standin/server'
 import { readSyncCheckpoint } from '../sync/checkpoint'
 import { runSyncCli } from '../sync/cli'
-import { PostHogQueryError, QueryClient } from '../sync/posthog'
+import { PostHogQueryError, QueryClient, QueryClientOptions } from '../sync/posthog'
 import { posthogSource } from '../sync/source'
 import { captureOutput, waitFor } from './helpers/io'
 import { startServer, TestServer } from './helpers/server'
@@ -346,6 +349,86 @@ describe("PostHog's limits and errors", () => {
             /^PostHog refused the query \(HTTP 400: mismatched input 'SELEC'/
         )
         expect(client.queries).toBe(1)
+    })
+
+    describe('over the wire', () => {
+        let raw: Server | undefined
+        afterEach(async () => {
+            await new Promise((resolve) => (raw ? raw.close(resolve) : resolve(undefined)))
+            raw = undefined
+        })
+
+        /** A bare node:http server on 127.0.0.1, for answers the stand-in never gives. */
+        async function rawServer(handler: (req: IncomingMessage, res: ServerResponse) => void): Promise<string> {
+            raw = createServer(handler)
+            await new Promise<void>((resolve) => raw?.listen(0, '127.0.0.1', resolve))
+            raw.unref()
+            return `http://127.0.0.1:${(raw.address() as AddressInfo).port}`
+        }
+
+        const clientFor = (origin: string, extra: Partial<QueryClientOptions> = {}) =>
+            new QueryClient({ origin, projectId: '1', apiKey: API_KEY, retryForMs: 0, random: () => 0.5, ...extra })
+
+        it('reads a gzip-compressed answer, and asks for one', async () => {
+            const page = {
+                columns: ['uuid', 'n'],
+                results: [
+                    ['a', 1],
+                    ['b', 2],
+                ],
+                hasMore: false,
+            }
+            let asked: string | undefined
+            const origin = await rawServer((req, res) => {
+                asked = req.headers['accept-encoding']
+                res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Encoding': 'gzip' })
+                res.end(gzipSync(JSON.stringify(page)))
+            })
+            const response = await clientFor(origin).run('SELECT 1')
+            expect(asked).toBe('gzip')
+            expect([response.row(0), response.row(1)]).toEqual(page.results)
+        })
+
+        it('bounds the unpacked size of a compressed answer (a gzip bomb stops at the limit)', async () => {
+            const bomb = gzipSync(`{"columns":["s"],"results":[["${'x'.repeat(20_000_000)}"]]}`)
+            expect(bomb.length).toBeLessThan(100_000)
+            const origin = await rawServer((_req, res) => {
+                res.writeHead(200, { 'Content-Encoding': 'gzip' })
+                res.end(bomb)
+            })
+            const error = await clientFor(origin, { maxResponseBytes: 1_000_000 })
+                .run('SELECT 1')
+                .catch((e: unknown) => e)
+            expect((error as Error).message).toBe(
+                'the response passed 977 KB (the most one page may take); lower --page-size'
+            )
+        })
+
+        it('gives up on an answer that stalls after its headers once the query timeout passes', async () => {
+            const origin = await rawServer((_req, res) => {
+                res.writeHead(200, { 'Content-Type': 'application/json' })
+                res.write('{"columns":["s"],"results":[')
+            })
+            const started = Date.now()
+            const error = await clientFor(origin, { timeoutMs: 1_000 })
+                .run('SELECT 1')
+                .catch((e: unknown) => e)
+            expect(error).toBeInstanceOf(PostHogQueryError)
+            expect((error as PostHogQueryError).kind).toBe('gave-up')
+            expect((error as Error).message).toContain('last: no answer within 1 s')
+            expect(Date.now() - started).toBeLessThan(5_000)
+        })
+
+        it('names a refused connection, and never puts the key in the message', async () => {
+            const origin = await rawServer(() => undefined)
+            await new Promise((resolve) => raw?.close(resolve))
+            raw = undefined
+            const error = await clientFor(origin)
+                .run('SELECT 1')
+                .catch((e: unknown) => e)
+            expect((error as Error).message).toContain('last: network error ECONNREFUSED')
+            expect((error as Error).message).not.toContain(API_KEY.slice(4, 12))
+        })
     })
 
     it('stops reading a response past maxResponseBytes and names the fix, without retrying', async () => {

@@ -5,6 +5,7 @@
  */
 import { parseRetryAfter, redactText } from '../index'
 import { BodyBuffers, BodyTooLargeError, readPage } from './body'
+import { postJson } from './http'
 
 /** PostHog's limits for query API calls, per team (see the README for the sources). */
 export const POSTHOG_QUERIES_PER_MINUTE = 240
@@ -229,7 +230,6 @@ export interface QueryClientOptions {
     /** The most one response may take (default MAX_RESPONSE_BYTES). */
     maxResponseBytes?: number
     limits?: RateLimits
-    fetch?: typeof fetch
     now?: () => number
     sleep?: (ms: number, signal?: AbortSignal) => Promise<void>
     random?: () => number
@@ -263,6 +263,7 @@ export function abortableSleep(ms: number, signal?: AbortSignal): Promise<void> 
 /** Runs HogQL queries against one project. Holds the rate-limit window between queries. */
 export class QueryClient {
     readonly url: string
+    private readonly endpoint: URL
     readonly target: QueryTarget
     private readonly starts: number[] = []
     private readonly buffers = new BodyBuffers()
@@ -277,13 +278,13 @@ export class QueryClient {
             retryForMs: DEFAULT_QUERY_RETRY_FOR_MS,
             maxResponseBytes: MAX_RESPONSE_BYTES,
             limits: { perMinute: DEFAULT_QUERIES_PER_MINUTE, perHour: DEFAULT_QUERIES_PER_HOUR },
-            fetch: globalThis.fetch,
             now: () => Date.now(),
             sleep: abortableSleep,
             random: Math.random,
             ...options,
         }
         this.url = `${options.origin}/api/projects/${encodeURIComponent(options.projectId)}/query/`
+        this.endpoint = new URL(this.url)
         this.target = { origin: options.origin, projectId: options.projectId }
     }
 
@@ -338,8 +339,8 @@ export class QueryClient {
         const onAbort = (): void => controller.abort()
         this.options.signal?.addEventListener('abort', onAbort, { once: true })
         try {
-            const response = await this.options.fetch(this.url, {
-                method: 'POST',
+            // Bytes, not text, into a kept buffer: a page's rows are cut out and parsed one by one (body.ts).
+            const answer = await postJson(this.endpoint, {
                 headers: {
                     Authorization: `Bearer ${apiKey}`,
                     'Content-Type': 'application/json',
@@ -347,20 +348,15 @@ export class QueryClient {
                 },
                 // force_blocking: always compute, never a cached result that predates the newest events.
                 body: JSON.stringify({ query: { kind: 'HogQLQuery', query: hogql }, refresh: 'force_blocking' }),
-                redirect: 'manual',
                 signal: controller.signal,
+                read: (stream, expectedBytes) =>
+                    this.buffers.read(stream, this.options.maxResponseBytes, expectedBytes),
             })
-            // Bytes, not text, into a kept buffer: a page's rows are cut out and parsed one by one (body.ts).
-            const announced = Number(response.headers.get('content-length'))
-            const lease = await this.buffers.read(
-                response.body,
-                this.options.maxResponseBytes,
-                Number.isSafeInteger(announced) ? announced : 0
-            )
+            const lease = answer.body
             const outcome = classifyQueryResponse(
-                response.status,
+                answer.status,
                 lease.bytes,
-                response.headers.get('retry-after'),
+                answer.header('retry-after'),
                 now(),
                 this.target
             )
