@@ -168,6 +168,9 @@ export function syncBenchText(bench: SyncBench): string {
     const replayRate = perSecond(bench.replay.rows, bench.replay.ms)
     const share = syncRate / Math.max(replayRate, 1)
     const perThousand = (ms: number): string => ((ms * 1000) / Math.max(bench.events, 1)).toFixed(1)
+    const cpuRatio = bench.sync.cpuMs / Math.max(bench.replay.cpuMs, 1)
+    const standInAndReceiver = (bench.sync.standInCpuMs ?? 0) + bench.sync.receiverCpuMs
+    const cores = cpus().length
     return [
         `Sync of ${bench.events} events from the PostHog stand-in, next to replay of the same events (both CLIs)`,
         `  sync      ${syncRate} events/s, ${bench.sync.rows} rows received in ${bench.sync.requests} requests, ` +
@@ -179,6 +182,10 @@ export function syncBenchText(bench: SyncBench): string {
         `  CPU per 1,000 events: sync CLI ${perThousand(bench.sync.cpuMs)} ms, its receiver ` +
             `${perThousand(bench.sync.receiverCpuMs)} ms, the stand-in ${perThousand(bench.sync.standInCpuMs ?? 0)} ms; ` +
             `replay CLI ${perThousand(bench.replay.cpuMs)} ms, its receiver ${perThousand(bench.replay.receiverCpuMs)} ms`,
+        // Informative, not a target: what the throughput ratio would approach with PostHog on other machines.
+        `  sync CLI CPU per event ÷ replay CLI CPU per event = ${cpuRatio.toFixed(2)}; the stand-in and the ` +
+            `receiver took ${((standInAndReceiver * 100) / Math.max(cores * bench.sync.ms, 1)).toFixed(0)}% of the ` +
+            `${cores} cores during sync`,
         `  sync peak RSS ${bench.sync.peakMb} MB (baseline: idle Node with the same loader ${bench.idleMb} MB; ` +
             `ceiling ${SYNC_RSS_CEILING_MB} MB: ${verdict(bench.sync.peakMb <= SYNC_RSS_CEILING_MB)})`,
         '',
