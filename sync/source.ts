@@ -213,7 +213,8 @@ function* pageChunks(
  * Pages of records, in key order, from the cursor on. `scan` is where the next query starts: the last record's
  * key, or, after a short page, the end of the range that page covered. Only record positions reach the
  * checkpoint, so a resume may re-scan an empty range, never skip a full one. After a full page the next query is
- * sent at once, while the pipeline delivers this one: one query in flight, two pages in memory at most.
+ * sent as soon as the page's last row is read, before any of its rows is handed on: one query in flight, and two
+ * pages in memory at most, both as bytes but for the chunk being shaped (see `pageChunks`).
  */
 export async function* posthogSource(options: SourceOptions): AsyncGenerator<SourceRecord<Cursor>[]> {
     const sleep = options.sleep ?? abortableSleep
