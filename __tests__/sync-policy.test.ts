@@ -457,6 +457,15 @@ describe('kept body buffers', () => {
         expect(second.bytes.toString()).toBe('{"b":2}')
     })
 
+    it('sizes a buffer by the announced length, but never allocates a large announcement up front', async () => {
+        const fair = await new BodyBuffers().read(chunks('{}'), 1_000_000_000, 1_000)
+        expect(fair.bytes.toString()).toBe('{}')
+        expect(fair.bytes.buffer.byteLength).toBe(1_125)
+        const boast = await new BodyBuffers().read(chunks('{}'), 1_000_000_000, 500_000_000)
+        expect(boast.bytes.toString()).toBe('{}')
+        expect(boast.bytes.buffer.byteLength).toBeLessThan(1_024)
+    })
+
     it('grows past the first chunk and stops reading past the limit', async () => {
         const buffers = new BodyBuffers()
         const big = 'x'.repeat(70_000)

@@ -171,24 +171,20 @@ export class BodyBuffers {
     async read(stream: AsyncIterable<Uint8Array> | null, maxBytes: number, expectedBytes = 0): Promise<BodyLease> {
         let buffer = this.free.pop() ?? Buffer.allocUnsafeSlow(0)
         let length = 0
-        for await (const chunk of stream ?? []) {
-            if (length + chunk.length > maxBytes) {
-                this.give(buffer)
-                throw new BodyTooLargeError(`the response passed ${sizeText(maxBytes)}`)
+        try {
+            for await (const chunk of stream ?? []) {
+                if (length + chunk.length > maxBytes) {
+                    throw new BodyTooLargeError(`the response passed ${sizeText(maxBytes)}`)
+                }
+                if (length + chunk.length > buffer.length) {
+                    buffer = this.grow(buffer, length, length + chunk.length, maxBytes, expectedBytes)
+                }
+                buffer.set(chunk, length)
+                length += chunk.length
             }
-            if (length + chunk.length > buffer.length) {
-                // The announced size and an eighth more, at first (the next page is likely a little larger and then
-                // fits); doubling after that, so a wrong announcement costs O(log n) copies, not O(n).
-                const announced = length === 0 && expectedBytes >= chunk.length
-                const wanted = announced
-                    ? expectedBytes + Math.ceil(expectedBytes / 8)
-                    : Math.max(length + chunk.length, 2 * buffer.length)
-                const grown = Buffer.allocUnsafeSlow(Math.min(maxBytes, wanted))
-                buffer.copy(grown, 0, 0, length)
-                buffer = grown
-            }
-            buffer.set(chunk, length)
-            length += chunk.length
+        } catch (error) {
+            this.give(buffer)
+            throw error
         }
         let released = false
         const kept = buffer
@@ -201,6 +197,20 @@ export class BodyBuffers {
                 }
             },
         }
+    }
+
+    /**
+     * A larger buffer holding the first `length` bytes. At first, the announced size and an eighth more (the next
+     * page is likely a little larger and then fits), if it is one worth keeping: a server cannot make this
+     * allocate more than that by announcing it. Doubling after that, so a wrong announcement costs O(log n)
+     * copies, not O(n).
+     */
+    private grow(buffer: Buffer, length: number, needed: number, maxBytes: number, expectedBytes: number): Buffer {
+        const announced = length === 0 && expectedBytes >= needed && expectedBytes <= this.maxKeptBytes
+        const wanted = announced ? expectedBytes + Math.ceil(expectedBytes / 8) : Math.max(needed, 2 * buffer.length)
+        const grown = Buffer.allocUnsafeSlow(Math.min(maxBytes, wanted))
+        buffer.copy(grown, 0, 0, length)
+        return grown
     }
 
     private give(buffer: Buffer): void {

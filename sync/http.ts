@@ -60,6 +60,12 @@ export async function postJson(url: URL, options: PostOptions): Promise<PostAnsw
         stream = response.pipe(gunzip)
         expectedBytes = 0
     }
-    const body = await options.read(stream, Number.isSafeInteger(expectedBytes) ? expectedBytes : 0)
-    return { status: response.statusCode ?? 0, header, body }
+    try {
+        const body = await options.read(stream, Number.isSafeInteger(expectedBytes) ? expectedBytes : 0)
+        return { status: response.statusCode ?? 0, header, body }
+    } catch (error) {
+        // Not read to its end (too large, aborted): the connection cannot be reused, and is closed now.
+        response.destroy()
+        throw error
+    }
 }

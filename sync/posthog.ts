@@ -24,12 +24,12 @@ export const DEFAULT_QUERY_TIMEOUT_MS = 60_000
 /** How long one query keeps retrying (429, 5xx, network, timeouts) before the run stops; a resume continues. */
 export const DEFAULT_QUERY_RETRY_FOR_MS = 600_000
 export const QUERY_BACKOFF_BASE_MS = 1_000
+export const QUERY_BACKOFF_CAP_MS = 30_000
 /**
  * The most a query response may take. A full page of PostHog's largest events fits; anything bigger is a server
  * that will not stop talking, and reading on would exhaust memory.
  */
 export const MAX_RESPONSE_BYTES = 512 * 1024 * 1024
-export const QUERY_BACKOFF_CAP_MS = 30_000
 /** Quoted from an error body at most, e.g. PostHog's `detail`. */
 const DETAIL_CHARS = 300
 
