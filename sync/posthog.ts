@@ -32,6 +32,8 @@ export const QUERY_BACKOFF_CAP_MS = 30_000
 export const MAX_RESPONSE_BYTES = 512 * 1024 * 1024
 /** Quoted from an error body at most, e.g. PostHog's `detail`. */
 const DETAIL_CHARS = 300
+/** Of an error body, only this much is read for its `detail` (PostHog's are a few hundred bytes). */
+const ERROR_TEXT_BYTES = 64 * 1024
 
 export interface RateLimits {
     perMinute: number
@@ -98,8 +100,9 @@ export function classifyQueryResponse(
     nowMs: number,
     target: QueryTarget
 ): QueryOutcome {
-    const body = typeof bytes === 'string' ? bytes : bytes.toString('utf8')
+    // Decoded only for an error, and only its start: a 200's page is megabytes, and nothing quotes it.
     const detail = (): string => {
+        const body = typeof bytes === 'string' ? bytes : bytes.toString('utf8', 0, ERROR_TEXT_BYTES)
         const text = errorDetail(body)
         return text ? `: ${text}` : ''
     }
