@@ -6,11 +6,11 @@ import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-import { getEra, IMPORTS_2021, setupRetryWaits } from '../host/eras'
-import { createPluginVm, guard, PluginLoadError, PROJECT_PLUGIN_DIR, transpileForEra } from '../host/loader'
-import { JobResult, loadForEra, runJob } from '../host/run'
-import { sampleEvents } from '../host/sample-events'
-import { startReceiver } from '../receiver/receiver'
+import { getEra, IMPORTS_2021, setupRetryWaits } from '../tools/host/eras'
+import { createPluginVm, guard, PluginLoadError, PROJECT_PLUGIN_DIR, transpileForEra } from '../tools/host/loader'
+import { JobResult, loadForEra, runJob } from '../tools/host/run'
+import { sampleEvents } from '../tools/host/sample-events'
+import { startReceiver } from '../tools/receiver/receiver'
 import { startServer } from './helpers/server'
 
 const vm2021 = getEra('vm2021')

@@ -5,11 +5,11 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Readable } from 'node:stream'
 
-import { sampleEvents } from '../host/sample-events'
-import { FAULT_PRESETS, Receiver, startReceiver } from '../receiver/receiver'
 import { progressLine, runReplayCli } from '../replay/cli'
 import { detectFormat } from '../replay/input'
 import { readCheckpoint } from '../replay/replay'
+import { sampleEvents } from '../tools/host/sample-events'
+import { FAULT_PRESETS, Receiver, startReceiver } from '../tools/receiver/receiver'
 import { captureOutput, waitFor } from './helpers/io'
 import { startServer } from './helpers/server'
 

@@ -8,13 +8,13 @@ import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-import { parseStandInArgs } from '../standin/cli'
-import { EngineError } from '../standin/engine'
-import { backoffMs, checkThrottles, parseRate, SlidingWindowThrottle, throttledDetail } from '../standin/limits'
-import { queryError } from '../standin/respond'
-import { loadParser, PostHogStandIn, startPostHogStandIn } from '../standin/server'
-import { posthogDateTime, rowsToJsonArray } from '../standin/server'
-import { spawnPostHogStandIn } from '../standin/spawn'
+import { parseStandInArgs } from '../tools/standin/cli'
+import { EngineError } from '../tools/standin/engine'
+import { backoffMs, checkThrottles, parseRate, SlidingWindowThrottle, throttledDetail } from '../tools/standin/limits'
+import { queryError } from '../tools/standin/respond'
+import { loadParser, PostHogStandIn, startPostHogStandIn } from '../tools/standin/server'
+import { posthogDateTime, rowsToJsonArray } from '../tools/standin/server'
+import { spawnPostHogStandIn } from '../tools/standin/spawn'
 
 const API_KEY = 'phx_St4ndIn_t3st_k3y_5f4e3d2c1b'
 const NO_SCOPE_KEY = 'phx_N0Sc0pe_k3y_11223344'
@@ -582,7 +582,7 @@ describe('spawnPostHogStandIn', () => {
     })
 })
 
-describe('standin/cli.ts flags', () => {
+describe('tools/standin/cli.ts flags', () => {
     it('reads the project, port, seed and limits, and names a bad flag', () => {
         expect(parseStandInArgs(['--project-id', '5', '--port', '8010', '--seed', '1000'])).toEqual({
             projectId: 5,

@@ -3,8 +3,8 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-import { parseCli, runStartCli, UsageError } from '../host/cli'
-import { sampleEvents } from '../host/sample-events'
+import { parseCli, runStartCli, UsageError } from '../tools/host/cli'
+import { sampleEvents } from '../tools/host/sample-events'
 import { captureOutput } from './helpers/io'
 
 let dir: string

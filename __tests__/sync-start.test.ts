@@ -1,9 +1,9 @@
-/** `npm start -- --source posthog`: the stand-in, sync and the receiver on one machine, through host/cli.ts. */
+/** `npm start -- --source posthog`: the stand-in, sync and the receiver on one machine, through tools/host/cli.ts. */
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-import { runStartCli } from '../host/cli'
+import { runStartCli } from '../tools/host/cli'
 import { captureOutput } from './helpers/io'
 
 let dir: string

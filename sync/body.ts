@@ -1,6 +1,6 @@
 /**
  * Reads query API response bodies. A page is megabytes, and the sync's speed and memory are decided here
- * (bench/sync.ts), so:
+ * (tools/bench/sync.ts), so:
  *
  * - The bytes land in buffers kept from page to page (`BodyBuffers`), not a fresh buffer per response: a fresh
  *   multi-megabyte buffer costs page faults and garbage every time.

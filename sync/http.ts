@@ -2,7 +2,7 @@
  * The query client's one I/O function: a JSON POST over node:http(s), its answer read into a kept buffer.
  *
  * Not fetch: a page is megabytes, and fetch hands them over through a web stream that copies every chunk, which
- * cost the sync more CPU than reading the rows (bench/sync.ts). Redirects are never followed (the caller refuses
+ * cost the sync more CPU than reading the rows (tools/bench/sync.ts). Redirects are never followed (the caller refuses
  * them: they would carry the API key elsewhere). Bodies may come gzip-compressed, as PostHog's edge sends them to
  * clients that ask; the size bound applies to the unpacked bytes, so a small bomb cannot get past it.
  */

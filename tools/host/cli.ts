@@ -8,8 +8,8 @@ import { parseArgs } from 'node:util'
 
 import type { ProcessedPluginEvent } from '@posthog/plugin-scaffold'
 
+import { readRecords } from '../../replay/input'
 import { FAULT_PRESETS, Receiver, resolveFaults, startReceiver } from '../receiver/receiver'
-import { readRecords } from '../replay/input'
 import { ERA_NAMES, getEra, setupRetryWaits } from './eras'
 import { DEFAULT_TASKS_PER_WORKER, DEFAULT_WORKERS } from './kafka'
 import { PluginLoadError, PROJECT_PLUGIN_DIR } from './loader'
@@ -268,7 +268,7 @@ export async function runStartCli(argv: string[], env: Record<string, string | u
     // `--source posthog`: the same job fed from a PostHog stand-in through `sync` (sync/start.ts).
     const source = argv.indexOf('--source')
     if (source >= 0 && argv[source + 1] === 'posthog') {
-        const { runPostHogStart } = await import('../sync/start')
+        const { runPostHogStart } = await import('./posthog-demo')
         return runPostHogStart([...argv.slice(0, source), ...argv.slice(source + 2)], io)
     }
     let options: CliOptions

@@ -8,7 +8,7 @@ import { cpus } from 'node:os'
 import { join } from 'node:path'
 import { Worker } from 'node:worker_threads'
 
-import type { SenderStats } from '../index'
+import type { SenderStats } from '../../index'
 import type { CallOutcome, SetupStatus } from './instance'
 import type { FromWorker, ToWorker, WorkerData, WorkerTask } from './worker'
 

@@ -5,7 +5,7 @@
  */
 import type { ProcessedPluginEvent } from '@posthog/plugin-scaffold'
 
-import type { PatternsConfig, SenderStats } from '../index'
+import type { PatternsConfig, SenderStats } from '../../index'
 import { Era, getEra } from './eras'
 import { CallOutcome, hostMetaFor, pluginConsole, PluginInstance, SetupStatus } from './instance'
 import { DEFAULT_TASKS_PER_WORKER, DEFAULT_WORKERS, eachMessage, microBatches, WorkerPool, WorkerReport } from './kafka'

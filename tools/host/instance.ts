@@ -3,7 +3,7 @@
  * the 2021 LazyPluginVM did, events skipped without any record meanwhile), and the host's side of each call.
  * The direct path uses one in the main thread; the Kafka path one per worker thread.
  */
-import type { SenderStats } from '../index'
+import type { SenderStats } from '../../index'
 import { Era, getEra, setupRetryWaits } from './eras'
 import { createPluginVm, PluginConsole, PluginVm } from './loader'
 

@@ -185,4 +185,4 @@ export function createPluginVm(code: string, era: Era, options: SandboxOptions):
 }
 
 /** The project's plugin folder: the repository root. */
-export const PROJECT_PLUGIN_DIR = join(__dirname, '..')
+export const PROJECT_PLUGIN_DIR = join(__dirname, '..', '..')

@@ -16,16 +16,16 @@ import { parseArgs } from 'node:util'
 
 import type { ProcessedPluginEvent } from '@posthog/plugin-scaffold'
 
+import { DEFAULT_PAGE_SIZE } from '../../sync/source'
 import { sampleEvent } from '../host/sample-events'
 import { seededRandom, startReceiver } from '../receiver/receiver'
 import { StandInEvent } from '../standin/server'
 import { spawnPostHogStandIn } from '../standin/spawn'
-import { DEFAULT_PAGE_SIZE } from '../sync/source'
 import { cpuMsOf, measureProcess, measureReplayRss, peakRssMb } from './replay'
 
 export const SYNC_THROUGHPUT_TARGET = 0.5
 export const SYNC_RSS_CEILING_MB = 250
-const BIN = join(__dirname, '..', 'bin', 'patterns-connector.js')
+const BIN = join(__dirname, '..', '..', 'bin', 'patterns-connector.js')
 const PROJECT_ID = 1
 /** Rows per insert into the stand-in while seeding. */
 const INSERT_CHUNK = 25_000

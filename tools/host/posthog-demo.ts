@@ -8,9 +8,9 @@ import { randomBytes } from 'node:crypto'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 
+import { runSyncCli, SyncIO } from '../../sync/cli'
 import { FAULT_PRESETS, Receiver, resolveFaults, startReceiver } from '../receiver/receiver'
 import { PostHogStandIn, StandInFaults, startPostHogStandIn } from '../standin/server'
-import { runSyncCli, SyncIO } from './cli'
 
 export const DEFAULT_START_COUNT = 10_000
 /** Small pages, so a local run shows the cursor paging (sync's own default is 10,000). */
@@ -77,7 +77,7 @@ function parseStartArgs(argv: string[]): StartOptions | null {
     if (!(values['posthog-faults'] in POSTHOG_FAULTS)) {
         throw new Error(`--posthog-faults: choose one of ${Object.keys(POSTHOG_FAULTS).join(', ')}`)
     }
-    const runs = join(__dirname, '..', '.data', 'runs', new Date().toISOString().replace(/[:.]/g, '-'))
+    const runs = join(__dirname, '..', '..', '.data', 'runs', new Date().toISOString().replace(/[:.]/g, '-'))
     return {
         count,
         faults: values.faults,

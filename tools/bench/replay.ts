@@ -17,12 +17,12 @@ import { Readable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import { parseArgs } from 'node:util'
 
+import { parseConfig } from '../../index'
+import { batchBodyBytes } from '../../pipeline/body'
+import { nodeEnv } from '../../replay/cli'
+import { replay } from '../../replay/replay'
 import { sampleEvents } from '../host/sample-events'
-import { parseConfig } from '../index'
-import { batchBodyBytes } from '../pipeline/body'
 import { startReceiver } from '../receiver/receiver'
-import { nodeEnv } from '../replay/cli'
-import { replay } from '../replay/replay'
 
 export const RAW_BATCH = 500
 export const REPLAY_CONCURRENCY = 4
@@ -30,7 +30,7 @@ export const REPLAY_CONCURRENCY = 4
 export const THROUGHPUT_TARGET = 0.6
 /** The most a replay from a file may take, whatever its size (README). */
 export const RSS_CEILING_MB = 200
-const BIN = join(__dirname, '..', 'bin', 'patterns-connector.js')
+const BIN = join(__dirname, '..', '..', 'bin', 'patterns-connector.js')
 /** Linux's USER_HZ, the unit of the CPU times in /proc/<pid>/stat (`getconf CLK_TCK`). */
 const CLOCK_TICKS_PER_S = 100
 

@@ -13,7 +13,7 @@ import * as scaffoldCurrent from '@posthog/plugin-scaffold'
 import nodeFetch from 'node-fetch'
 import * as scaffold2021 from 'plugin-scaffold-2021'
 
-import type { MetaFetch } from '../index'
+import type { MetaFetch } from '../../index'
 import type { BabelStandalone } from './transforms'
 
 export const ERA_NAMES = ['vm2021', 'vm2022', 'vm2024', 'cdp2025'] as const
