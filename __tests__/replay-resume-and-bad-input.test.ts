@@ -1,5 +1,5 @@
 /**
- * Replay against hostile inputs and receivers (issue 8): byte-exact Unicode across read boundaries, BOMs,
+ * Replay against hostile inputs and receivers: byte-exact Unicode across read boundaries, BOMs,
  * compressed and odd inputs, checkpoints bound to their input, the --retry-for budget, and honest retry counts.
  * Every test goes through a real HTTP server on 127.0.0.1.
  */
@@ -27,7 +27,7 @@ let dir: string
 let server: TestServer | undefined
 
 beforeEach(() => {
-    dir = mkdtempSync(join(tmpdir(), 'replay-hardening-'))
+    dir = mkdtempSync(join(tmpdir(), 'replay-bad-input-'))
 })
 
 afterEach(async () => {
@@ -139,7 +139,7 @@ async function spawnReplay(args: string[], env: Record<string, string>, input: B
     return { code: await exited, output }
 }
 
-describe('byte-exact input (item 5)', () => {
+describe('byte-exact input', () => {
     it('delivers every multi-byte character split across file reads byte for byte', async () => {
         const rx = await accepting()
         const lines = unicodeLines(3_000)
@@ -213,7 +213,7 @@ describe('byte-exact input (item 5)', () => {
     })
 })
 
-describe('checkpoints bound to their input (item 7)', () => {
+describe('checkpoints bound to their input', () => {
     const lines = unicodeLines(300)
 
     async function firstRun(checkpoint: string) {
@@ -308,7 +308,7 @@ describe('checkpoints bound to their input (item 7)', () => {
     })
 })
 
-describe('odd inputs and flags (item 8)', () => {
+describe('odd inputs and flags', () => {
     it('reads a first JSON Lines event over 64 KB that contains "results":[ as an event, not as API pages', async () => {
         const rx = await accepting()
         const big = JSON.stringify({
@@ -386,7 +386,7 @@ describe('odd inputs and flags (item 8)', () => {
     })
 })
 
-describe('--retry-for is the per-batch budget (item 4)', () => {
+describe('--retry-for is the per-batch budget', () => {
     it('sets the deadline, the Retry-After cap and an attempt limit that never binds from --retry-for', () => {
         const parsed = parseReplayArgs(['in.jsonl', '--retry-for', '600', '--dry-run'], {})
         expect(parsed?.config.deadlineMs).toBe(600_000)

@@ -1,7 +1,7 @@
 /**
- * The acceptance matrix: the real index.ts, loaded by the host emulator (vm2, PostHog's transforms) in every era,
- * on each era's default path (the production Kafka path for the classic eras), against the embedded receiver,
- * with and without faults.
+ * Every era of the plugin host, with and without faults: the real index.ts, loaded by the host emulator (vm2,
+ * PostHog's transforms) on each era's default path (the production Kafka path for the classic eras), against the
+ * embedded receiver.
  */
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -26,7 +26,7 @@ let dataDir: string
 let receiver: Receiver | undefined
 
 beforeEach(() => {
-    dataDir = mkdtempSync(join(tmpdir(), 'matrix-'))
+    dataDir = mkdtempSync(join(tmpdir(), 'eras-'))
 })
 
 afterEach(async () => {
@@ -152,8 +152,8 @@ describe('hosts without timers', () => {
         }
     )
 
-    // Issue 7: the 2021 scaffold's RetryError is named "Error", so classifying by name counts it as permanent.
-    // Fails until the sender classifies failures by what it decided (the lead's fix in index.ts).
+    // The 2021 scaffold's RetryError is named "Error", so classifying failures by error name would count it as
+    // permanent; the sender classifies them by what it decided instead.
     it('vm2021: the plugin counts a failure it gave up retrying as retryable, though RetryError.name is "Error"', async () => {
         const { result } = await run('vm2021', 'down', 10, 11, 'direct')
         expect(result.sender?.failuresByCause).toEqual({ retryable: 10 })
