@@ -11,7 +11,7 @@
  */
 import type { Meta, Plugin, PluginEvent, ProcessedPluginEvent } from '@posthog/plugin-scaffold'
 import { RetryError } from '@posthog/plugin-scaffold'
-import { createHmac, randomBytes } from 'crypto'
+import { createHash, createHmac, randomBytes } from 'crypto'
 
 // ---------------------------------------------------------------------------------------------------------------
 // Constants: quoted by plugin.json hints, the README and the tests.
@@ -67,6 +67,8 @@ export const BURST_GATHER_MAX_MS = 20
 export const BURST_IDLE_MS = 3
 /** And after this many turns whatever the clock says, so a clock that stands still can't keep it going. */
 export const BURST_GATHER_MAX_TURNS = 400
+/** Hex characters of a derived `webhook-id` (128 bits of SHA-256): unique per batch, short in a header. */
+export const WEBHOOK_ID_HEX_CHARS = 32
 /** Error bodies are quoted, redacted and cut to this length, so a receiver's explanation reaches the user. */
 export const ERROR_BODY_SNIPPET_CHARS = 200
 /** At most this much of an error body is read: a hostile receiver can't make the connector buffer more. */
@@ -252,6 +254,14 @@ export interface QueuedEvent {
 export interface PatternsGlobal {
     config: ParsedConfig
     sender: Sender
+    /**
+     * Set by the host itself, before setupPlugin, on hosts with an export path (2021 to November 2023): the host
+     * buffers every event and hands the batches to exportEvents. The plugin reads them and never writes them: the
+     * host's own wrappers read them on every call.
+     */
+    readonly exportEventsBuffer?: unknown
+    readonly exportEventsToIgnore?: unknown
+    readonly exportEventsWithRetry?: unknown
 }
 
 export type PatternsPlugin = Plugin<{ config: PatternsConfig; global: PatternsGlobal }>
@@ -842,6 +852,16 @@ export function newWebhookId(): string {
     return `msg_${randomBytes(16).toString('hex')}`
 }
 
+/**
+ * A `webhook-id` derived from the events themselves: the host's job queue retries a batch later, in another VM
+ * that shares nothing with this one, and the same events must carry the same id there so receivers can
+ * deduplicate. An event without a uuid stands in by its JSON.
+ */
+export function batchWebhookId(items: readonly { json: string; uuid: string }[]): string {
+    const key = items.map((item) => item.uuid || item.json).join('\n')
+    return `msg_${createHash('sha256').update(key).digest('hex').slice(0, WEBHOOK_ID_HEX_CHARS)}`
+}
+
 export function batchBody(items: readonly { json: string }[]): string {
     return `[${items.map((item) => item.json).join(',')}]`
 }
@@ -1040,6 +1060,8 @@ export interface DeliveryResult<T> {
 export interface DeliveryHooks {
     /** After each request: its outcome, how long it took, and which attempt of its body it was (from 1). */
     onAttempt?: (outcome: Outcome, durationMs: number, attempt: number) => void
+    /** The `webhook-id` of a body, from its items; a fresh random id per body when absent. */
+    webhookIdFor?: (items: readonly { json: string; uuid: string }[]) => string
 }
 
 function seconds(ms: number): string {
@@ -1101,7 +1123,7 @@ async function deliverGroup<T extends { json: string; uuid: string }>(
     const { config, env, deadline, fail } = delivery
     const body = env.encodeBody ? env.encodeBody(items) : batchBody(items)
     // The same id on every retry of this body lets receivers deduplicate.
-    const webhookId = newWebhookId()
+    const webhookId = delivery.hooks.webhookIdFor?.(items) ?? newWebhookId()
     let attempts = 0
     for (;;) {
         const remaining = deadline - env.now()
@@ -1173,6 +1195,52 @@ export const MAX_IN_FLIGHT = 4
 export function utf8Bytes(text: string): number {
     // eslint-disable-next-line no-control-regex
     return /^[\x00-\x7f]*$/.test(text) ? text.length : Buffer.byteLength(text)
+}
+
+/** One event of an export batch, serialised. */
+interface ExportItem {
+    uuid: string
+    json: string
+    bytes: number
+}
+
+/** Cuts items into POST-sized chunks, in order, with the same rule as onEvent's batches. */
+export function chunkItems<T extends { bytes: number }>(
+    items: readonly T[],
+    maxEvents: number,
+    maxBytes: number
+): T[][] {
+    const chunks: T[][] = []
+    let start = 0
+    while (start < items.length) {
+        const window = items.slice(start, start + maxEvents).map((item) => item.bytes)
+        const count = takeCount(window, maxEvents, maxBytes)
+        chunks.push(items.slice(start, start + count))
+        start += count
+    }
+    return chunks
+}
+
+/**
+ * Runs `work` over the tasks with at most `width` at once, each lane taking the next task when its last one
+ * settles; results come back in task order. A chain of calls, not a loop: the host's loop guard counts a loop's
+ * whole life.
+ */
+export function inLanes<T, R>(tasks: readonly T[], width: number, work: (task: T) => Promise<R>): Promise<R[]> {
+    const results: R[] = new Array(tasks.length)
+    let next = 0
+    const lane = (): Promise<void> => {
+        const index = next++
+        if (index >= tasks.length) {
+            return Promise.resolve()
+        }
+        return work(tasks[index] as T).then((result) => {
+            results[index] = result
+            return lane()
+        })
+    }
+    const lanes = Array.from({ length: Math.min(width, tasks.length) }, lane)
+    return Promise.all(lanes).then(() => results)
 }
 
 export class Sender {
@@ -1332,6 +1400,65 @@ export class Sender {
         this.failedRequestsInStreak++
     }
 
+    /**
+     * One batch from the host's export buffer, POSTed in chunks (MAX_IN_FLIGHT at a time) with the same filters,
+     * shape, retries and 413 splits as onEvent's batches. Resolves once every chunk was accepted. Otherwise it
+     * rejects with a RetryError when a later try could succeed (the host re-queues the whole batch in its job
+     * queue), or with a plain Error when the receiver refused for good (the host does not retry it).
+     */
+    exportBatch(events: readonly AnyEvent[]): Promise<void> {
+        const items: ExportItem[] = []
+        const unserialisable: string[] = []
+        for (const event of events) {
+            this.stats.events++
+            if (!shouldSend(event.event, this.config)) {
+                this.stats.filtered++
+                continue
+            }
+            try {
+                const json = JSON.stringify(shapeEvent(event, this.config.excludedProperties))
+                items.push({ uuid: event.uuid, json, bytes: utf8Bytes(json) })
+            } catch (error) {
+                unserialisable.push(`event ${event.uuid} could not be serialised as JSON (${errorName(error)})`)
+            }
+        }
+        const deadline = this.env.now() + this.config.deadlineMs
+        const chunks = chunkItems(items, this.config.maxBatchEvents, this.config.maxBatchBytes)
+        const send = (chunk: ExportItem[]): Promise<DeliveryResult<ExportItem>[]> =>
+            deliver(chunk, this.config, this.env, deadline, {
+                onAttempt: (outcome, _durationMs, attempt) => this.recordAttempt(outcome, attempt),
+                webhookIdFor: batchWebhookId,
+            })
+        return inLanes(chunks, MAX_IN_FLIGHT, send).then((results) =>
+            this.settleExport(results.flat(), events.length, unserialisable)
+        )
+    }
+
+    private settleExport(results: DeliveryResult<ExportItem>[], total: number, unserialisable: string[]): void {
+        let failed = unserialisable.length
+        let retryable = false
+        let first: Error | null = unserialisable.length ? new Error(unserialisable.join('; ')) : null
+        for (const result of results) {
+            if (!result.error) {
+                this.stats.delivered += result.items.length
+                continue
+            }
+            failed += result.items.length
+            retryable = retryable || result.retryable
+            first = first ?? result.error
+            const cause = result.retryable ? 'retryable' : 'permanent'
+            this.stats.failuresByCause[cause] = (this.stats.failuresByCause[cause] ?? 0) + result.items.length
+        }
+        this.stats.failed += failed
+        if (!first) {
+            return
+        }
+        const what = `${failed} of the ${total} events of this batch were not accepted: ${first.message}`
+        // The host's job queue retries the whole batch: receivers see the accepted chunks again, with the same
+        // webhook-id, and deduplicate on it or on uuid.
+        throw retryable ? new RetryError(`${what}; PostHog will retry the batch`) : new Error(what)
+    }
+
     private settle(results: DeliveryResult<QueuedEvent>[]): void {
         for (const { items, error, retryable } of results) {
             for (const item of items) {
@@ -1427,29 +1554,59 @@ function createSender(meta: PatternsMeta): Sender {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// PostHog hooks. Only onEvent: exporting exportEvents too made 2021–2023 hosts deliver every event twice.
+// PostHog hooks. Both handlers are exported, and exactly one delivers on each host: exportEvents where the host
+// has an export path (it buffers events and calls exportEvents with each batch), onEvent everywhere else.
 // ---------------------------------------------------------------------------------------------------------------
+
+/**
+ * Whether this host will call exportEvents with every event: it sets these keys on `meta.global` before
+ * setupPlugin, only when it has an export path (2021 to November 2023). Since December 2023, and in the CDP,
+ * they are never set and exportEvents is never called.
+ */
+export function hostExportsEvents(global: Partial<PatternsGlobal> | undefined): boolean {
+    return global?.exportEventsBuffer != null && global.exportEventsWithRetry != null
+}
 
 export const setupPlugin: PatternsPlugin['setupPlugin'] = (meta) => {
     // Parsing here makes bad config fail at install time, with a message naming the field.
-    const sender = createSender(meta)
-    meta.global.config = sender.config
-    meta.global.sender = sender
-    sender.env.logger.info(`Sending events to ${sender.config.redactedUrl} in batches.`)
+    const sender = senderFor(meta)
+    const how = hostExportsEvents(meta.global) ? "in the batches PostHog's export buffer hands over" : 'in batches'
+    sender.env.logger.info(`Sending events to ${sender.config.redactedUrl} ${how}.`)
+}
+
+/** The sender of this VM; a host that skipped setupPlugin (or a job in a fresh VM) gets one made here. */
+function senderFor(meta: PatternsMeta): Sender {
+    if (!meta.global.sender) {
+        meta.global.sender = createSender(meta)
+        meta.global.config = meta.global.sender.config
+    }
+    return meta.global.sender
 }
 
 /**
  * Not async on purpose: the host guards every await in the plugin, and returning the sender's promise costs none.
- * It settles when the webhook accepted the event, or rejects with the reason it was not.
+ * It settles when the webhook accepted the event, or rejects with the reason it was not. Where the host has an
+ * export path, its wrapper has already put the event in its buffer, so this returns at once: exportEvents sends it.
  */
 export const onEvent: PatternsPlugin['onEvent'] = (event, meta) => {
+    if (hostExportsEvents(meta.global)) {
+        return undefined
+    }
     try {
-        // A host that skipped setupPlugin still gets a working sender; bad config then fails here, just as clearly.
-        if (!meta.global.sender) {
-            meta.global.sender = createSender(meta)
-            meta.global.config = meta.global.sender.config
-        }
-        return meta.global.sender.send(event)
+        return senderFor(meta).send(event)
+    } catch (error) {
+        return Promise.reject(error)
+    }
+}
+
+/**
+ * Called by hosts with an export path with each batch of their buffer (1 MiB or 10 s by default). A RetryError
+ * makes the host re-queue the whole batch in its job queue (up to 15 times over about 54 hours in 2021, 3 times
+ * in 2022–2023, none from August 2023); any other error is final.
+ */
+export const exportEvents: PatternsPlugin['exportEvents'] = (events, meta) => {
+    try {
+        return senderFor(meta).exportBatch(events)
     } catch (error) {
         return Promise.reject(error)
     }
