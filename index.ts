@@ -101,7 +101,7 @@ export const FORBIDDEN_HEADERS = [
     'http2-settings',
 ]
 /** Loopback hosts, the only ones allowed over plain http (for local receivers and tests). */
-const LOOPBACK_HOSTS = new Set(['localhost', '127.0.0.1', '[::1]', '::1'])
+export const LOOPBACK_HOSTS: ReadonlySet<string> = new Set(['localhost', '127.0.0.1', '[::1]', '::1'])
 /** Error codes that mean the request never got a definite answer: safe and useful to retry. */
 const NETWORK_ERROR_CODES = new Set([
     'ECONNRESET',
@@ -762,9 +762,17 @@ export function attemptNeedsMs(timeoutEnforced: boolean): number {
     return timeoutEnforced ? MIN_ATTEMPT_MS : HOST_FETCH_TIMEOUT_MS + DEADLINE_MARGIN_MS
 }
 
-/** Full-jitter exponential backoff: random(0, min(cap, base * 2^attempt)). `attempt` counts from 0. */
-export function backoffDelay(attempt: number, random: () => number): number {
-    const ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** attempt)
+/**
+ * Full-jitter exponential backoff: random(0, min(cap, base * 2^attempt)). `attempt` counts from 0. The webhook's
+ * base and cap are the defaults; sync's queries pass their own.
+ */
+export function backoffDelay(
+    attempt: number,
+    random: () => number,
+    baseMs: number = BACKOFF_BASE_MS,
+    capMs: number = BACKOFF_CAP_MS
+): number {
+    const ceiling = Math.min(capMs, baseMs * 2 ** attempt)
     return Math.floor(random() * ceiling)
 }
 
