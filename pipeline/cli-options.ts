@@ -4,17 +4,27 @@
  * CLI adds its own source flags (an input file, or PostHog) next to these.
  */
 import {
+    ConfigError,
     DEFAULT_MAX_BATCH_BYTES,
     DEFAULT_MAX_BATCH_EVENTS,
     DEFAULT_REQUEST_TIMEOUT_MS,
+    hostEnv,
     parseConfig,
     ParsedConfig,
+    SenderEnv,
 } from '../index'
-import { REPLAY_BATCH_DEADLINE_MS } from '../replay/replay'
+import { batchBodyBytes } from './body'
+import { UsageError } from './errors'
 import { DEFAULT_CONCURRENCY } from './index'
+import { didYouMean } from './usage'
 
-/** Bad usage: a flag, its value, or a missing setting. The CLIs exit with 2 on it. */
-export class UsageError extends Error {}
+export { UsageError }
+
+/**
+ * --retry-for's default: how long one batch keeps retrying before the run stops. A command has no host to
+ * guard it, so it may wait far longer than the plugin's 25 s per call; a resume sends the rest.
+ */
+export const DEFAULT_RETRY_FOR_MS = 120_000
 
 /** With a time budget, attempts are not what ends a batch's retries (--retry-for is). */
 export const TIME_BUDGET_MAX_ATTEMPTS = 1_000_000
@@ -94,15 +104,56 @@ export function joinNegativeNumbers(argv: string[], numeric: readonly string[] =
 
 /**
  * Node's parseArgs message as a usage error: its first line only (a value given to a flag is not repeated, it
- * could be a secret), with the fix for the one that says "ambiguous".
+ * could be a secret), with the fix for the one that says "ambiguous", and the closest of the `known` flags for an
+ * unknown one.
  */
-export function usageMessage(error: Error): string {
+export function usageMessage(error: Error, known: readonly string[] = Object.keys(DELIVERY_OPTIONS)): string {
     const ambiguous = /Option '(-[^ ']+)[^']*' argument is ambiguous/.exec(error.message)
     const flag = ambiguous?.[1] ?? 'the option'
     const message = ambiguous
         ? `${flag}: its value starts with "-"; write ${flag}=VALUE, or give it a value`
         : (error.message.split('\n')[0] ?? 'bad arguments')
-    return `${message}. Run with --help for the options.`
+    return `${message}.${didYouMean(message, known)} Run with --help for the options.`
+}
+
+/** The sender environment for a Node process: real fetch, timers, and nothing logged per request. */
+export function nodeEnv(): SenderEnv {
+    // The plugin's own host adaptation: Node has fetch, AbortController and timers. The commands print their own
+    // progress and warnings, so the sender's log lines are dropped, and bodies are written as bytes.
+    return { ...hostEnv({ logger: {} }), encodeBody: batchBodyBytes }
+}
+
+/** The message when no webhook URL is given, the same for every command. */
+export const WEBHOOK_URL_REQUIRED =
+    '--webhook-url is required: the URL of your webhook (or set PATTERNS_WEBHOOK_URL, which keeps it out of ' +
+    'shell history)'
+
+/** The plugin's config keys as the command line spells them: a flag, and the environment variable it falls back to. */
+const FLAG_OF_CONFIG_KEY: Record<string, { flag: keyof DeliveryValues; env?: string }> = {
+    webhookUrl: { flag: 'webhook-url', env: 'PATTERNS_WEBHOOK_URL' },
+    customHeaders: { flag: 'custom-headers', env: 'PATTERNS_CUSTOM_HEADERS' },
+    signingSecret: { flag: 'signing-secret', env: 'PATTERNS_SIGNING_SECRET' },
+    allowedEventTypes: { flag: 'allowed-events' },
+    excludedEventTypes: { flag: 'excluded-events' },
+    excludedProperties: { flag: 'excluded-properties' },
+}
+
+/**
+ * The plugin's config error in the command line's words: the flag (or the environment variable the value came
+ * from) instead of the plugin's config key, in the lead and in the fix.
+ */
+export function configErrorMessage(error: ConfigError, values: DeliveryValues): string {
+    const detail = error.message.replace(/^Invalid config "[^"]*": /, '')
+    const named = FLAG_OF_CONFIG_KEY[error.field]
+    if (!named) {
+        return detail
+    }
+    const where = values[named.flag] === undefined && named.env ? named.env : `--${named.flag}`
+    const inFlags = Object.entries(FLAG_OF_CONFIG_KEY).reduce(
+        (text, [key, { flag }]) => text.split(key).join(`--${flag}`),
+        detail
+    )
+    return `${where}: ${inFlags}`
 }
 
 /** The webhook URL from --webhook-url, else PATTERNS_WEBHOOK_URL (the documented way: it stays out of `ps`). */
@@ -128,7 +179,7 @@ export function deliverySettings(
     webhookUrl: string,
     retryForIsBudget: boolean
 ): DeliverySettings {
-    const retryForMs = wholeNumber('retry-for', values['retry-for'], REPLAY_BATCH_DEADLINE_MS / 1000) * 1000
+    const retryForMs = wholeNumber('retry-for', values['retry-for'], DEFAULT_RETRY_FOR_MS / 1000) * 1000
     const overrides = {
         requestTimeoutMs: wholeNumber('timeout', values.timeout, DEFAULT_REQUEST_TIMEOUT_MS / 1000) * 1000,
         deadlineMs: retryForMs,
@@ -150,7 +201,9 @@ export function deliverySettings(
             overrides
         )
     } catch (error) {
-        throw new UsageError((error as Error).message)
+        throw new UsageError(
+            error instanceof ConfigError ? configErrorMessage(error, values) : (error as Error).message
+        )
     }
     return {
         config,

@@ -4,10 +4,12 @@
  * input, other filters or another webhook stops with a clear message instead of skipping what was never sent.
  */
 import { createHash } from 'node:crypto'
-import { readFileSync, renameSync, writeFileSync } from 'node:fs'
+import { readFileSync } from 'node:fs'
 
 import { ParsedConfig } from '../index'
 import { AheadRange } from '../pipeline'
+import { CheckpointError } from '../pipeline/errors'
+import { writeFileAtomic } from '../pipeline/files'
 import { InputFormat } from './input'
 
 export const CHECKPOINT_VERSION = 2
@@ -29,12 +31,7 @@ export interface Checkpoint {
 }
 
 /** A checkpoint that cannot be used: bad usage, so the run stops before sending anything (exit code 2). */
-export class CheckpointError extends Error {
-    constructor(message: string) {
-        super(message)
-        this.name = 'CheckpointError'
-    }
-}
+export { CheckpointError }
 
 const sha256 = (data: string | Buffer): string => createHash('sha256').update(data).digest('hex')
 
@@ -124,9 +121,7 @@ export function loadCheckpoint(file: string | null, bound: Binding): Checkpoint 
 
 /** Write to a temporary file, then rename: a crash leaves the old checkpoint or the new one, never half of one. */
 export function writeCheckpoint(file: string, checkpoint: Checkpoint): void {
-    const temporary = `${file}.tmp`
-    writeFileSync(temporary, JSON.stringify(checkpoint))
-    renameSync(temporary, file)
+    writeFileAtomic(file, JSON.stringify(checkpoint))
 }
 
 export function isHandled(checkpoint: Pick<Checkpoint, 'next' | 'done'>, ordinal: number): boolean {

@@ -3,23 +3,29 @@ import { createReadStream, openSync, ReadStream, statSync } from 'node:fs'
 import { Readable } from 'node:stream'
 import { parseArgs } from 'node:util'
 
-import {
-    DEFAULT_MAX_BATCH_BYTES,
-    DEFAULT_MAX_BATCH_EVENTS,
-    DEFAULT_REQUEST_TIMEOUT_MS,
-    hostEnv,
-    SenderEnv,
-} from '../index'
-import { batchBodyBytes } from '../pipeline/body'
+import { DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_EVENTS, DEFAULT_REQUEST_TIMEOUT_MS } from '../index'
 import {
     DELIVERY_OPTIONS,
     deliverySettings,
     joinNegativeNumbers,
+    nodeEnv,
     TIME_BUDGET_MAX_ATTEMPTS,
     UsageError,
     usageMessage,
+    WEBHOOK_URL_REQUIRED,
     webhookUrlFrom,
 } from '../pipeline/cli-options'
+import {
+    CliOutput,
+    cliOutput,
+    CliStreams,
+    deliveryRows,
+    eventsPerSecond,
+    joinParts,
+    progressParts,
+    seconds,
+    summaryText,
+} from '../pipeline/cli-output'
 import { INPUT_FORMATS, InputError, InputFormat } from './input'
 import {
     CheckpointError,
@@ -62,7 +68,7 @@ Compressed input goes through standard input: gunzip -c FILE | patterns-connecto
 Ctrl-C finishes the requests in flight, writes the checkpoint and exits.
 `
 
-export { UsageError }
+export { nodeEnv, UsageError }
 
 /** Problem lines printed before the rest are only counted. */
 export const MAX_WARNING_LINES = 20
@@ -81,7 +87,7 @@ export function parseReplayArgs(argv: string[], env: Record<string, string | und
     try {
         parsed = parseArgs({ args: joinNegativeNumbers(argv), allowPositionals: true, strict: true, options: OPTIONS })
     } catch (error) {
-        throw new UsageError(usageMessage(error as Error))
+        throw new UsageError(usageMessage(error as Error, Object.keys(OPTIONS)))
     }
     const { values, positionals } = parsed
     if (values.help) {
@@ -96,7 +102,7 @@ export function parseReplayArgs(argv: string[], env: Record<string, string | und
     }
     const webhookUrl = webhookUrlFrom(values, env)
     if (!webhookUrl && !values['dry-run']) {
-        throw new UsageError('--webhook-url (or PATTERNS_WEBHOOK_URL) is required')
+        throw new UsageError(`${WEBHOOK_URL_REQUIRED}; or --dry-run to send nothing`)
     }
     return {
         input: positionals[0] ?? '-',
@@ -127,129 +133,107 @@ function openInputFile(path: string): { size: number; stream: ReadStream } | str
     return { size: stats.size, stream: createReadStream(path, { fd }) }
 }
 
-/** The sender environment for a Node process: real fetch, timers, and nothing logged per request. */
-export function nodeEnv(): SenderEnv {
-    // The plugin's own host adaptation: Node has fetch, AbortController and timers. The tools print their own
-    // progress and warnings, so the sender's log lines are dropped, and bodies are written as bytes.
-    return { ...hostEnv({ logger: {} }), encodeBody: batchBodyBytes }
-}
-
-function formatDuration(seconds: number): string {
-    if (!Number.isFinite(seconds)) {
-        return '?'
-    }
-    const s = Math.round(seconds)
-    return s >= 60 ? `${Math.floor(s / 60)}m${String(s % 60).padStart(2, '0')}s` : `${s}s`
-}
-
+/**
+ * read, sent, rate, retries, failures, in flight, and an ETA once something is sent and the input's size is
+ * known: the records to come are estimated from the share of the input read, at the pace of sending (reading
+ * runs ahead of it, so the share read alone would promise the end too early).
+ */
 export function progressLine(p: ReplayProgress, elapsedMs: number, fraction: number | null): string {
-    const rate = p.delivered / Math.max(elapsedMs / 1000, 0.001)
-    const eta = fraction && fraction > 0 ? ` ETA ${formatDuration((elapsedMs / 1000) * (1 / fraction - 1))}` : ''
-    return (
-        `read ${p.read}, sent ${p.delivered}, ${Math.round(rate)} events/s, retries ${p.retries}, ` +
-        `failures ${p.deadLettered}, in flight ${p.inFlight}${eta}`
-    )
+    const handled = p.delivered + p.filtered + p.deadLettered
+    const remaining = fraction && fraction > 0 ? Math.max(0, p.read / fraction - handled) : null
+    const eta = remaining !== null && handled > 0 ? `ETA ${seconds((remaining / handled) * elapsedMs)}` : null
+    return joinParts([progressParts(p, elapsedMs), eta])
 }
 
-export function summaryText(report: ReplayReport, dryRun: boolean): string {
-    const rows: Array<[string, string | number]> = [
+/** The summary: every row true for this run (no checkpoint row without --checkpoint, say). */
+export function replaySummary(
+    report: ReplayReport,
+    run: { dryRun: boolean; checkpointFile: string | null; deadLetterFile: string | null }
+): string {
+    const { dryRun, checkpointFile } = run
+    return summaryText([
         ['input format', report.format],
         ['records read', report.read],
-        ['skipped (checkpoint)', report.skipped],
-        [dryRun ? 'would send' : 'delivered', report.delivered],
-        ['filtered out', report.filtered],
-        ['refused (dead-letter)', report.deadLettered],
-        ['unreadable (dead-letter)', report.malformed],
+        checkpointFile ? ['skipped (checkpoint)', report.skipped] : null,
+        ...deliveryRows(report, run.deadLetterFile, dryRun),
         [dryRun ? 'requests needed' : 'requests', dryRun ? report.batches : report.requests],
         ['retries', report.retries],
         ['bytes', report.bytesSent],
-        ['events/s', Math.round(report.delivered / Math.max(report.durationMs / 1000, 0.001))],
-        ['checkpoint at record', report.checkpoint],
+        ['events/s', eventsPerSecond(report.delivered, report.durationMs)],
+        checkpointFile && !dryRun ? ['checkpoint at record', report.checkpoint] : null,
         ['stopped early', report.stopped ?? 'no'],
-    ]
-    return rows.map(([k, v]) => `  ${k.padEnd(26)}${v}`).join('\n')
+    ])
 }
 
-type Terminal = NodeJS.WritableStream & { isTTY?: boolean }
-
-/** Progress on one refreshed line on a terminal (every 5 s otherwise), and a bounded number of warning lines. */
-function terminal(stderr: Terminal, deadLetterFile: string | null, fraction: () => number | null) {
+/** Progress through the shared output, and a bounded number of warning lines. */
+function terminal(output: CliOutput, deadLetterFile: string | null, fraction: () => number | null) {
     const started = Date.now()
-    const tty = Boolean(stderr.isTTY)
-    let lastPlain = Date.now()
-    const onProgress = (p: ReplayProgress): void => {
-        const line = progressLine(p, Date.now() - started, fraction())
-        if (tty) {
-            stderr.write(`\r\x1b[K${line}`)
-        } else if (Date.now() - lastPlain >= 5_000) {
-            lastPlain = Date.now()
-            stderr.write(`${line}\n`)
-        }
-    }
+    const onProgress = (p: ReplayProgress): void => output.progress(progressLine(p, Date.now() - started, fraction()))
     // Each problem gets a line, up to a limit, so a file full of bad lines cannot flood the terminal.
     let warnings = 0
     const onWarning = (message: string): void => {
         warnings++
         const where = deadLetterFile ? ` (kept in ${deadLetterFile})` : ''
         if (warnings <= MAX_WARNING_LINES) {
-            stderr.write(`${tty ? '\r\x1b[K' : ''}warning: ${message}${where}\n`)
+            output.line(`warning: ${message}${where}`)
         } else if (warnings === MAX_WARNING_LINES + 1) {
-            stderr.write('warning: more problems; the summary counts them all\n')
+            output.line('warning: more problems; the summary counts them all')
         }
     }
     return { onProgress, onWarning }
 }
 
+/** The input stream and how much of it is read so far (a share of its size), or why it cannot be read. */
+function openInput(path: string, stdin: Readable): { input: Readable; fraction: () => number | null } | string {
+    if (path === '-') {
+        return { input: stdin, fraction: () => null }
+    }
+    const opened = openInputFile(path)
+    if (typeof opened === 'string') {
+        return opened
+    }
+    const { size, stream } = opened
+    return { input: stream, fraction: () => (size ? stream.bytesRead / size : null) }
+}
+
 export async function runReplayCli(
     argv: string[],
     env: Record<string, string | undefined>,
-    io: { stdout: Terminal; stderr: Terminal; stdin: Readable },
+    io: CliStreams & { stdin: Readable },
     signal?: AbortSignal
 ): Promise<number> {
+    const output = cliOutput(io, [env.PATTERNS_WEBHOOK_URL, env.PATTERNS_CUSTOM_HEADERS, env.PATTERNS_SIGNING_SECRET])
     let parsed
     try {
         parsed = parseReplayArgs(argv, env)
     } catch (error) {
-        io.stderr.write(`error: ${(error as Error).message}\n`)
+        output.line(`error: ${(error as Error).message}`)
         return 2
     }
     if (!parsed) {
-        io.stdout.write(HELP)
+        output.out(HELP)
         return 0
     }
-    let input: Readable
-    let size: number | null = null
-    let bytesRead: () => number = () => 0
-    if (parsed.input === '-') {
-        input = io.stdin
-    } else {
-        const opened = openInputFile(parsed.input)
-        if (typeof opened === 'string') {
-            io.stderr.write(`error: ${opened}\n`)
-            return 2
-        }
-        ;({ size, stream: input } = opened)
-        bytesRead = () => opened.stream.bytesRead
+    output.addSecrets(parsed.config.secrets)
+    const opened = openInput(parsed.input, io.stdin)
+    if (typeof opened === 'string') {
+        output.line(`error: ${opened}`)
+        return 2
     }
-    const tty = Boolean(io.stderr.isTTY)
-    const { onProgress, onWarning } = terminal(io.stderr, parsed.deadLetterFile, () =>
-        size ? bytesRead() / size : null
-    )
+    const { onProgress, onWarning } = terminal(output, parsed.deadLetterFile, opened.fraction)
     let report: ReplayReport
     try {
         const inputLabel = parsed.input === '-' ? null : parsed.input
+        const input = opened.input
         report = await replay({ ...parsed, input, inputLabel, env: nodeEnv(), signal, onProgress, onWarning })
     } catch (error) {
-        io.stderr.write(`${tty ? '\n' : ''}error: ${(error as Error).message}\n`)
+        output.endProgress()
+        output.line(`error: ${(error as Error).message}`)
         // An unusable input or checkpoint is found before anything is sent: bad usage.
         return error instanceof InputError || error instanceof CheckpointError ? 2 : 1
     }
-    if (tty) {
-        io.stderr.write('\n')
-    }
-    io.stdout.write(
-        `${parsed.dryRun ? 'Dry run, nothing sent' : 'Replay finished'}\n${summaryText(report, parsed.dryRun)}\n`
-    )
+    output.endProgress()
+    output.out(`${parsed.dryRun ? 'Dry run, nothing sent' : 'Replay finished'}\n${replaySummary(report, parsed)}\n`)
     const clean = !report.stopped && report.deadLettered === 0 && report.malformed === 0
     return clean ? 0 : 1
 }

@@ -3,10 +3,9 @@
  * filters, shaping, signing, retries and redaction; K requests in flight; an ordered checkpoint), with a
  * checkpoint file bound to its input and a dead-letter file for what the webhook refused.
  */
-import { appendFileSync } from 'node:fs'
-
 import { ParsedConfig, SenderEnv } from '../index'
-import { DeadLetter, PipelineProgress, PipelineReport, runPipeline, Source, SourceRecord } from '../pipeline'
+import { PipelineProgress, PipelineReport, runPipeline, Source, SourceRecord } from '../pipeline'
+import { deadLetterWriter } from '../pipeline/dead-letter'
 import { advanced, binding, Checkpoint, isHandled, loadCheckpoint, writeCheckpoint } from './checkpoint'
 import { InputFormat, InputRecord, readRecords } from './input'
 
@@ -70,20 +69,6 @@ async function* unhandledRecords(
     }
 }
 
-/** One JSON line per dead letter: a refused event with the reason, or an unreadable record as read. */
-function deadLetterWriter(file: string | null | undefined) {
-    return (entry: DeadLetter<number>): void => {
-        if (file) {
-            const { reason, event, raw, line } = entry
-            const text =
-                event !== undefined
-                    ? `{"reason":${JSON.stringify(reason)},"event":${event}}`
-                    : JSON.stringify({ reason, line: line ?? null, raw })
-            appendFileSync(file, text + '\n')
-        }
-    }
-}
-
 export async function replay(options: ReplayOptions): Promise<ReplayReport> {
     const { config, checkpointFile } = options
     const label = options.inputLabel ?? null
@@ -100,7 +85,7 @@ export async function replay(options: ReplayOptions): Promise<ReplayReport> {
                 writeCheckpoint(checkpointFile, checkpoint)
             }
         },
-        deadLetter: deadLetterWriter(options.deadLetterFile),
+        deadLetter: deadLetterWriter<number>(options.deadLetterFile),
     })
     return { ...report, format: opened.format, skipped: counts.skipped, checkpoint: checkpoint.next }
 }

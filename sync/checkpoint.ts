@@ -2,9 +2,13 @@
  * The sync checkpoint: the cursor of the last event acknowledged in order, bound to where it came from (host,
  * project, event filters, --since). Written atomically, so a crash leaves the old one or the new one.
  */
-import { readFileSync, renameSync, writeFileSync } from 'node:fs'
+import { readFileSync } from 'node:fs'
 
+import { CheckpointError } from '../pipeline/errors'
+import { writeFileAtomic } from '../pipeline/files'
 import type { Cursor } from './query'
+
+export { CheckpointError }
 
 export const SYNC_CHECKPOINT_VERSION = 1
 
@@ -24,10 +28,6 @@ export interface SyncCheckpoint {
     source: SourceBinding
     cursor: Cursor
     updatedAt: string
-}
-
-export class CheckpointError extends Error {
-    name = 'CheckpointError'
 }
 
 /** Filters as a set: the order they were typed in does not change what is read. */
@@ -139,7 +139,5 @@ export function writeSyncCheckpoint(file: string, binding: SourceBinding, cursor
         cursor,
         updatedAt: new Date(nowMs).toISOString(),
     }
-    const temporary = `${file}.tmp`
-    writeFileSync(temporary, JSON.stringify(checkpoint) + '\n')
-    renameSync(temporary, file)
+    writeFileAtomic(file, JSON.stringify(checkpoint) + '\n')
 }

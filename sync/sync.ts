@@ -2,11 +2,10 @@
  * `sync` as a composition: the PostHog source feeds the shared delivery pipeline, and the pipeline's in-order
  * commits become the checkpoint. This file only wires the two together.
  */
-import { appendFileSync } from 'node:fs'
-
 import { ParsedConfig, SenderEnv } from '../index'
 import { runPipeline } from '../pipeline'
-import type { DeadLetter, PipelineProgress, PipelineReport } from '../pipeline/types'
+import { deadLetterWriter } from '../pipeline/dead-letter'
+import type { PipelineProgress, PipelineReport } from '../pipeline/types'
 import { SourceBinding, writeSyncCheckpoint } from './checkpoint'
 import { QueryClient } from './posthog'
 import { Cursor } from './query'
@@ -42,16 +41,6 @@ export interface SyncOptions extends Omit<SourceOptions, 'run' | 'onPage' | 'sig
     signal?: AbortSignal
     onProgress?: (progress: SyncProgress) => void
     onWarning?: (message: string) => void
-}
-
-/** Dead letters as JSON Lines: the reason, and the refused event's JSON or the unreadable row as read. */
-function deadLetterWriter(file: string | null): (entry: DeadLetter<Cursor>) => void {
-    return (entry) => {
-        if (file) {
-            const record = entry.event ? `"event":${entry.event}` : `"raw":${JSON.stringify(entry.raw ?? '')}`
-            appendFileSync(file, `{"reason":${JSON.stringify(entry.reason)},${record}}\n`)
-        }
-    }
 }
 
 /** One progress report from the pipeline's counters and the source's latest page. */
@@ -125,7 +114,7 @@ export async function sync(options: SyncOptions): Promise<SyncReport> {
                 writeSyncCheckpoint(options.checkpointFile, options.binding, position, now())
             }
         },
-        deadLetter: deadLetterWriter(options.deadLetterFile),
+        deadLetter: deadLetterWriter<Cursor>(options.deadLetterFile),
         onProgress: progress.onProgress,
         onWarning: options.onWarning,
     })

@@ -1,0 +1,53 @@
+/** "Did you mean": the closest known flag to a misspelled one, so a typo gets its fix and not only a refusal. */
+
+/** The most edits (insertions, deletions, substitutions, swaps of neighbours) a typo may be from its flag. */
+export const MAX_TYPO_EDITS = 2
+
+/** Edit distance with adjacent swaps (optimal string alignment): "--sicne" is one edit from "--since". */
+export function editDistance(a: string, b: string): number {
+    const rows = Array.from({ length: a.length + 1 }, (_, i) => [i, ...Array<number>(b.length).fill(0)])
+    for (let j = 1; j <= b.length; j++) {
+        ;(rows[0] as number[])[j] = j
+    }
+    for (let i = 1; i <= a.length; i++) {
+        const row = rows[i] as number[]
+        const above = rows[i - 1] as number[]
+        for (let j = 1; j <= b.length; j++) {
+            const cost = a[i - 1] === b[j - 1] ? 0 : 1
+            let best = Math.min((above[j] as number) + 1, (row[j - 1] as number) + 1, (above[j - 1] as number) + cost)
+            if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) {
+                best = Math.min(best, ((rows[i - 2] as number[])[j - 2] as number) + 1)
+            }
+            row[j] = best
+        }
+    }
+    return (rows[a.length] as number[])[b.length] as number
+}
+
+/**
+ * The known flag closest to `typed` (both without their dashes), or null when none is near enough: within
+ * MAX_TYPO_EDITS, and within a third of the flag's length so short flags do not match anything. A flag that
+ * starts with what was typed (an abbreviation, "--webhook") counts as near too.
+ */
+export function closestFlag(typed: string, known: readonly string[]): string | null {
+    const name = typed.replace(/^-+/, '').replace(/=.*$/, '').toLowerCase()
+    if (!name) {
+        return null
+    }
+    let best: { flag: string; distance: number } | null = null
+    for (const flag of known) {
+        const distance = flag.startsWith(name) && name.length >= 3 ? 1 : editDistance(name, flag)
+        const near = distance <= Math.min(MAX_TYPO_EDITS, Math.max(1, Math.floor(flag.length / 3)))
+        if (near && (best === null || distance < best.distance)) {
+            best = { flag, distance }
+        }
+    }
+    return best?.flag ?? null
+}
+
+/** " Did you mean --x?" for the unknown option in Node's parseArgs message, or '' when nothing is close. */
+export function didYouMean(message: string, known: readonly string[]): string {
+    const unknown = /^Unknown option '(-[^']+)'/.exec(message)?.[1]
+    const flag = unknown ? closestFlag(unknown, known) : null
+    return flag ? ` Did you mean --${flag}?` : ''
+}
