@@ -3,7 +3,7 @@ import simpleImportSort from 'eslint-plugin-simple-import-sort'
 import tseslint from 'typescript-eslint'
 
 export default tseslint.config(
-    { ignores: ['node_modules/**', 'coverage/**', '.data/**'] },
+    { ignores: ['node_modules/**', 'coverage/**', '.data/**', 'dist/**'] },
     js.configs.recommended,
     ...tseslint.configs.recommended,
     {

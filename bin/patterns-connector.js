@@ -1,8 +1,44 @@
 #!/usr/bin/env node
-// Entry point for `npm exec --no -- patterns-connector` (in the checkout) or `node bin/patterns-connector.js`; never a
-// bare `npx`, which would fetch a package of this name from the registry. tsx runs the TypeScript without a build.
-require('tsx/cjs')
-const { runReplayCli } = require('../replay/cli.ts')
+// Entry point for `npm exec --no -- patterns-connector` (in the checkout) or `patterns-connector` once the package is
+// installed; never a bare `npx` in the checkout, which would fetch a package of this name from the registry.
+const { existsSync } = require('node:fs')
+const { join } = require('node:path')
+
+const ROOT = join(__dirname, '..')
+
+/**
+ * In a checkout (the TypeScript sources are here and tsx, a devDependency, is installed) the sources run as they are,
+ * so tests and benches never run a stale build. The installed package ships only the compiled dist/ and needs no
+ * TypeScript loader.
+ */
+function runsFromSources() {
+    if (!existsSync(join(ROOT, 'replay', 'cli.ts'))) {
+        return false
+    }
+    try {
+        require.resolve('tsx/cjs')
+        return true
+    } catch {
+        return false
+    }
+}
+
+const FROM_SOURCES = runsFromSources()
+if (FROM_SOURCES) {
+    require('tsx/cjs')
+}
+
+/** Loads one of the CLI's modules, e.g. `replay/cli`, from the sources or from dist/. */
+function load(modulePath) {
+    const file = FROM_SOURCES ? join(ROOT, `${modulePath}.ts`) : join(ROOT, 'dist', `${modulePath}.js`)
+    if (!FROM_SOURCES && !existsSync(file)) {
+        process.stderr.write(`error: ${file} is missing: run \`npm ci\` (or \`npm run build\`) in ${ROOT} first\n`)
+        process.exit(1)
+    }
+    return require(file)
+}
+
+const { runReplayCli } = load('replay/cli')
 
 const USAGE = `Usage: patterns-connector <command> [options]
 
@@ -30,7 +66,7 @@ async function main() {
         process.once('SIGINT', () => process.exit(130))
     })
     // Loaded on demand, so each command only loads its own code.
-    const run = command === 'sync' ? require('../sync/cli.ts').runSyncCli : runReplayCli
+    const run = command === 'sync' ? load('sync/cli').runSyncCli : runReplayCli
     const code = await run(rest, process.env, process, controller.signal)
     return controller.signal.aborted ? 130 : code
 }
