@@ -1,6 +1,6 @@
 /**
- * The four PostHog host eras the emulator reproduces: their fetch, their meta, their retry policy and their
- * concurrency. Facts from the project's HOSTS.md.
+ * The PostHog host eras the emulator reproduces: their fetch, their meta, their retry policy, their concurrency
+ * and, from 2021 to November 2023, their export path (export-path.ts). docs/hosts.md tells them apart.
  */
 import * as nodeCrypto from 'node:crypto'
 import { createRequire } from 'node:module'
@@ -14,9 +14,17 @@ import nodeFetch from 'node-fetch'
 import * as scaffold2021 from 'plugin-scaffold-2021'
 
 import type { MetaFetch } from '../../index'
+import {
+    EXPORT_PATH_A,
+    EXPORT_PATH_B,
+    EXPORT_PATH_C,
+    EXPORT_PATH_D,
+    EXPORT_PATH_D_LATE,
+    ExportPathPolicy,
+} from './export-path'
 import type { BabelStandalone } from './transforms'
 
-export const ERA_NAMES = ['vm2021', 'vm2022', 'vm2024', 'cdp2025'] as const
+export const ERA_NAMES = ['vm2021', 'vm2022feb', 'vm2022', 'vm2023', 'vm2023aug', 'vm2024', 'cdp2025'] as const
 export type EraName = (typeof ERA_NAMES)[number]
 
 /** The undici host's own fetch timeout, which replaces any signal the plugin passes. */
@@ -128,6 +136,8 @@ export interface Era {
     concurrency: number
     /** The event as this era hands it to onEvent. */
     shapeEvent: (event: ProcessedPluginEvent) => { event: unknown; person?: unknown }
+    /** How the host buffers and retries for a plugin that exports exportEvents; null: it never calls it. */
+    exportPath: ExportPathPolicy | null
 }
 
 function asPluginEvent(event: ProcessedPluginEvent): PluginEvent {
@@ -181,76 +191,104 @@ export const cdpMetaFetch: MetaFetch = async (url, init) => {
     }
 }
 
-export function getEra(name: string): Era {
-    switch (name) {
-        case 'vm2021':
-            return {
-                name,
-                description: 'standalone plugin-server 1.10 (vm2 3.9.5, babel 7.13.7, node-fetch 2.6.1), no host retry',
-                babel: babel2021,
-                imports: IMPORTS_2021,
-                RetryError: scaffold2021.RetryError,
-                setup: SETUP_2021,
-                timers: false,
-                fetch: nodeFetch2021,
-                metaFetch: null,
-                hostRetryDelaysMs: [],
-                concurrency: CLASSIC_MICRO_BATCH,
-                shapeEvent: (event) => ({ event: asPluginEvent(event) }),
-            }
-        case 'vm2022':
-            return {
-                name,
-                description: 'monorepo 2022–2023: node-fetch v2, RetryError retried after 3 s then 6 s',
-                babel: babelCurrent,
-                imports: IMPORTS_CURRENT,
-                RetryError: scaffoldCurrent.RetryError,
-                setup: SETUP_2022,
-                timers: false,
-                fetch: nodeFetch,
-                metaFetch: null,
-                hostRetryDelaysMs: [3_000, 6_000],
-                concurrency: CLASSIC_MICRO_BATCH,
-                shapeEvent: (event) => ({ event }),
-            }
-        case 'vm2024':
-            return {
-                name,
-                description: 'Aug 2023–2025: undici fetch with the host 10 s timeout, no host retry',
-                babel: babelCurrent,
-                imports: IMPORTS_CURRENT,
-                RetryError: scaffoldCurrent.RetryError,
-                setup: SETUP_2022,
-                timers: false,
-                fetch: vm2024Fetch,
-                metaFetch: null,
-                hostRetryDelaysMs: [],
-                concurrency: CLASSIC_MICRO_BATCH,
-                shapeEvent: (event) => ({ event }),
-            }
-        case 'cdp2025':
-            return {
-                name,
-                description: 'CDP executor: meta.fetch and meta.logger, timers, whole Kafka batch at once',
-                babel: babelCurrent,
-                imports: IMPORTS_CURRENT,
-                RetryError: scaffoldCurrent.RetryError,
-                setup: SETUP_CDP,
-                timers: true,
-                fetch: fetch,
-                metaFetch: cdpMetaFetch,
-                hostRetryDelaysMs: [],
-                concurrency: CDP_KAFKA_BATCH,
-                shapeEvent: (event) => {
-                    // eslint-disable-next-line @typescript-eslint/no-unused-vars
-                    const { elements, ...rest } = event
-                    return {
-                        event: rest,
-                        person: { uuid: 'p-' + event.distinct_id, properties: {}, posthog_url: '' },
-                    }
-                },
-            }
-        default:
-            throw new Error(`unknown era "${name}"; choose one of: ${ERA_NAMES.join(', ')}`)
+/** What the classic eras after 2021 share: the current babel, scaffold and modules, node-fetch, no timers. */
+function classicEra(name: EraName, description: string, exportPath: ExportPathPolicy | null): Era {
+    return {
+        name,
+        description,
+        babel: babelCurrent,
+        imports: IMPORTS_CURRENT,
+        RetryError: scaffoldCurrent.RetryError,
+        setup: SETUP_2022,
+        timers: false,
+        fetch: nodeFetch,
+        metaFetch: null,
+        hostRetryDelaysMs: [],
+        concurrency: CLASSIC_MICRO_BATCH,
+        shapeEvent: (event) => ({ event }),
+        exportPath,
     }
+}
+
+const vm2021 = (): Era => ({
+    ...classicEra('vm2021', 'export path A', EXPORT_PATH_A),
+    description:
+        'standalone plugin-server 1.10 (vm2 3.9.5, babel 7.13.7, node-fetch 2.6.1): export path A (1 MiB / 10 s ' +
+        'buffer, 15 job retries), no host retry of onEvent',
+    babel: babel2021,
+    imports: IMPORTS_2021,
+    RetryError: scaffold2021.RetryError,
+    setup: SETUP_2021,
+    fetch: nodeFetch2021,
+    shapeEvent: (event) => ({ event: asPluginEvent(event) }),
+})
+
+/** An undici fetch with the host's own timeout: from August 2023. */
+const withUndici = (era: Era): Era => ({ ...era, fetch: vm2024Fetch })
+
+function cdp2025(): Era {
+    return {
+        ...classicEra('cdp2025', 'CDP executor: meta.fetch and meta.logger, timers, whole Kafka batch at once', null),
+        setup: SETUP_CDP,
+        timers: true,
+        fetch: fetch,
+        metaFetch: cdpMetaFetch,
+        concurrency: CDP_KAFKA_BATCH,
+        shapeEvent: (event) => {
+            // eslint-disable-next-line @typescript-eslint/no-unused-vars
+            const { elements, ...rest } = event
+            return { event: rest, person: { uuid: 'p-' + event.distinct_id, properties: {}, posthog_url: '' } }
+        },
+    }
+}
+
+const ERAS: Record<EraName, () => Era> = {
+    vm2021,
+    vm2022feb: () =>
+        classicEra(
+            'vm2022feb',
+            'Feb–Apr 2022: export path B (the host buffer, add awaited, 10 job retries)',
+            EXPORT_PATH_B
+        ),
+    vm2022: () => ({
+        ...classicEra(
+            'vm2022',
+            'May–Sep 2022: export path C (3 job retries); onEvent RetryError retried after 3 s, 6 s',
+            EXPORT_PATH_C
+        ),
+        hostRetryDelaysMs: [3_000, 6_000],
+    }),
+    vm2023: () => ({
+        ...classicEra(
+            'vm2023',
+            'Oct 2022–Jul 2023: export path D (3 job retries, app metrics); onEvent retried after 3 s, 6 s',
+            EXPORT_PATH_D
+        ),
+        hostRetryDelaysMs: [3_000, 6_000],
+    }),
+    vm2023aug: () =>
+        withUndici(
+            classicEra(
+                'vm2023aug',
+                'Aug–Nov 2023: export path D with no retries, 900 KiB buffer; undici fetch',
+                EXPORT_PATH_D_LATE
+            )
+        ),
+    vm2024: () =>
+        withUndici(
+            classicEra(
+                'vm2024',
+                'Dec 2023–2025: no export path (exportEvents ignored); undici fetch with the host 10 s timeout, no host retry',
+                null
+            )
+        ),
+    cdp2025,
+}
+
+export function getEra(name: string): Era {
+    const make = Object.hasOwn(ERAS, name) ? ERAS[name as EraName] : undefined
+    if (!make) {
+        throw new Error(`unknown era "${name}"; choose one of: ${ERA_NAMES.join(', ')}`)
+    }
+    return make()
 }

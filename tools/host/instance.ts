@@ -5,6 +5,7 @@
  */
 import type { SenderStats } from '../../index'
 import { Era, getEra, setupRetryWaits } from './eras'
+import { emptyMetrics, ExportJob, ExportMetrics, ExportPath, upgradeExportEvents } from './export-path'
 import { createPluginVm, PluginConsole, PluginVm } from './loader'
 
 export interface InstanceOptions {
@@ -22,6 +23,8 @@ export interface InstanceOptions {
     log: (line: string) => void
     now?: () => number
     onGuard?: () => void
+    /** The host's job queue, where the export path re-queues a batch that threw a RetryError. */
+    enqueueJob?: (job: ExportJob, seconds: number) => void
 }
 
 /** What the host saw of one onEvent call. */
@@ -99,6 +102,10 @@ export class PluginInstance {
     private retryTimer: NodeJS.Timeout | null = null
     private settledListeners: Array<() => void> = []
     private readonly hostMeta: Record<string, unknown>
+    /** Set when the era has an export path and the plugin exports exportEvents. */
+    private exportPath: ExportPath | null = null
+    /** What this VM's export path counted, as the plugin's page showed it. */
+    readonly exportMetrics: ExportMetrics = emptyMetrics()
 
     constructor(readonly options: InstanceOptions) {
         this.era = getEra(options.era)
@@ -130,14 +137,59 @@ export class PluginInstance {
                 now: this.options.now,
                 onGuard: this.options.onGuard,
             })
-            await vm.methods.setupPlugin?.()
+            // The host upgrades the plugin before setupPlugin, so setupPlugin already sees its keys on meta.global.
+            const upgraded = this.upgrade(vm)
+            await upgraded.methods.setupPlugin?.()
             this.setup.state = 'ready'
             this.setup.nextWaitMs = null
             this.notifySettled()
-            return vm
+            return upgraded
         } catch (error) {
             return this.setupFailed(error)
         }
+    }
+
+    /** The export path's upgrade, where the era has one and the plugin exports exportEvents. */
+    private upgrade(vm: PluginVm): PluginVm {
+        const policy = this.era.exportPath
+        if (!policy || !vm.methods.exportEvents) {
+            return vm
+        }
+        const enqueue = this.options.enqueueJob
+        this.exportPath = upgradeExportEvents(vm.methods, vm.global, {
+            policy,
+            config: this.options.config,
+            RetryError: this.era.RetryError,
+            enqueue: (job, seconds) => {
+                if (!enqueue) {
+                    throw new Error('this host has no job queue')
+                }
+                // The queue stores the batch as JSON, as the host's Postgres-backed queue did.
+                enqueue(JSON.parse(JSON.stringify(job)) as ExportJob, seconds)
+            },
+            metrics: this.exportMetrics,
+            log: this.options.log,
+        })
+        return { ...vm, methods: this.exportPath.methods }
+    }
+
+    /** Runs one export job in this VM, as whichever host thread picked it up; a final error is logged. */
+    async runExportJob(job: ExportJob): Promise<void> {
+        const vm = await this.vm
+        if (!vm || !this.exportPath) {
+            this.options.log(`host: export job for batch ${job.batchId} skipped: the plugin is not set up`)
+            return
+        }
+        try {
+            await this.exportPath.runJob(job)
+        } catch (error) {
+            this.options.log(`host: export job for batch ${job.batchId} failed: ${(error as Error).message}`)
+        }
+    }
+
+    /** Resolves once every batch this VM's buffer handed over was handled. */
+    async exportsDrained(): Promise<void> {
+        await this.exportPath?.buffer.drained()
     }
 
     private setupFailed(error: unknown): null {

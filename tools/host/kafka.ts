@@ -9,6 +9,7 @@ import { join } from 'node:path'
 import { Worker } from 'node:worker_threads'
 
 import type { SenderStats } from '../../index'
+import type { ExportJob, ExportMetrics } from './export-path'
 import type { CallOutcome, SetupStatus } from './instance'
 import type { FromWorker, ToWorker, WorkerData, WorkerTask } from './worker'
 
@@ -38,6 +39,7 @@ interface Pending {
 export interface WorkerReport {
     stats: SenderStats | null
     setup: SetupStatus
+    exportMetrics: ExportMetrics
 }
 
 /**
@@ -54,12 +56,14 @@ export class WorkerPool {
     private readonly pending = new Map<number, Pending>()
     private nextId = 1
     private readonly ready: Promise<void>
+    private tornDown = false
 
     constructor(
         workers: number,
         readonly tasksPerWorker: number,
         data: WorkerData,
-        log: (line: string, worker: number) => void
+        log: (line: string, worker: number) => void,
+        enqueueJob: (job: ExportJob, seconds: number) => void = () => undefined
     ) {
         const started: Promise<void>[] = []
         for (let n = 0; n < workers; n++) {
@@ -73,6 +77,8 @@ export class WorkerPool {
                     worker.on('message', (message: FromWorker) => {
                         if (message.type === 'log') {
                             log(message.line, n)
+                        } else if (message.type === 'job') {
+                            enqueueJob(message.job, message.seconds)
                         } else if (message.type === 'ready') {
                             resolve()
                         } else {
@@ -104,8 +110,16 @@ export class WorkerPool {
         ) as Promise<WorkerReport[]>
     }
 
+    /** teardownPlugin in every thread: the export path's last flush, awaited until its batches were handled. */
+    async teardown(): Promise<void> {
+        if (!this.tornDown) {
+            this.tornDown = true
+            await Promise.allSettled(this.slots.map((slot) => this.direct(slot, { type: 'teardown', id: 0 })))
+        }
+    }
+
     async close(): Promise<void> {
-        await Promise.allSettled(this.slots.map((slot) => this.direct(slot, { type: 'teardown', id: 0 })))
+        await this.teardown()
         await Promise.all(this.slots.map((slot) => slot.worker.terminate()))
     }
 

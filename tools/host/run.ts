@@ -7,7 +7,9 @@ import type { ProcessedPluginEvent } from '@posthog/plugin-scaffold'
 
 import type { PatternsConfig, SenderStats } from '../../index'
 import { Era, getEra } from './eras'
+import { addMetrics, emptyMetrics, ExportJob, ExportMetrics, metricsLine } from './export-path'
 import { CallOutcome, hostMetaFor, pluginConsole, PluginInstance, SetupStatus } from './instance'
+import { JobQueue, QueueFigures } from './jobs'
 import { DEFAULT_TASKS_PER_WORKER, DEFAULT_WORKERS, eachMessage, microBatches, WorkerPool, WorkerReport } from './kafka'
 import { createPluginVm, PluginLoadError, PluginVm, readPluginSource, transpileForEra } from './loader'
 
@@ -45,6 +47,10 @@ export interface JobOptions {
     setupRetryScale?: number
     /** Before finishing, wait until setup succeeded or the plugin was disabled (use with a small scale). */
     settleSetup?: boolean
+    /** Multiplies the job queue's waits (6 s, 12 s, … up to about 54 hours in 2021); default 1. */
+    jobTimeScale?: number
+    /** How long, in real ms, the run waits for queued jobs after the events (default: until none is left). */
+    jobWaitMs?: number
     onProgress?: (progress: { done: number; failed: number; skipped: number }) => void
     /** Also hand each of the plugin's log lines (and the host's setup lines) to this, as they come. */
     log?: (line: string) => void
@@ -84,6 +90,23 @@ export interface JobResult {
     eventsMs: number
     /** CPU time of the whole process (every thread) over eventsMs: steadier than wall time on a busy machine. */
     eventsCpuMs: number
+    /**
+     * From the first event to the end of the host's work for them: every call settled, the export buffer's last
+     * flush (at teardown) handled, and the job queue empty or given up on.
+     */
+    deliveredMs: number
+    /** The export path, where the era has one and the plugin exports exportEvents. */
+    exportPath: ExportPathResult | null
+}
+
+export interface ExportPathResult {
+    era: string
+    metrics: ExportMetrics
+    /** The metrics as that era's UI showed them. */
+    line: string
+    jobs: QueueFigures
+    /** Every job payload as the queue stored it: for scans. */
+    jobPayloads: string[]
 }
 
 export function percentile(sorted: readonly number[], p: number): number {
@@ -180,6 +203,54 @@ class Tally {
     }
 }
 
+/**
+ * The host's job side: the queue and the VM its jobs run in, made at the first job, with its own setupPlugin
+ * and its own `meta.global`, like another thread of the host picking the job up.
+ */
+class JobHost {
+    readonly queue: JobQueue
+    private instance: PluginInstance | null = null
+
+    constructor(
+        private readonly options: JobOptions,
+        private readonly era: Era,
+        private readonly code: string,
+        private readonly log: (line: string) => void
+    ) {
+        this.queue = new JobQueue(options.jobTimeScale ?? 1, (job) => this.run(job))
+    }
+
+    readonly enqueue = (job: ExportJob, seconds: number): void => this.queue.enqueue(job, seconds)
+
+    private run(job: ExportJob): Promise<void> {
+        this.instance ??= new PluginInstance({
+            ...instanceOptions(this.options, this.era, this.code),
+            log: this.log,
+            enqueueJob: this.enqueue,
+        })
+        return this.instance.runExportJob(job)
+    }
+
+    /** Waits for the queue (up to jobWaitMs), then ends: the jobs left are counted, the job VM torn down. */
+    async finish(result: JobResult, metrics: ExportMetrics[]): Promise<void> {
+        await this.queue.idle(this.options.jobWaitMs)
+        const jobs = this.queue.stop()
+        await this.instance?.teardown()
+        const policy = this.era.exportPath
+        if (!policy || (!metrics.some((m) => m.batches > 0 || m.seen > 0) && jobs.enqueued === 0)) {
+            return
+        }
+        const total = [...metrics, this.instance?.exportMetrics ?? emptyMetrics()].reduce(addMetrics, emptyMetrics())
+        result.exportPath = {
+            era: policy.label,
+            metrics: total,
+            line: metricsLine(policy, total),
+            jobs,
+            jobPayloads: this.queue.payloads,
+        }
+    }
+}
+
 async function microtaskTurns(count: number): Promise<void> {
     for (let turn = 0; turn < count; turn++) {
         await Promise.resolve()
@@ -188,7 +259,8 @@ async function microtaskTurns(count: number): Promise<void> {
 
 /** The direct path: micro-batches of calls started together in this thread, a few microtask turns apart. */
 async function runDirect(options: JobOptions, era: Era, code: string, tally: Tally, log: (line: string) => void) {
-    const instance = new PluginInstance({ ...instanceOptions(options, era, code), log })
+    const jobs = new JobHost(options, era, code, log)
+    const instance = new PluginInstance({ ...instanceOptions(options, era, code), log, enqueueJob: jobs.enqueue })
     await instance.started()
     const eventsStarted = Date.now()
     const cpuStarted = process.cpuUsage()
@@ -221,16 +293,22 @@ async function runDirect(options: JobOptions, era: Era, code: string, tally: Tal
     if (options.settleSetup) {
         await instance.settled()
     }
+    // Teardown flushes the export buffer: the run ends once that batch and any retry jobs were handled.
+    await instance.teardown()
+    await instance.exportsDrained()
+    await jobs.finish(tally.result, [instance.exportMetrics])
+    tally.result.deliveredMs = Date.now() - eventsStarted
     tally.result.sender = await instance.senderStats()
     tally.result.setup = [{ ...instance.setup }]
-    await instance.teardown()
 }
 
 /** The Kafka path: worker threads, each message's processEvent task before its onEvent task. */
 async function runKafka(options: JobOptions, era: Era, code: string, tally: Tally, log: (line: string) => void) {
     const workers = options.workers ?? DEFAULT_WORKERS
     const tasksPerWorker = options.tasksPerWorker ?? DEFAULT_TASKS_PER_WORKER
-    const pool = new WorkerPool(workers, tasksPerWorker, instanceOptions(options, era, code), (line) => log(line))
+    const jobs = new JobHost(options, era, code, log)
+    const data = instanceOptions(options, era, code)
+    const pool = new WorkerPool(workers, tasksPerWorker, data, (line) => log(line), jobs.enqueue)
     let reports: WorkerReport[] = []
     try {
         await pool.started()
@@ -259,7 +337,16 @@ async function runKafka(options: JobOptions, era: Era, code: string, tally: Tall
         await consume(batch)
         tally.result.eventsMs = Date.now() - eventsStarted
         tally.result.eventsCpuMs = cpuMs(process.cpuUsage(cpuStarted))
-        reports = await pool.reports(options.settleSetup ?? false)
+        if (options.settleSetup) {
+            await pool.reports(true)
+        }
+        await pool.teardown()
+        reports = await pool.reports()
+        await jobs.finish(
+            tally.result,
+            reports.map((report) => report.exportMetrics)
+        )
+        tally.result.deliveredMs = Date.now() - eventsStarted
     } finally {
         await pool.close()
     }
@@ -326,6 +413,8 @@ export async function runJob(options: JobOptions): Promise<JobResult> {
         durationMs: 0,
         eventsMs: 0,
         eventsCpuMs: 0,
+        deliveredMs: 0,
+        exportPath: null,
     }
     const log = (line: string): void => {
         result.logs.push(line)

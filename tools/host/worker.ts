@@ -5,6 +5,7 @@
  */
 import { parentPort, workerData } from 'node:worker_threads'
 
+import type { ExportJob } from './export-path'
 import { InstanceOptions, PluginInstance } from './instance'
 
 export type WorkerTask = 'processEvent' | 'onEvent' | 'ingestEvent'
@@ -15,9 +16,12 @@ export type ToWorker =
     | { type: 'teardown'; id: number }
 
 export type FromWorker =
-    { type: 'log'; line: string } | { type: 'ready' } | { type: 'result'; id: number; value: unknown }
+    | { type: 'log'; line: string }
+    | { type: 'ready' }
+    | { type: 'result'; id: number; value: unknown }
+    | { type: 'job'; job: ExportJob; seconds: number }
 
-export type WorkerData = Omit<InstanceOptions, 'log' | 'now' | 'onGuard'>
+export type WorkerData = Omit<InstanceOptions, 'log' | 'now' | 'onGuard' | 'enqueueJob'>
 
 /** The host copies each task's result, key by key, out of any VM proxies before sending it back. */
 export function plainCopy(value: unknown): unknown {
@@ -43,6 +47,7 @@ function main(): void {
     const instance = new PluginInstance({
         ...(workerData as WorkerData),
         log: (line) => send({ type: 'log', line }),
+        enqueueJob: (job, seconds) => send({ type: 'job', job, seconds }),
     })
     const tasks: Record<WorkerTask, (args: { event: Record<string, unknown> }) => Promise<unknown>> = {
         processEvent: (args) => instance.processEvent(args.event),
@@ -59,11 +64,16 @@ function main(): void {
             const settled = message.settle ? instance.settled() : Promise.resolve()
             void settled
                 .then(() => instance.senderStats())
-                .then((stats) =>
-                    send({ type: 'result', id: message.id, value: { stats, setup: { ...instance.setup } } })
-                )
+                .then((stats) => {
+                    const value = { stats, setup: { ...instance.setup }, exportMetrics: { ...instance.exportMetrics } }
+                    send({ type: 'result', id: message.id, value })
+                })
         } else {
-            void instance.teardown().then(() => send({ type: 'result', id: message.id, value: null }))
+            // Teardown flushes the export buffer; the thread answers once every batch it handed over was handled.
+            void instance
+                .teardown()
+                .then(() => instance.exportsDrained())
+                .then(() => send({ type: 'result', id: message.id, value: null }))
         }
     })
     void instance.started().then(() => send({ type: 'ready' }))
