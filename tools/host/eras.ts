@@ -106,7 +106,7 @@ export const IMPORTS_2021: Record<string, unknown> = {
     zlib,
 }
 
-/** What every later era is known to provide (HOSTS.md: others came and went; don't use them). */
+/** What every later era is known to provide (others came and went between releases: do not rely on them). */
 export const IMPORTS_CURRENT: Record<string, unknown> = {
     '@posthog/plugin-scaffold': scaffoldCurrent,
     'node-fetch': nodeFetch,

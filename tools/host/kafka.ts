@@ -1,5 +1,5 @@
 /**
- * The classic hosts' production path (HOSTS.md, "Production Kafka path"): the consumer cuts each Kafka batch
+ * The classic hosts' production Kafka path (docs/hosts.md): the consumer cuts each Kafka batch
  * into micro-batches of WORKER_CONCURRENCY × TASKS_PER_WORKER, and for each message runs a processEvent task on a
  * worker thread, then its onEvent and ingestEvent tasks. The next micro-batch starts once all of this one settled.
  * So the calls of one micro-batch reach a VM one message at a time, spread over several macrotasks.

@@ -1,5 +1,5 @@
 /**
- * Loads a plugin the way PostHog's classic plugin server does (HOSTS.md, "Measured in PostHog's own 2021 host"):
+ * Loads a plugin the way PostHog's classic plugin server does (docs/hosts.md, as measured in its 2021 release):
  * the era's @babel/standalone with PostHog's transforms, then a vm2 `VM` whose globals are exactly the host's,
  * with host objects reaching the plugin through vm2's proxies. The exported methods come back bound to `meta`
  * (always the last argument) and each guarded by 30 s as a whole.

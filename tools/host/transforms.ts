@@ -1,5 +1,5 @@
 /**
- * PostHog's Babel transforms for classic plugins, written from the facts in HOSTS.md:
+ * PostHog's Babel transforms for classic plugins, as docs/hosts.md describes them:
  * - imports and `require` become reads of `__pluginHostImports[...]`, refused with PostHog's text outside the
  *   era's whitelist;
  * - `while`, `for` and `do-while` loops throw once they have run for 30 s in all (not `for-of` or `for-in`);
