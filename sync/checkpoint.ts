@@ -121,6 +121,13 @@ export function resumeFrom(
         return { cursor: { ms: Date.parse(current.since), uuid: null }, binding: current, resumed: false }
     }
     const differences = bindingDifferences(saved.source, current, sinceGiven)
+    if (differences.length === 1 && differences[0]?.startsWith('--since')) {
+        throw new CheckpointError(
+            `--checkpoint: ${file} started from --since ${saved.source.since}, and resumes from there; ` +
+                `--since ${current.since} would leave a gap or read twice. Leave --since out to resume, or use a ` +
+                'new --checkpoint file to start from the new --since.'
+        )
+    }
     if (differences.length > 0) {
         throw new CheckpointError(
             `--checkpoint: ${file} belongs to another source (${differences.join('; ')}). ` +

@@ -5,20 +5,32 @@ import {
     DEFAULT_MAX_BATCH_BYTES,
     DEFAULT_MAX_BATCH_EVENTS,
     DEFAULT_REQUEST_TIMEOUT_MS,
+    LOOPBACK_HOSTS,
     ParsedConfig,
-    redactText,
 } from '../index'
+import { DEFAULT_CONCURRENCY } from '../pipeline'
 import {
+    DEFAULT_RETRY_FOR_MS,
     DELIVERY_OPTIONS,
     deliverySettings,
     joinNegativeNumbers,
+    nodeEnv,
     UsageError,
     usageMessage,
+    WEBHOOK_URL_REQUIRED,
     webhookUrlFrom,
     wholeNumber,
 } from '../pipeline/cli-options'
-import { nodeEnv } from '../replay/cli'
-import { DEFAULT_CONCURRENCY, REPLAY_BATCH_DEADLINE_MS } from '../replay/replay'
+import {
+    CliOutput,
+    cliOutput,
+    CliStreams,
+    deliveryRows,
+    eventsPerSecond,
+    progressParts,
+    seconds,
+    summaryText,
+} from '../pipeline/cli-output'
 import { CheckpointError, resumeFrom, SourceBinding } from './checkpoint'
 import {
     DEFAULT_QUERIES_PER_HOUR,
@@ -34,8 +46,6 @@ import { MAX_QUERY_ROWS } from './query'
 import { DEFAULT_LAG_MS, DEFAULT_LATE_WINDOW_MS, DEFAULT_PAGE_SIZE, DEFAULT_POLL_INTERVAL_MS } from './source'
 import { sync, SyncProgress, SyncReport } from './sync'
 
-const LOOPBACK_HOSTS = new Set(['localhost', '127.0.0.1', '[::1]'])
-
 export const SYNC_HELP = `Usage: patterns-connector sync --posthog-url URL --project-id ID [options]
 
 Reads events from PostHog's query API (today's PostHog, Cloud or self-hosted) in the order PostHog stored
@@ -50,9 +60,10 @@ Secrets come from the environment, so they stay out of shell history and process
 Source:
   --posthog-url URL            e.g. https://us.posthog.com or https://eu.posthog.com (http only for localhost)
   --project-id ID              the project's numeric id (in its URL: /project/ID)
-  --since ISO                  first run only: start at events PostHog stored from this time (default: now)
+  --since ISO                  where a first run starts: the events PostHog stored from this time on
   --until ISO                  stop once every event stored before this time is sent (default: now minus --lag)
-  --follow                     keep polling after catching up, instead of exiting
+  --follow                     keep polling after catching up, instead of exiting; without --since, a first
+                               run starts now and sends new events only
   --lag DURATION               stay this far behind now, for events still being written (default: ${DEFAULT_LAG_MS / 1000}s)
   --poll-interval DURATION     with --follow, the pause between polls once caught up (default: ${DEFAULT_POLL_INTERVAL_MS / 1000}s)
   --late-window DURATION       how long after its own timestamp an event may reach PostHog and still be read
@@ -72,10 +83,18 @@ Delivery (as replay):
   --batch-events N             events per request at most (default: ${DEFAULT_MAX_BATCH_EVENTS})
   --batch-bytes N              bytes per request at most (default: ${DEFAULT_MAX_BATCH_BYTES})
   --timeout SECONDS            per webhook request (default: ${DEFAULT_REQUEST_TIMEOUT_MS / 1000})
-  --retry-for SECONDS          how long one batch keeps retrying before the run stops (default: ${REPLAY_BATCH_DEADLINE_MS / 1000})
+  --retry-for SECONDS          the whole budget of one batch: retries with backoff and Retry-After waits
+                               until it is spent, then the run stops (default: ${DEFAULT_RETRY_FOR_MS / 1000})
   --checkpoint FILE            resume from FILE and keep it up to date (bound to URL, project, filters, --since)
-  --dead-letter FILE           append refused events here (JSON Lines)
+  --dead-letter FILE           append refused events and unreadable rows here (JSON Lines)
   -h, --help                   show this help
+
+A first run needs --since (copy history from then, and stop once caught up), --follow (send new events as
+they arrive), or both. The same command with the same --checkpoint resumes where the last run stopped; it
+needs neither, and --since may be left out (the checkpoint keeps the first run's). A different --since is
+refused for that checkpoint, since events before it were never read: start it with a new --checkpoint file.
+A PostHog that cannot be reached, or that does not answer as PostHog, stops the first query within seconds
+(exit 2); once it has answered, network errors and 5xx are retried for up to ${DEFAULT_QUERY_RETRY_FOR_MS / 60_000} min per query.
 
 Durations: 500ms, 30s, 2m, 1h, 7d (a bare number is seconds).
 With --follow and the defaults, an event is sent within about ${(DEFAULT_LAG_MS + DEFAULT_POLL_INTERVAL_MS) / 1000 + 15} s of PostHog storing it.
@@ -84,16 +103,11 @@ run stopped early (see the summary; the same command resumes); 2 bad usage or co
 scope, project, checkpoint of another source); 130 interrupted (Ctrl-C; the checkpoint is written).
 `
 
-/** Bad usage of `sync`: a UsageError, as the shared delivery flags throw. */
-export class SyncUsageError extends UsageError {
-    name = 'SyncUsageError'
-}
-
 /** "500ms", "30s", "2m", "1h", "7d", or a bare number of seconds, in milliseconds. */
 export function parseDuration(flag: string, text: string): number {
     const match = /^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$/.exec(text.trim())
     if (!match) {
-        throw new SyncUsageError(`--${flag}: expected a duration such as 500ms, 30s, 2m, 1h or 7d; got "${text}"`)
+        throw new UsageError(`--${flag}: expected a duration such as 500ms, 30s, 2m, 1h or 7d; got "${text}"`)
     }
     const unit = { ms: 1, s: 1_000, m: 60_000, h: 3_600_000, d: 86_400_000 }[match[2] ?? 's'] ?? 1_000
     return Math.round(Number(match[1]) * unit)
@@ -102,7 +116,7 @@ export function parseDuration(flag: string, text: string): number {
 function isoTime(flag: string, text: string): number {
     const ms = Date.parse(text)
     if (Number.isNaN(ms) || !/^\d{4}-\d\d-\d\d/.test(text)) {
-        throw new SyncUsageError(`--${flag}: expected an ISO 8601 time such as 2026-11-01T00:00:00Z; got "${text}"`)
+        throw new UsageError(`--${flag}: expected an ISO 8601 time such as 2026-11-01T00:00:00Z; got "${text}"`)
     }
     return ms
 }
@@ -110,27 +124,27 @@ function isoTime(flag: string, text: string): number {
 /** The PostHog origin: https, or http on loopback only, and nothing but scheme, host and port. */
 export function parsePostHogUrl(text: string | undefined): string {
     if (!text) {
-        throw new SyncUsageError('--posthog-url is required, e.g. --posthog-url https://us.posthog.com')
+        throw new UsageError('--posthog-url is required, e.g. --posthog-url https://us.posthog.com')
     }
     let url: URL
     try {
         url = new URL(text)
     } catch {
-        throw new SyncUsageError(`--posthog-url: not an absolute URL: "${text}"; e.g. https://us.posthog.com`)
+        throw new UsageError(`--posthog-url: not an absolute URL: "${text}"; e.g. https://us.posthog.com`)
     }
     if (url.username || url.password) {
-        throw new SyncUsageError('--posthog-url: must not contain user:password@; the API key goes in POSTHOG_API_KEY')
+        throw new UsageError('--posthog-url: must not contain user:password@; the API key goes in POSTHOG_API_KEY')
     }
     if (url.protocol === 'http:' && !LOOPBACK_HOSTS.has(url.hostname)) {
-        throw new SyncUsageError(
+        throw new UsageError(
             '--posthog-url: plain http would send the API key in the clear; use https (http only for localhost)'
         )
     }
     if (url.protocol !== 'https:' && url.protocol !== 'http:') {
-        throw new SyncUsageError(`--posthog-url: expected https://, got ${url.protocol}//`)
+        throw new UsageError(`--posthog-url: expected https://, got ${url.protocol}//`)
     }
     if ((url.pathname !== '/' && url.pathname !== '') || url.search || url.hash) {
-        throw new SyncUsageError(`--posthog-url: give the origin only, e.g. ${url.origin} (not a page or API path)`)
+        throw new UsageError(`--posthog-url: give the origin only, e.g. ${url.origin} (not a page or API path)`)
     }
     return url.origin
 }
@@ -138,13 +152,13 @@ export function parsePostHogUrl(text: string | undefined): string {
 function parseApiKey(value: string | undefined): string {
     const key = value?.trim()
     if (!key) {
-        throw new SyncUsageError(
+        throw new UsageError(
             'POSTHOG_API_KEY is required: a personal API key (phx_...) with the query:read scope, ' +
                 'created in PostHog under Settings > Personal API keys'
         )
     }
     if (key.startsWith('phc_')) {
-        throw new SyncUsageError(
+        throw new UsageError(
             'POSTHOG_API_KEY holds a project API key (phc_...), which can only send events; the query API needs ' +
                 'a personal API key (phx_...) with the query:read scope'
         )
@@ -206,8 +220,54 @@ function readFlags(argv: string[]) {
     try {
         return parseArgs({ args: joinNegativeNumbers(argv, NUMERIC_FLAGS), strict: true, options: OPTIONS }).values
     } catch (error) {
-        throw new SyncUsageError(usageMessage(error as Error))
+        throw new UsageError(usageMessage(error as Error, Object.keys(OPTIONS)))
     }
+}
+
+type SyncFlags = ReturnType<typeof readFlags>
+
+function parseProjectId(projectId: string | undefined): string {
+    if (!projectId || !/^\d+$/.test(projectId)) {
+        throw new UsageError(
+            `--project-id: expected the project's numeric id (the number in /project/ID/ in PostHog's URLs)` +
+                (projectId ? `, got "${projectId}"` : '')
+        )
+    }
+    return projectId
+}
+
+/** --since, --until, --follow and --lag: the stretch of PostHog's storage this run reads. */
+function timeRange(values: SyncFlags, nowMs: number) {
+    const follow = values.follow
+    if (follow && values.until !== undefined) {
+        throw new UsageError('--until and --follow cannot be used together: --follow never stops by itself')
+    }
+    const lagMs = values.lag === undefined ? DEFAULT_LAG_MS : parseDuration('lag', values.lag)
+    const sinceMs = values.since === undefined ? nowMs : isoTime('since', values.since)
+    const untilMs = follow ? null : values.until === undefined ? nowMs - lagMs : isoTime('until', values.until)
+    if (untilMs !== null && values.until !== undefined && untilMs <= sinceMs) {
+        throw new UsageError(`--until must be after --since (${new Date(sinceMs).toISOString()})`)
+    }
+    if (untilMs !== null && values.since !== undefined && untilMs <= sinceMs) {
+        throw new UsageError(
+            `--since ${values.since} is after now minus --lag (${new Date(untilMs).toISOString()}), so there is ` +
+                'nothing to read yet: give an earlier --since, or add --follow to wait for new events'
+        )
+    }
+    return { sinceMs, sinceGiven: values.since !== undefined, untilMs, follow, lagMs }
+}
+
+function positiveDuration(
+    values: SyncFlags,
+    flag: 'poll-interval' | 'late-window' | 'query-timeout',
+    fallback: number
+) {
+    const text = values[flag]
+    const ms = text === undefined ? fallback : parseDuration(flag, text)
+    if (ms <= 0) {
+        throw new UsageError(`--${flag}: must be more than 0`)
+    }
+    return ms
 }
 
 /** Validates every flag once, naming the flag and the fix. Returns null for --help. */
@@ -217,50 +277,24 @@ export function parseSyncArgs(argv: string[], env: Record<string, string | undef
         return null
     }
     const origin = parsePostHogUrl(values['posthog-url'])
-    const projectId = values['project-id']
-    if (!projectId || !/^\d+$/.test(projectId)) {
-        throw new SyncUsageError(
-            `--project-id: expected the project's numeric id (the number in /project/ID/ in PostHog's URLs)` +
-                (projectId ? `, got "${projectId}"` : '')
-        )
-    }
+    const projectId = parseProjectId(values['project-id'])
     const apiKey = parseApiKey(values['posthog-api-key'] ?? env.POSTHOG_API_KEY)
     const webhookUrl = webhookUrlFrom(values, env)
     if (!webhookUrl) {
-        throw new SyncUsageError('PATTERNS_WEBHOOK_URL (or --webhook-url) is required')
+        throw new UsageError(WEBHOOK_URL_REQUIRED)
     }
-    const follow = values.follow
-    if (follow && values.until !== undefined) {
-        throw new SyncUsageError('--until and --follow cannot be used together: --follow never stops by itself')
-    }
-    const lagMs = values.lag === undefined ? DEFAULT_LAG_MS : parseDuration('lag', values.lag)
-    const sinceMs = values.since === undefined ? nowMs : isoTime('since', values.since)
-    const untilMs = follow ? null : values.until === undefined ? nowMs - lagMs : isoTime('until', values.until)
-    if (untilMs !== null && values.until !== undefined && untilMs <= sinceMs) {
-        throw new SyncUsageError(`--until must be after --since (${new Date(sinceMs).toISOString()})`)
-    }
-    const delivery = deliverySettings(values, env, webhookUrl, false)
-    const duration = (flag: 'poll-interval' | 'late-window' | 'query-timeout', fallback: number): number => {
-        const text = values[flag]
-        const ms = text === undefined ? fallback : parseDuration(flag, text)
-        if (ms <= 0) {
-            throw new SyncUsageError(`--${flag}: must be more than 0`)
-        }
-        return ms
-    }
+    const range = timeRange(values, nowMs)
+    // --retry-for is the whole budget of a batch, as in replay: not cut short by the plugin's count of attempts.
+    const delivery = deliverySettings(values, env, webhookUrl, true)
     return {
         origin,
         projectId,
         apiKey,
         config: delivery.config,
-        sinceMs,
-        sinceGiven: values.since !== undefined,
-        untilMs,
-        follow,
-        lagMs,
-        pollIntervalMs: duration('poll-interval', DEFAULT_POLL_INTERVAL_MS),
-        lateWindowMs: duration('late-window', DEFAULT_LATE_WINDOW_MS),
-        queryTimeoutMs: duration('query-timeout', DEFAULT_QUERY_TIMEOUT_MS),
+        ...range,
+        pollIntervalMs: positiveDuration(values, 'poll-interval', DEFAULT_POLL_INTERVAL_MS),
+        lateWindowMs: positiveDuration(values, 'late-window', DEFAULT_LATE_WINDOW_MS),
+        queryTimeoutMs: positiveDuration(values, 'query-timeout', DEFAULT_QUERY_TIMEOUT_MS),
         pageSize: wholeNumber('page-size', values['page-size'], DEFAULT_PAGE_SIZE, MAX_QUERY_ROWS),
         perMinute: wholeNumber('max-queries-per-minute', values['max-queries-per-minute'], DEFAULT_QUERIES_PER_MINUTE),
         perHour: wholeNumber('max-queries-per-hour', values['max-queries-per-hour'], DEFAULT_QUERIES_PER_HOUR),
@@ -268,15 +302,6 @@ export function parseSyncArgs(argv: string[], env: Record<string, string | undef
         checkpointFile: delivery.checkpointFile,
         deadLetterFile: delivery.deadLetterFile,
     }
-}
-
-function seconds(ms: number): string {
-    const s = Math.max(0, Math.round(ms / 1000))
-    return s >= 3600
-        ? `${Math.floor(s / 3600)}h${String(Math.floor((s % 3600) / 60)).padStart(2, '0')}m`
-        : s >= 60
-          ? `${Math.floor(s / 60)}m${String(s % 60).padStart(2, '0')}s`
-          : `${s}s`
 }
 
 /** How far the feed is behind now: to the horizon once caught up, else to the newest event read. */
@@ -288,82 +313,40 @@ export function behindNowMs(
     return at === null ? null : nowMs - at
 }
 
+/** read, sent, rate, where the feed stands and how far behind now, queries, retries, failures, in flight. */
 export function syncProgressLine(p: SyncProgress, elapsedMs: number, nowMs: number): string {
-    const rate = p.delivered / Math.max(elapsedMs / 1000, 0.001)
     const behind = behindNowMs(p, nowMs)
-    const at = p.cursorMs === null ? 'no events yet' : `at ${new Date(p.cursorMs).toISOString()}`
-    return (
-        `read ${p.read}, sent ${p.delivered}, ${Math.round(rate)} events/s, ${at}, ` +
-        `${behind === null ? '' : `${seconds(behind)} behind now`}${p.caughtUp ? ' (caught up)' : ''}, ` +
-        `queries ${p.queries}, retries ${p.retries + p.queryRetries}, failures ${p.deadLettered}, in flight ${p.inFlight}`
-    )
+    const behindText = behind === null ? null : `${seconds(behind)} behind now${p.caughtUp ? ' (caught up)' : ''}`
+    return progressParts({ ...p, retries: p.retries + p.queryRetries }, elapsedMs, [
+        p.cursorMs === null ? 'no events yet' : `at ${new Date(p.cursorMs).toISOString()}`,
+        behindText,
+        `queries ${p.queries}`,
+    ])
 }
 
-export function syncSummaryText(report: SyncReport): string {
+/** The summary: every row true for this run (no checkpoint row without --checkpoint, say). */
+export function syncSummaryText(
+    report: SyncReport,
+    run: { checkpointFile: string | null; deadLetterFile: string | null }
+): string {
     const cursor = report.cursor.uuid
         ? `${new Date(report.cursor.ms).toISOString()} ${report.cursor.uuid}`
         : `from ${new Date(report.cursor.ms).toISOString()}`
-    const rows: Array<[string, string | number]> = [
+    return summaryText([
         ['events read', report.read],
-        ['delivered', report.delivered],
-        ['filtered out', report.filtered],
-        ['refused (dead-letter)', report.deadLettered],
-        ['unreadable (dead-letter)', report.malformed],
+        ...deliveryRows(report, run.deadLetterFile),
         ['webhook requests', report.requests],
         ['webhook retries', report.retries],
         ['PostHog requests', report.queries],
         ['PostHog retries', report.queryRetries],
         ['bytes', report.bytesSent],
-        ['events/s', Math.round(report.delivered / Math.max(report.durationMs / 1000, 0.001))],
-        ['checkpoint at', cursor],
+        ['events/s', eventsPerSecond(report.delivered, report.durationMs)],
+        run.checkpointFile ? ['checkpoint at', cursor] : null,
         ['stopped early', report.stopped ?? 'no'],
-    ]
-    return rows.map(([k, v]) => `  ${k.padEnd(26)}${v}`).join('\n')
+    ])
 }
 
-export interface SyncIO {
-    stdout: NodeJS.WritableStream
-    stderr: NodeJS.WritableStream & { isTTY?: boolean }
-}
-
-/** Everything printed goes through here: every known secret is removed first, as a net under messages. */
-function redactingOutput(io: SyncIO, env: Record<string, string | undefined>) {
-    const secrets = [env.POSTHOG_API_KEY, env.PATTERNS_WEBHOOK_URL].filter((s): s is string =>
-        Boolean(s && s.length >= 4)
-    )
-    const tty = Boolean(io.stderr.isTTY)
-    const write = (stream: NodeJS.WritableStream, text: string): void => {
-        stream.write(redactText(text, secrets))
-    }
-    return {
-        tty,
-        out: (text: string) => write(io.stdout, text),
-        /** A line on stderr, first clearing a progress line a terminal may show. */
-        line: (text: string) => write(io.stderr, `${tty ? '\r\x1b[K' : ''}${text}\n`),
-        raw: (text: string) => write(io.stderr, text),
-        addSecrets: (more: string[]) => {
-            secrets.push(...more)
-            secrets.sort((a, b) => b.length - a.length)
-        },
-    }
-}
-
-type Output = ReturnType<typeof redactingOutput>
-
-/** The progress line: redrawn in place on a terminal, every 5 s otherwise. */
-function progressPrinter(output: Output): (p: SyncProgress) => void {
-    const started = Date.now()
-    let lastPlain = 0
-    return (p) => {
-        const line = syncProgressLine(p, Date.now() - started, Date.now())
-        if (output.tty) {
-            output.raw(`\r\x1b[K${line}`)
-        } else if (Date.now() - lastPlain >= 5_000) {
-            lastPlain = Date.now()
-            output.raw(`${line}\n`)
-        }
-    }
-}
+export type SyncIO = CliStreams
 
 function bindingOf(args: SyncArgs): SourceBinding {
     return {
@@ -375,7 +358,7 @@ function bindingOf(args: SyncArgs): SourceBinding {
     }
 }
 
-function queryClient(args: SyncArgs, output: Output, signal?: AbortSignal): QueryClient {
+function queryClient(args: SyncArgs, output: CliOutput, signal?: AbortSignal): QueryClient {
     return new QueryClient({
         origin: args.origin,
         projectId: args.projectId,
@@ -393,7 +376,7 @@ function queryClient(args: SyncArgs, output: Output, signal?: AbortSignal): Quer
     })
 }
 
-/** 2 for configuration PostHog refused (key, scope, project), 130 interrupted, 1 anything left undone. */
+/** 2 for configuration PostHog refused (key, scope, project, not reachable), 130 interrupted, 1 anything left undone. */
 export function syncExitCode(report: SyncReport, aborted: boolean): number {
     if (report.sourceError instanceof PostHogQueryError && report.sourceError.isConfig) {
         return 2
@@ -404,6 +387,49 @@ export function syncExitCode(report: SyncReport, aborted: boolean): number {
     return !report.stopped && report.deadLettered === 0 && report.malformed === 0 ? 0 : 1
 }
 
+/** The message for a first run that was told neither where to start nor to follow: it would read nothing. */
+export const FIRST_RUN_NEEDS_START =
+    'a first sync needs --since ISO (send the events PostHog stored from then on, e.g. ' +
+    '--since 2026-11-01T00:00:00Z), --follow (send new events as they arrive), or both; ' +
+    'with --checkpoint FILE, later runs resume from it and need neither'
+
+type Prepared = { args: SyncArgs; start: ReturnType<typeof resumeFrom> } | { exit: number }
+
+/** The flags and the checkpoint: where this run starts, or the exit code of a usage error. */
+function prepare(argv: string[], env: Record<string, string | undefined>, output: CliOutput): Prepared {
+    try {
+        const args = parseSyncArgs(argv, env, Date.now())
+        if (!args) {
+            output.out(SYNC_HELP)
+            return { exit: 0 }
+        }
+        output.addSecrets([args.apiKey, ...args.config.secrets])
+        const start = resumeFrom(args.checkpointFile, bindingOf(args), args.sinceGiven)
+        if (!start.resumed && !args.sinceGiven && !args.follow) {
+            throw new UsageError(FIRST_RUN_NEEDS_START)
+        }
+        return { args, start }
+    } catch (error) {
+        output.line(`error: ${(error as Error).message}`)
+        return { exit: error instanceof UsageError || error instanceof CheckpointError ? 2 : 1 }
+    }
+}
+
+/** The opening lines: what is read, from where to where, and what the checkpoint will pin. */
+function announce(args: SyncArgs, start: ReturnType<typeof resumeFrom>, output: CliOutput): void {
+    const from = start.resumed
+        ? `resuming after ${new Date(start.cursor.ms).toISOString()}`
+        : `from ${start.binding.since}`
+    const to = args.follow ? 'following' : `until ${new Date(args.untilMs ?? 0).toISOString()}`
+    output.line(`Syncing project ${args.projectId} from ${args.origin} to ${args.config.redactedUrl}, ${from}, ${to}`)
+    if (args.checkpointFile && !start.resumed) {
+        output.line(
+            `Saving progress in ${args.checkpointFile}: the same command resumes from it. It keeps this run's ` +
+                `start (${start.binding.since}); to start elsewhere later, use a new --checkpoint file.`
+        )
+    }
+}
+
 /** The whole command, with injectable output; returns the exit code. Every line is redacted before printing. */
 export async function runSyncCli(
     argv: string[],
@@ -411,26 +437,14 @@ export async function runSyncCli(
     io: SyncIO,
     signal?: AbortSignal
 ): Promise<number> {
-    const output = redactingOutput(io, env)
-    let args: SyncArgs | null
-    let start: ReturnType<typeof resumeFrom>
-    try {
-        args = parseSyncArgs(argv, env, Date.now())
-        if (!args) {
-            output.out(SYNC_HELP)
-            return 0
-        }
-        output.addSecrets([args.apiKey, ...args.config.secrets])
-        start = resumeFrom(args.checkpointFile, bindingOf(args), args.sinceGiven)
-    } catch (error) {
-        output.line(`error: ${(error as Error).message}`)
-        return error instanceof UsageError || error instanceof CheckpointError ? 2 : 1
+    const output = cliOutput(io, [env.POSTHOG_API_KEY, env.PATTERNS_WEBHOOK_URL])
+    const prepared = prepare(argv, env, output)
+    if ('exit' in prepared) {
+        return prepared.exit
     }
-    const from = start.resumed
-        ? `resuming after ${new Date(start.cursor.ms).toISOString()}`
-        : `from ${start.binding.since}`
-    const to = args.follow ? 'following' : `until ${new Date(args.untilMs ?? 0).toISOString()}`
-    output.line(`Syncing project ${args.projectId} from ${args.origin} to ${args.config.redactedUrl}, ${from}, ${to}`)
+    const { args, start } = prepared
+    announce(args, start, output)
+    const started = Date.now()
     let report: SyncReport
     try {
         report = await sync({
@@ -443,19 +457,26 @@ export async function runSyncCli(
             env: nodeEnv(),
             binding: start.binding,
             signal,
-            onProgress: progressPrinter(output),
+            onProgress: (p) => output.progress(syncProgressLine(p, Date.now() - started, Date.now())),
             onWarning: (message) => output.line(`warning: ${message}`),
         })
     } catch (error) {
+        output.endProgress()
         output.line(`error: ${(error as Error).message}`)
         return 1
     }
-    if (output.tty) {
-        output.raw('\n')
-    }
+    return finish(report, args, output, Boolean(signal?.aborted))
+}
+
+/** The closing lines: the error that stopped the source, a run that found nothing, the summary; the exit code. */
+function finish(report: SyncReport, args: SyncArgs, output: CliOutput, aborted: boolean): number {
+    output.endProgress()
     if (report.sourceError instanceof PostHogQueryError) {
         output.line(`error: ${report.sourceError.message}`)
     }
-    output.out(`Sync ${report.stopped ? 'stopped' : 'finished'}\n${syncSummaryText(report)}\n`)
-    return syncExitCode(report, Boolean(signal?.aborted))
+    if (report.read === 0 && !report.stopped) {
+        output.line(`PostHog has no events for project ${args.projectId} in that time: nothing to send`)
+    }
+    output.out(`Sync ${report.stopped ? 'stopped' : 'finished'}\n${syncSummaryText(report, args)}\n`)
+    return syncExitCode(report, aborted)
 }

@@ -6,7 +6,7 @@
  * them: they would carry the API key elsewhere). Bodies may come gzip-compressed, as PostHog's edge sends them to
  * clients that ask; the size bound applies to the unpacked bytes, so a small bomb cannot get past it.
  */
-import { IncomingMessage, request as httpRequest } from 'node:http'
+import { ClientRequest, IncomingMessage, request as httpRequest } from 'node:http'
 import { request as httpsRequest } from 'node:https'
 import { createGunzip } from 'node:zlib'
 
@@ -24,8 +24,25 @@ export interface PostOptions {
     body: string
     /** Aborting ends the request and the body read with an error. */
     signal: AbortSignal
+    /** A connection not made within this long fails with code ETIMEDOUT (0: no limit but the signal's). */
+    connectTimeoutMs?: number
     /** Reads the (unpacked) body; `expectedBytes` is the announced size, or 0. */
     read: (stream: AsyncIterable<Uint8Array>, expectedBytes: number) => Promise<BodyLease>
+}
+
+/** Fails the request if its socket has not connected within `ms`: a host that drops packets never refuses. */
+function limitConnectTime(request: ClientRequest, ms: number): void {
+    request.once('socket', (socket) => {
+        if (!socket.connecting) {
+            return
+        }
+        const timer = setTimeout(() => {
+            const error = Object.assign(new Error(`no connection within ${ms} ms`), { code: 'ETIMEDOUT' })
+            request.destroy(error)
+        }, ms)
+        socket.once('connect', () => clearTimeout(timer))
+        request.once('close', () => clearTimeout(timer))
+    })
 }
 
 function responseTo(url: URL, options: PostOptions): Promise<IncomingMessage> {
@@ -42,6 +59,9 @@ function responseTo(url: URL, options: PostOptions): Promise<IncomingMessage> {
         })
         request.once('response', resolve)
         request.once('error', reject)
+        if (options.connectTimeoutMs) {
+            limitConnectTime(request, options.connectTimeoutMs)
+        }
         request.end(options.body)
     })
 }

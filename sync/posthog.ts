@@ -3,9 +3,10 @@
  * a client-side rate limit, with 429/5xx/network retries. Policy (what a response means, how long to wait) is
  * pure and exported; `runQuery` is the one small effectful loop, with its clock and sleep injectable.
  */
-import { parseRetryAfter, redactText } from '../index'
+import { backoffDelay, parseRetryAfter, redactText } from '../index'
+import { seconds } from '../pipeline/cli-output'
 import { BodyBuffers, BodyTooLargeError, readPage } from './body'
-import { postJson } from './http'
+import { PostAnswer, postJson } from './http'
 
 /** PostHog's limits for query API calls, per team (see the README for the sources). */
 export const POSTHOG_QUERIES_PER_MINUTE = 240
@@ -26,6 +27,13 @@ export const DEFAULT_QUERY_RETRY_FOR_MS = 600_000
 export const QUERY_BACKOFF_BASE_MS = 1_000
 export const QUERY_BACKOFF_CAP_MS = 30_000
 /**
+ * Before PostHog has answered once, a refused connection or an answer that is not PostHog's is retried only this
+ * long: it is a wrong --posthog-url far more often than an outage, and the user should hear so in seconds.
+ */
+export const FIRST_CONTACT_RETRY_FOR_MS = 3_000
+/** A connection not made within this long is a network error (a host that drops packets never refuses). */
+export const CONNECT_TIMEOUT_MS = 5_000
+/**
  * The most a query response may take. A full page of PostHog's largest events fits; anything bigger is a server
  * that will not stop talking, and reading on would exhaust memory.
  */
@@ -40,7 +48,27 @@ export interface RateLimits {
     perHour: number
 }
 
-export type QueryFailureKind = 'auth' | 'scope' | 'project' | 'query' | 'redirect' | 'gave-up' | 'unexpected'
+export type QueryFailureKind =
+    | 'auth'
+    | 'scope'
+    | 'project'
+    | 'query'
+    | 'redirect'
+    | 'unreachable'
+    | 'not-posthog'
+    | 'gave-up'
+    | 'too-large'
+    | 'unexpected'
+
+/** Kinds that mean the command is set up wrong (key, scope, project, URL): exit code 2, like bad usage. */
+const CONFIG_KINDS: ReadonlySet<QueryFailureKind> = new Set([
+    'auth',
+    'scope',
+    'project',
+    'redirect',
+    'unreachable',
+    'not-posthog',
+])
 
 /** A query that cannot succeed as configured, or that kept failing: the message says what and how to fix it. */
 export class PostHogQueryError extends Error {
@@ -51,9 +79,9 @@ export class PostHogQueryError extends Error {
     ) {
         super(message)
     }
-    /** Key, scope and project problems are configuration: exit code 2, like bad usage. */
+    /** Key, scope, project and URL problems are configuration: exit code 2, like bad usage. */
     get isConfig(): boolean {
-        return this.kind === 'auth' || this.kind === 'scope' || this.kind === 'project' || this.kind === 'redirect'
+        return CONFIG_KINDS.has(this.kind)
     }
 }
 
@@ -69,7 +97,8 @@ export interface QueryResponse {
 
 export type QueryOutcome =
     | { kind: 'ok'; response: QueryResponse }
-    | { kind: 'retry'; reason: string; waitMs: number | null }
+    /** `unreached`: no connection, or an answer that is not PostHog's (a wrong URL, before the first good answer). */
+    | { kind: 'retry'; reason: string; waitMs: number | null; unreached?: boolean }
     | { kind: 'fatal'; error: PostHogQueryError }
 
 /** PostHog's error bodies carry a `detail` (DRF); HogQL errors put the parser's message there. */
@@ -178,7 +207,7 @@ function parseQueryBody(bytes: Buffer | string): QueryOutcome {
         }
     } catch {
         // A truncated body (a proxy cut it short) is worth another try.
-        return { kind: 'retry', reason: 'the response was not JSON', waitMs: null }
+        return { kind: 'retry', reason: 'the response was not JSON', waitMs: null, unreached: true }
     }
     if (!Array.isArray(head.results) || !Array.isArray(head.columns)) {
         return {
@@ -198,9 +227,45 @@ function parseQueryBody(bytes: Buffer | string): QueryOutcome {
     }
 }
 
-/** Exponential backoff with full jitter: random(0, min(cap, base × 2^attempt)). Pure, for tests to assert. */
+/** The plugin's full-jitter backoff with the query's own base and cap. Pure, for tests to assert. */
 export function queryBackoffMs(attempt: number, random: () => number): number {
-    return Math.round(random() * Math.min(QUERY_BACKOFF_CAP_MS, QUERY_BACKOFF_BASE_MS * 2 ** attempt))
+    return backoffDelay(attempt, random, QUERY_BACKOFF_BASE_MS, QUERY_BACKOFF_CAP_MS)
+}
+
+/** What the first query's failure means when PostHog never answered: a URL to check, named with its host. */
+export function firstContactError(origin: string, error: PostHogQueryError): PostHogQueryError {
+    if (error.kind !== 'unexpected') {
+        return error
+    }
+    return new PostHogQueryError(
+        'not-posthog',
+        `${new URL(origin).host} does not answer as PostHog's query API (${error.message}). Check --posthog-url: ` +
+            'it is the address you open PostHog at, e.g. https://us.posthog.com, https://eu.posthog.com or your ' +
+            "self-hosted PostHog's"
+    )
+}
+
+/** Why a query stopped being retried: an unreachable PostHog before its first answer, or a budget spent after it. */
+export function gaveUpError(
+    origin: string,
+    outcome: { reason: string; unreached?: boolean },
+    attempts: number,
+    elapsedMs: number,
+    answered: boolean
+): PostHogQueryError {
+    const host = new URL(origin).host
+    const tries = `${attempts} attempt${attempts === 1 ? '' : 's'} in ${seconds(elapsedMs)}, last: ${outcome.reason}`
+    if (!answered && outcome.unreached) {
+        return new PostHogQueryError(
+            outcome.reason.startsWith('network error') ? 'unreachable' : 'not-posthog',
+            `cannot reach PostHog at ${host} (${tries}). Check --posthog-url (e.g. https://us.posthog.com or ` +
+                "https://eu.posthog.com, or your self-hosted PostHog's address) and that this machine can reach it"
+        )
+    }
+    return new PostHogQueryError(
+        'gave-up',
+        `the query to PostHog at ${host} kept failing (${tries}); run the same command again to resume`
+    )
 }
 
 /**
@@ -274,6 +339,8 @@ export class QueryClient {
         Pick<QueryClientOptions, 'signal' | 'onWait'>
     queries = 0
     retries = 0
+    /** Whether PostHog has answered a query well once: failures before that point at the URL, not an outage. */
+    private answered = false
 
     constructor(options: QueryClientOptions) {
         this.options = {
@@ -293,30 +360,32 @@ export class QueryClient {
 
     /** Runs one query, retrying what can be retried within the budget. Throws PostHogQueryError or AbortedError. */
     async run(hogql: string): Promise<QueryResponse> {
-        const { now, retryForMs } = this.options
-        const deadline = now() + retryForMs
+        const { now, origin } = this.options
+        const started = now()
         for (let attempt = 0; ; attempt++) {
             await this.waitForRateLimit()
             const outcome = await this.attempt(hogql)
             if (outcome.kind === 'ok') {
+                this.answered = true
                 return outcome.response
             }
             if (outcome.kind === 'fatal') {
-                throw outcome.error
+                throw this.answered ? outcome.error : firstContactError(origin, outcome.error)
             }
             const waitMs = outcome.waitMs ?? queryBackoffMs(attempt, this.options.random)
-            if (now() + waitMs > deadline) {
-                const minutes = Math.round(retryForMs / 60_000)
-                throw new PostHogQueryError(
-                    'gave-up',
-                    `the query kept failing for ${minutes} min (${attempt + 1} attempts, last: ${outcome.reason}); ` +
-                        'run the same command again to resume'
-                )
+            if (now() + waitMs - started > this.retryBudgetMs(outcome)) {
+                throw gaveUpError(origin, outcome, attempt + 1, now() - started, this.answered)
             }
             this.retries++
             this.options.onWait?.(`query retry after ${outcome.reason}`, waitMs)
             await this.options.sleep(waitMs, this.options.signal)
         }
+    }
+
+    /** How long a failing query is retried: seconds when PostHog was never reached, --retry-for's budget after. */
+    private retryBudgetMs(outcome: { unreached?: boolean }): number {
+        const { retryForMs } = this.options
+        return !this.answered && outcome.unreached ? Math.min(FIRST_CONTACT_RETRY_FOR_MS, retryForMs) : retryForMs
     }
 
     private async waitForRateLimit(): Promise<void> {
@@ -335,72 +404,84 @@ export class QueryClient {
 
     /** One POST. Never throws for HTTP or network trouble: it becomes an outcome. */
     private async attempt(hogql: string): Promise<QueryOutcome> {
-        const { apiKey, timeoutMs, now } = this.options
+        const { timeoutMs } = this.options
         this.queries++
         const controller = new AbortController()
         const timer = setTimeout(() => controller.abort(), timeoutMs)
         const onAbort = (): void => controller.abort()
         this.options.signal?.addEventListener('abort', onAbort, { once: true })
         try {
-            // Bytes, not text, into a kept buffer: a page's rows are cut out and parsed one by one (body.ts).
-            const answer = await postJson(this.endpoint, {
-                headers: {
-                    Authorization: `Bearer ${apiKey}`,
-                    'Content-Type': 'application/json',
-                    'User-Agent': 'patterns-connector/1.0.0 (sync)',
-                },
-                // force_blocking: always compute, never a cached result that predates the newest events.
-                body: JSON.stringify({ query: { kind: 'HogQLQuery', query: hogql }, refresh: 'force_blocking' }),
-                signal: controller.signal,
-                read: (stream, expectedBytes) =>
-                    this.buffers.read(stream, this.options.maxResponseBytes, expectedBytes),
-            })
-            const lease = answer.body
-            const outcome = classifyQueryResponse(
-                answer.status,
-                lease.bytes,
-                answer.header('retry-after'),
-                now(),
-                this.target
-            )
-            if (outcome.kind === 'ok') {
-                // The rows are read from the buffer until the source is done with the page.
-                return { kind: 'ok', response: { ...outcome.response, release: lease.release } }
-            }
-            lease.release()
-            return outcome.kind === 'fatal'
-                ? {
-                      kind: 'fatal',
-                      error: new PostHogQueryError(outcome.error.kind, this.redact(outcome.error.message)),
-                  }
-                : outcome
+            return this.outcomeOf(await this.post(hogql, controller.signal))
         } catch (error) {
             if (this.options.signal?.aborted) {
                 throw new AbortedError('interrupted')
             }
-            if (error instanceof BodyTooLargeError) {
-                return {
-                    kind: 'fatal',
-                    error: new PostHogQueryError(
-                        'unexpected',
-                        `${error.message} (the most one page may take); lower --page-size`
-                    ),
-                }
-            }
-            const reason = controller.signal.aborted
-                ? `no answer within ${Math.round(timeoutMs / 1000)} s`
-                : `network error ${networkCode(error)}`
-            return { kind: 'retry', reason, waitMs: null }
+            return failureOutcome(error, controller.signal.aborted, timeoutMs)
         } finally {
             clearTimeout(timer)
             this.options.signal?.removeEventListener('abort', onAbort)
         }
     }
 
+    private post(hogql: string, signal: AbortSignal): Promise<PostAnswer> {
+        // Bytes, not text, into a kept buffer: a page's rows are cut out and parsed one by one (body.ts).
+        return postJson(this.endpoint, {
+            headers: {
+                Authorization: `Bearer ${this.options.apiKey}`,
+                'Content-Type': 'application/json',
+                'User-Agent': 'patterns-connector/1.0.0 (sync)',
+            },
+            // force_blocking: always compute, never a cached result that predates the newest events.
+            body: JSON.stringify({ query: { kind: 'HogQLQuery', query: hogql }, refresh: 'force_blocking' }),
+            signal,
+            connectTimeoutMs: CONNECT_TIMEOUT_MS,
+            read: (stream, expectedBytes) => this.buffers.read(stream, this.options.maxResponseBytes, expectedBytes),
+        })
+    }
+
+    /** The answer's outcome; its buffer is kept only while an ok page's rows are read. */
+    private outcomeOf(answer: PostAnswer): QueryOutcome {
+        const lease = answer.body
+        const outcome = classifyQueryResponse(
+            answer.status,
+            lease.bytes,
+            answer.header('retry-after'),
+            this.options.now(),
+            this.target
+        )
+        if (outcome.kind === 'ok') {
+            // The rows are read from the buffer until the source is done with the page.
+            return { kind: 'ok', response: { ...outcome.response, release: lease.release } }
+        }
+        lease.release()
+        if (outcome.kind === 'retry') {
+            return outcome
+        }
+        return { kind: 'fatal', error: new PostHogQueryError(outcome.error.kind, this.redact(outcome.error.message)) }
+    }
+
     /** The key is never put in a message; this is the net under that rule (a server could echo it back). */
     redact(text: string): string {
         return redactText(text, [this.options.apiKey])
     }
+}
+
+/** A request that got no answer: a response too large to take, a timeout, or a network error. */
+function failureOutcome(error: unknown, timedOut: boolean, timeoutMs: number): QueryOutcome {
+    if (error instanceof BodyTooLargeError) {
+        return {
+            kind: 'fatal',
+            error: new PostHogQueryError(
+                'too-large',
+                `${error.message} (the most one page may take); lower --page-size`
+            ),
+        }
+    }
+    if (timedOut) {
+        // An answer that is slow to come still came from a server that took the request: retried as usual.
+        return { kind: 'retry', reason: `no answer within ${Math.round(timeoutMs / 1000)} s`, waitMs: null }
+    }
+    return { kind: 'retry', reason: `network error ${networkCode(error)}`, waitMs: null, unreached: true }
 }
 
 function networkCode(error: unknown): string {
