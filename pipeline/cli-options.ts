@@ -110,9 +110,11 @@ export function joinNegativeNumbers(argv: string[], numeric: readonly string[] =
 export function usageMessage(error: Error, known: readonly string[] = Object.keys(DELIVERY_OPTIONS)): string {
     const ambiguous = /Option '(-[^ ']+)[^']*' argument is ambiguous/.exec(error.message)
     const flag = ambiguous?.[1] ?? 'the option'
+    // Of Node's message for an unknown option only its first sentence: the rest is about positional arguments.
+    const firstLine = (error.message.split('\n')[0] ?? 'bad arguments').replace(/^(Unknown option '[^']*')\..*$/, '$1')
     const message = ambiguous
         ? `${flag}: its value starts with "-"; write ${flag}=VALUE, or give it a value`
-        : (error.message.split('\n')[0] ?? 'bad arguments')
+        : firstLine
     return `${message}.${didYouMean(message, known)} Run with --help for the options.`
 }
 

@@ -37,7 +37,7 @@ export function closestFlag(typed: string, known: readonly string[]): string | n
     let best: { flag: string; distance: number } | null = null
     for (const flag of known) {
         const distance = flag.startsWith(name) && name.length >= 3 ? 1 : editDistance(name, flag)
-        const near = distance <= Math.min(MAX_TYPO_EDITS, Math.max(1, Math.floor(flag.length / 3)))
+        const near = distance <= Math.min(MAX_TYPO_EDITS, Math.floor(flag.length / 3))
         if (near && (best === null || distance < best.distance)) {
             best = { flag, distance }
         }

@@ -232,16 +232,20 @@ export function queryBackoffMs(attempt: number, random: () => number): number {
     return backoffDelay(attempt, random, QUERY_BACKOFF_BASE_MS, QUERY_BACKOFF_CAP_MS)
 }
 
+/** How to find the right --posthog-url, for messages about a wrong one. */
+const POSTHOG_URL_FIX =
+    'Check --posthog-url: it is the address you open PostHog at, e.g. https://us.posthog.com, https://eu.posthog.com ' +
+    "or your self-hosted PostHog's"
+
 /** What the first query's failure means when PostHog never answered: a URL to check, named with its host. */
 export function firstContactError(origin: string, error: PostHogQueryError): PostHogQueryError {
     if (error.kind !== 'unexpected') {
         return error
     }
+    const host = new URL(origin).host
     return new PostHogQueryError(
         'not-posthog',
-        `${new URL(origin).host} does not answer as PostHog's query API (${error.message}). Check --posthog-url: ` +
-            'it is the address you open PostHog at, e.g. https://us.posthog.com, https://eu.posthog.com or your ' +
-            "self-hosted PostHog's"
+        `${host} does not answer as PostHog (${error.message}). ${POSTHOG_URL_FIX}`
     )
 }
 
@@ -255,17 +259,18 @@ export function gaveUpError(
 ): PostHogQueryError {
     const host = new URL(origin).host
     const tries = `${attempts} attempt${attempts === 1 ? '' : 's'} in ${seconds(elapsedMs)}, last: ${outcome.reason}`
-    if (!answered && outcome.unreached) {
+    if (answered || !outcome.unreached) {
         return new PostHogQueryError(
-            outcome.reason.startsWith('network error') ? 'unreachable' : 'not-posthog',
-            `cannot reach PostHog at ${host} (${tries}). Check --posthog-url (e.g. https://us.posthog.com or ` +
-                "https://eu.posthog.com, or your self-hosted PostHog's address) and that this machine can reach it"
+            'gave-up',
+            `the query to PostHog at ${host} kept failing (${tries}); run the same command again to resume`
         )
     }
-    return new PostHogQueryError(
-        'gave-up',
-        `the query to PostHog at ${host} kept failing (${tries}); run the same command again to resume`
-    )
+    return outcome.reason.startsWith('network error')
+        ? new PostHogQueryError(
+              'unreachable',
+              `cannot reach PostHog at ${host} (${tries}). ${POSTHOG_URL_FIX}, and that this machine can reach it`
+          )
+        : new PostHogQueryError('not-posthog', `${host} does not answer as PostHog (${tries}). ${POSTHOG_URL_FIX}`)
 }
 
 /**
