@@ -8,6 +8,7 @@ import { parseArgs } from 'node:util'
 
 import type { ProcessedPluginEvent } from '@posthog/plugin-scaffold'
 
+import { usageMessage } from '../../pipeline/cli-options'
 import { readRecords } from '../../replay/input'
 import { FAULT_PRESETS, Receiver, resolveFaults, startReceiver } from '../receiver/receiver'
 import { ERA_NAMES, getEra, setupRetryWaits } from './eras'
@@ -95,7 +96,9 @@ export function parseCli(argv: string[], env: Record<string, string | undefined>
             allowPositionals: false,
         }).values
     } catch (error) {
-        throw new UsageError(`${(error as Error).message}. Run with --help for the options.`)
+        const flags = ['era', 'count', 'events', 'webhook-url', 'faults', 'data-dir', 'seed', 'plugin-dir', 'quiet']
+        const more = ['help', 'path', 'workers', 'tasks-per-worker', 'setup-retry-scale']
+        throw new UsageError(usageMessage(error as Error, [...flags, ...more]))
     }
     getEraOrUsage(values.era)
     if (!(values.faults in FAULT_PRESETS)) {
