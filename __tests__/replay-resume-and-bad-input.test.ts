@@ -340,16 +340,13 @@ describe('odd inputs and flags', () => {
         expect(directory.stderr).toContain(`cannot read ${dir}: it is a directory`)
     })
 
-    it('says to pipe a gzip file through gunzip, exits 2, and sends and dead-letters nothing', async () => {
+    it('reads a gzip file as it is, and says to pipe gzip on standard input through gunzip', async () => {
         const rx = await accepting()
         const path = writeInput('events.jsonl.gz', gzipSync(unicodeLines(500).join('\n')))
         const deadLetter = join(dir, 'dead.jsonl')
-        const { code, stderr } = await cli([path, '--webhook-url', rx.url, '--dead-letter', deadLetter])
-        expect(code).toBe(2)
-        expect(stderr).toContain(
-            `this input is gzip: pipe it through gunzip (gunzip -c ${path} | patterns-connector replay - [options])`
-        )
-        expect(rx.received).toHaveLength(0)
+        const { code } = await cli([path, '--webhook-url', rx.url, '--dead-letter', deadLetter])
+        expect(code).toBe(0)
+        expect(rx.accepted).toHaveLength(500)
         expect(existsSync(deadLetter)).toBe(false)
         const piped = await cli(['-', '--webhook-url', rx.url], {}, gzipSync('{"event":"a"}\n'))
         expect(piped.code).toBe(2)

@@ -223,7 +223,7 @@ describe('dead letters and exit codes', () => {
     })
 
     it('exits 2 with a clear message on bad usage', async () => {
-        expect((await cli([])).stderr).toContain('give exactly one input')
+        expect((await cli([])).stderr).toContain('give an input')
         const bad = await cli(['x.jsonl', '--webhook-url', `http://example.com/${TOKEN}`])
         expect(bad.code).toBe(2)
         expect(bad.stderr).toContain('--webhook-url: it uses http. Use https')

@@ -26,6 +26,7 @@ import {
     seconds,
     summaryText,
 } from '../pipeline/cli-output'
+import { DEDUPE_WINDOW, isExportInput, runExportsCli } from './exports/cli'
 import { INPUT_FORMATS, InputError, InputFormat } from './input'
 import {
     CheckpointError,
@@ -36,11 +37,13 @@ import {
     ReplayReport,
 } from './replay'
 
-export const HELP = `Usage: patterns-connector replay <file | -> --webhook-url URL [options]
+export const HELP = `Usage: patterns-connector replay <file | folder | manifest ... | -> --webhook-url URL [options]
 
 Sends exported PostHog events to the webhook with the plugin's own filters, property removal,
-signing, retries and 413 splitting. Reads JSON Lines, a JSON array, or PostHog API pages
-({"results": [...]}, one per line or concatenated), streaming, in constant memory.
+signing, retries and 413 splitting. Reads PostHog batch-export files (a folder of them, several
+files, or a manifest: JSON Lines plain, gzip, brotli or zstd, or Parquet; in interval order), or
+one file or standard input of JSON Lines, a JSON array, or PostHog API pages ({"results": [...]},
+one per line or concatenated), streaming, in constant memory.
 
 Options (secrets can come from the environment instead, so they stay out of shell history):
   --webhook-url URL            or PATTERNS_WEBHOOK_URL. Never printed.
@@ -59,12 +62,15 @@ Options (secrets can come from the environment instead, so they stay out of shel
   --checkpoint FILE            resume from FILE and keep it up to date; the same command resumes. It is
                                bound to this input, its filters and the webhook: another one is refused
   --dead-letter FILE           append refused events and unreadable lines here (JSON Lines)
-  --dry-run                    read, filter and batch, report what would be sent, send nothing
+  --dedupe                     export files: drop an event whose uuid was sent in this run (among the
+                               last ${DEDUPE_WINDOW.toLocaleString('en')} uuids); dropped events are counted
+  --dry-run                    export files: list what would be read; one file: read, filter and batch,
+                               report what would be sent; either way send nothing
   -h, --help                   show this help
 
 Exit codes: 0 every event was delivered or deliberately filtered; 1 anything else (see the summary);
-2 bad usage: a flag, a missing, unreadable or compressed input, a checkpoint of another input.
-Compressed input goes through standard input: gunzip -c FILE | patterns-connector replay - [options]
+2 bad usage: a flag, a missing or unreadable input, a checkpoint of another input or of a file that
+changed since. Compressed standard input: gunzip -c FILE | patterns-connector replay - [options]
 Ctrl-C finishes the requests in flight, writes the checkpoint and exits.
 `
 
@@ -80,6 +86,7 @@ const OPTIONS = {
     ...DELIVERY_OPTIONS,
     format: { type: 'string', default: 'auto' },
     'dry-run': { type: 'boolean', default: false },
+    dedupe: { type: 'boolean', default: false },
 } as const
 
 export function parseReplayArgs(argv: string[], env: Record<string, string | undefined>) {
@@ -93,8 +100,11 @@ export function parseReplayArgs(argv: string[], env: Record<string, string | und
     if (values.help) {
         return null
     }
-    if (positionals.length !== 1) {
-        throw new UsageError('give exactly one input: a file path, or - for standard input')
+    if (positionals.length === 0) {
+        throw new UsageError('give an input: export files or a folder of them, a file, or - for standard input')
+    }
+    if (positionals.length > 1 && positionals.includes('-')) {
+        throw new UsageError('- (standard input) cannot be given with other inputs: give it alone')
     }
     const format = values.format
     if (format !== 'auto' && !(INPUT_FORMATS as readonly string[]).includes(format)) {
@@ -106,6 +116,8 @@ export function parseReplayArgs(argv: string[], env: Record<string, string | und
     }
     return {
         input: positionals[0] ?? '-',
+        inputs: positionals,
+        dedupe: values.dedupe,
         format: format as InputFormat | 'auto',
         // --retry-for is the whole budget of a batch: retries and Retry-After waits go on until it is spent.
         ...deliverySettings(values, env, webhookUrl ?? 'https://dry-run.invalid/', true),
@@ -215,6 +227,13 @@ export async function runReplayCli(
         return 0
     }
     output.addSecrets(parsed.config.secrets)
+    if (isExportInput(parsed.inputs)) {
+        return runExportsCli(parsed, output, signal)
+    }
+    if (parsed.dedupe) {
+        output.line('error: --dedupe reads export files (a folder, several files, a manifest); not one JSON file')
+        return 2
+    }
     const opened = openInput(parsed.input, io.stdin)
     if (typeof opened === 'string') {
         output.line(`error: ${opened}`)

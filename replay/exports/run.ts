@@ -1,0 +1,140 @@
+/**
+ * Replays export files: the export source (files in interval order, rows shaped into the plugin's event) into the
+ * shared pipeline, with a checkpoint of files done and the position in the current one.
+ */
+import { createHash } from 'node:crypto'
+
+import { ParsedConfig, SenderEnv } from '../../index'
+import { PipelineProgress, PipelineReport, runPipeline } from '../../pipeline'
+import { deadLetterWriter } from '../../pipeline/dead-letter'
+import {
+    checkBinding,
+    EXPORTS_CHECKPOINT_KIND,
+    EXPORTS_CHECKPOINT_VERSION,
+    ExportsCheckpoint,
+    readExportsCheckpoint,
+    Resume,
+    resumePlan,
+    saveExportsCheckpoint,
+    stampOf,
+} from './checkpoint'
+import { recentUuids } from './dedupe'
+import { ExportFile } from './discover'
+import { exportRecords, FilePosition, SourceCounts } from './source'
+
+export interface ExportsOptions {
+    files: ExportFile[]
+    config: ParsedConfig
+    env: SenderEnv
+    concurrency?: number
+    checkpointFile?: string | null
+    deadLetterFile?: string | null
+    dedupe?: boolean
+    /** uuids --dedupe remembers at most (DEDUPE_WINDOW). */
+    dedupeWindow?: number
+    signal?: AbortSignal
+    onProgress?: (progress: PipelineProgress) => void
+    onWarning?: (message: string) => void
+    /** Told when the run starts reading a file, by its index in `files`. */
+    onFile?: (index: number) => void
+}
+
+export interface ExportsReport extends PipelineReport<FilePosition>, SourceCounts {
+    files: number
+    /** Files an earlier run finished, per the checkpoint. */
+    filesDone: number
+    /** Files the checkpoint finished that are no longer in the input. */
+    filesGone: number
+    /** Where the checkpoint stands: "every file", or the file and row it resumes at. */
+    checkpoint: string
+}
+
+const sha256 = (text: string): string => createHash('sha256').update(text).digest('hex')
+
+/** What the checkpoint is bound to besides the files: the options that change what is sent, and the webhook. */
+export function exportsBinding(config: ParsedConfig, dedupe: boolean) {
+    const sorted = (values: Iterable<string>): string[] => [...values].sort()
+    const options = {
+        allowedEvents: config.allowedEvents ? sorted(config.allowedEvents) : null,
+        excludedEvents: sorted(config.excludedEvents),
+        excludedProperties: sorted(config.excludedProperties),
+        dedupe,
+    }
+    return {
+        options: sha256(JSON.stringify(options)),
+        destination: sha256(`patterns-connector webhook ${config.webhookUrl}`),
+    }
+}
+
+/** The checkpoint kept up to date as the pipeline commits, written after each commit when a file is given. */
+function checkpointKeeper(file: string | null, start: ExportsCheckpoint, plan: Resume[]) {
+    const done = new Map(start.done.map((stamp) => [stamp.name, stamp]))
+    let current = start.current
+    let doneUpTo = 0
+    const save = (): ExportsCheckpoint => {
+        const checkpoint = { ...start, done: [...done.values()], current }
+        if (file) {
+            saveExportsCheckpoint(file, checkpoint)
+        }
+        return checkpoint
+    }
+    const finishBefore = (index: number): void => {
+        for (; doneUpTo < index; doneUpTo++) {
+            const step = plan[doneUpTo] as Resume
+            done.set(step.file.name, stampOf(step.file))
+        }
+    }
+    return {
+        commit: (position: FilePosition): void => {
+            finishBefore(position.file)
+            const step = plan[position.file] as Resume
+            current = { ...stampOf(step.file), next: position.row + 1 }
+            save()
+        },
+        finishAll: (): void => {
+            finishBefore(plan.length)
+            current = null
+            save()
+        },
+        describe: (): string => (current ? `${current.name}, row ${current.next}` : 'after every file'),
+    }
+}
+
+export async function replayExports(options: ExportsOptions): Promise<ExportsReport> {
+    const { config, checkpointFile = null } = options
+    const bound = exportsBinding(config, Boolean(options.dedupe))
+    const saved = checkpointFile ? readExportsCheckpoint(checkpointFile) : null
+    if (saved && checkpointFile) {
+        checkBinding(checkpointFile, saved, bound.options, bound.destination)
+    }
+    const { plan, gone } = resumePlan(checkpointFile ?? '', saved, options.files)
+    const start: ExportsCheckpoint = saved ?? {
+        kind: EXPORTS_CHECKPOINT_KIND,
+        version: EXPORTS_CHECKPOINT_VERSION,
+        ...bound,
+        done: [],
+        current: null,
+    }
+    const keeper = checkpointKeeper(checkpointFile, start, plan)
+    const counts: SourceCounts = { skipped: 0, duplicates: 0 }
+    const source = exportRecords(plan, {
+        excludedProperties: config.excludedProperties,
+        filters: config,
+        dedupe: options.dedupe ? recentUuids(options.dedupeWindow) : null,
+        counts,
+        onFile: options.onFile,
+    })
+    // Properties are removed while shaping (where big numbers are still text): the pipeline sends the text as is.
+    const report = await runPipeline<FilePosition>({
+        ...options,
+        config: { ...config, excludedProperties: [] },
+        source,
+        commit: (position) => keeper.commit(position),
+        deadLetter: deadLetterWriter<FilePosition>(options.deadLetterFile),
+    })
+    if (report.stopped === null && !options.signal?.aborted) {
+        keeper.finishAll()
+    }
+    const filesDone = plan.filter((step) => 'done' in step).length
+    return { ...report, ...counts, files: plan.length, filesDone, filesGone: gone, checkpoint: keeper.describe() }
+}

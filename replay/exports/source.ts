@@ -1,0 +1,135 @@
+/**
+ * The source stage for export files: each file in order, read in a stream (JSON Lines a read at a time, Parquet a
+ * row group at a time), each row shaped into the plugin's event and positioned by its file and row. Rows the
+ * checkpoint covers are skipped, and with --dedupe, events whose uuid was just sent are dropped and counted.
+ */
+import { shouldSend } from '../../index'
+import { Source, SourceRecord } from '../../pipeline'
+import { Resume } from './checkpoint'
+import { Dedupe } from './dedupe'
+import { jsonLinesBytes, splitLines } from './lines'
+import { parquetRowGroups } from './parquet'
+import { ShapedRow, shapeExportLine, shapeExportRow } from './rows'
+
+/** A row of the run: the index of its file in the run's order, and its row number in the file (from 0). */
+export interface FilePosition {
+    file: number
+    row: number
+}
+
+export interface SourceCounts {
+    /** Rows an earlier run handled, per the checkpoint. */
+    skipped: number
+    /** Events dropped by --dedupe. */
+    duplicates: number
+}
+
+export interface ExportSourceOptions {
+    excludedProperties: readonly string[]
+    /** The event filters, so --dedupe only remembers events that are sent. */
+    filters: Parameters<typeof shouldSend>[1]
+    dedupe: Dedupe | null
+    counts: SourceCounts
+    /** Told when a file is opened, e.g. for progress. */
+    onFile?: (index: number) => void
+}
+
+type Shaped = ShapedRow | { error: string }
+
+/** A shaped row as a pipeline record, or null when --dedupe drops it. */
+function toRecord(
+    shaped: Shaped,
+    position: FilePosition,
+    where: string,
+    raw: () => string,
+    options: ExportSourceOptions
+) {
+    if ('error' in shaped) {
+        const record: SourceRecord<FilePosition> = {
+            position,
+            kind: 'malformed',
+            reason: `${where}: ${shaped.error}`,
+            raw: raw(),
+        }
+        return record
+    }
+    const { uuid, event, text } = shaped
+    if (options.dedupe && uuid !== '' && shouldSend(event, options.filters) && options.dedupe.seen(uuid)) {
+        options.counts.duplicates++
+        return null
+    }
+    const record: SourceRecord<FilePosition> = { position, kind: 'event', event: { uuid, event }, text }
+    return record
+}
+
+async function* jsonLinesRecords(
+    step: { index: number; path: string; name: string; format: Exclude<Resume['file']['format'], 'parquet'> },
+    from: number,
+    options: ExportSourceOptions
+): Source<FilePosition> {
+    let row = 0
+    let lineNumber = 0
+    for await (const lines of splitLines(jsonLinesBytes(step.path, step.format))) {
+        const records: SourceRecord<FilePosition>[] = []
+        for (const line of lines) {
+            lineNumber++
+            if (line.trim() === '') {
+                continue
+            }
+            const position = { file: step.index, row: row++ }
+            if (position.row < from) {
+                options.counts.skipped++
+                continue
+            }
+            const shaped = shapeExportLine(line, options.excludedProperties)
+            const record = toRecord(shaped, position, `${step.name}:${lineNumber}`, () => line, options)
+            if (record) {
+                records.push(record)
+            }
+        }
+        yield records
+    }
+}
+
+async function* parquetRecords(
+    step: { index: number; path: string; name: string; size: number },
+    from: number,
+    options: ExportSourceOptions
+): Source<FilePosition> {
+    options.counts.skipped += from
+    for await (const group of parquetRowGroups(step.path, step.size, from)) {
+        const records: SourceRecord<FilePosition>[] = []
+        group.rows.forEach((row, i) => {
+            const position = { file: step.index, row: group.first + i }
+            const shaped = shapeExportRow(row, false, options.excludedProperties)
+            const raw = () =>
+                JSON.stringify(row, (_key, value: unknown) => (typeof value === 'bigint' ? String(value) : value))
+            const record = toRecord(shaped, position, `${step.name} row ${position.row}`, raw, options)
+            if (record) {
+                records.push(record)
+            }
+        })
+        yield records
+    }
+}
+
+/** Every file of the plan not yet done, in order; a file that cannot be read stops the run, naming it. */
+export async function* exportRecords(plan: Resume[], options: ExportSourceOptions): Source<FilePosition> {
+    for (const [index, step] of plan.entries()) {
+        if ('done' in step) {
+            continue
+        }
+        const { file, from } = step
+        options.onFile?.(index)
+        const where = { index, path: file.path, name: file.name, size: file.size }
+        try {
+            if (file.format === 'parquet') {
+                yield* parquetRecords(where, from, options)
+            } else {
+                yield* jsonLinesRecords({ ...where, format: file.format }, from, options)
+            }
+        } catch (error) {
+            throw new Error(`cannot read ${file.name}: ${(error as Error).message}`)
+        }
+    }
+}
