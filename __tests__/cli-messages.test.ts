@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { PassThrough } from 'node:stream'
 
-import { closestFlag, editDistance } from '../pipeline/usage'
+import { closestFlag, commandName, editDistance } from '../pipeline/usage'
 import { progressLine, runReplayCli } from '../replay/cli'
 import { runSyncCli, syncProgressLine } from '../sync/cli'
 import { QueryClient } from '../sync/posthog'
@@ -168,6 +168,21 @@ describe('a misspelled flag', () => {
         expect(closestFlag('--batch', ['batch-events', 'batch-bytes'])).toBe('batch-events')
         expect(closestFlag('--x', ['h', 'since'])).toBeNull()
         expect(closestFlag('--follw=1', ['follow'])).toBe('follow')
+    })
+})
+
+describe('hints print commands that run as shown', () => {
+    it('names the command as this process was started: on the PATH, or node and the script in a checkout', () => {
+        expect(commandName('/usr/local/bin/patterns-connector', '/usr/bin:/usr/local/bin', '/home/me')).toBe(
+            'patterns-connector'
+        )
+        expect(commandName('/src/connector/bin/patterns-connector.js', '/usr/bin', '/src/connector')).toBe(
+            'node bin/patterns-connector.js'
+        )
+        expect(commandName('/src/connector/bin/patterns-connector.js', '/usr/bin', '/tmp')).toBe(
+            'node /src/connector/bin/patterns-connector.js'
+        )
+        expect(commandName('/repo/node_modules/.bin/jest', '/usr/bin', '/repo')).toBe('patterns-connector')
     })
 })
 

@@ -1,4 +1,5 @@
 /** "Did you mean": the closest known flag to a misspelled one, so a typo gets its fix and not only a refusal. */
+import { basename, delimiter, dirname, isAbsolute, relative, resolve } from 'node:path'
 
 /** The most edits (insertions, deletions, substitutions, swaps of neighbours) a typo may be from its flag. */
 export const MAX_TYPO_EDITS = 2
@@ -50,4 +51,30 @@ export function didYouMean(message: string, known: readonly string[]): string {
     const unknown = /^Unknown option '(-[^']+)'/.exec(message)?.[1]
     const flag = unknown ? closestFlag(unknown, known) : null
     return flag ? ` Did you mean --${flag}?` : ''
+}
+
+/** The names the command's own entry point has: the installed link, or the script in bin/. */
+const ENTRY_NAMES = ['patterns-connector', 'patterns-connector.js']
+
+/**
+ * How to run this command again, for hints that print a command line: `patterns-connector` when that is what
+ * runs it from the PATH, else `node` and the entry script's path (a checkout, where it is not on the PATH).
+ * `script` is process.argv[1]; anything but the entry point (a test runner) gets the installed name.
+ */
+export function commandName(
+    script: string | undefined = process.argv[1],
+    pathEnv: string = process.env.PATH ?? '',
+    cwd: string = process.cwd()
+): string {
+    const name = ENTRY_NAMES.find((entry) => script !== undefined && basename(script) === entry)
+    if (!script || !name) {
+        return ENTRY_NAMES[0] as string
+    }
+    const onPath =
+        name === ENTRY_NAMES[0] && pathEnv.split(delimiter).some((dir) => dir && resolve(dir) === dirname(script))
+    if (onPath) {
+        return name
+    }
+    const path = relative(cwd, script)
+    return `node ${path.startsWith('..') || isAbsolute(path) ? script : path}`
 }

@@ -6,6 +6,7 @@
 import { ParsedConfig, SenderEnv } from '../index'
 import { PipelineProgress, PipelineReport, runPipeline, Source, SourceRecord } from '../pipeline'
 import { deadLetterWriter } from '../pipeline/dead-letter'
+import { commandName } from '../pipeline/usage'
 import { advanced, binding, Checkpoint, isHandled, loadCheckpoint, writeCheckpoint } from './checkpoint'
 import { InputFormat, InputRecord, readRecords } from './input'
 
@@ -16,8 +17,8 @@ export { CHECKPOINT_VERSION, CheckpointError, readCheckpoint } from './checkpoin
 /** Replay has no host guard, so a batch may keep retrying this long before the run stops. */
 export const REPLAY_BATCH_DEADLINE_MS = 120_000
 
-/** How to run replay on standard input, for messages. */
-export const REPLAY_FROM_STDIN = 'patterns-connector replay - [options]'
+/** How to run replay on standard input, for messages: as this process was started, so the hint runs as shown. */
+export const REPLAY_FROM_STDIN = `${commandName()} replay - [options]`
 
 export type ReplayProgress = PipelineProgress
 
