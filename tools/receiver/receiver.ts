@@ -4,7 +4,7 @@
  * Rows go to a JSONL file under a data folder, so they survive a restart. Faults can be injected per request.
  */
 import { appendFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs'
-import { createServer, IncomingMessage, ServerResponse } from 'node:http'
+import { createServer, IncomingMessage, Server, ServerResponse } from 'node:http'
 import { AddressInfo, Socket } from 'node:net'
 import { join } from 'node:path'
 
@@ -136,153 +136,200 @@ function rollFate(faults: Faults, random: () => number): Fate {
     return 'ok'
 }
 
-export async function startReceiver(options: ReceiverOptions): Promise<Receiver> {
-    mkdirSync(options.dataDir, { recursive: true })
-    const rowsFile = join(options.dataDir, 'rows.jsonl')
-    const webhookPath = options.path ?? '/api/v1/webhooks/local'
-    let faults = resolveFaults(undefined, options.faults)
-    const random = seededRandom(options.seed ?? 1)
-    const uuidCounts = new Map<string, number>()
-    let nextId = 1
-    let rowCount = 0
-    let duplicateRows = 0
-    let acceptResetRows = 0
-    // Rows from an earlier run carry on: ids keep increasing and the counts include them.
-    try {
-        for (const line of readFileSync(rowsFile, 'utf8').split('\n')) {
-            if (!line) {
-                continue
-            }
-            const row = JSON.parse(line) as { patterns_id: number; uuid?: unknown }
-            nextId = Math.max(nextId, row.patterns_id + 1)
-            rowCount++
-            countUuid(row.uuid)
-        }
-    } catch (error) {
-        if ((error as NodeJS.ErrnoException).code !== 'ENOENT') {
-            throw error
-        }
-        writeFileSync(rowsFile, '')
-    }
-    let requests = 0
-    const byOutcome: Record<string, number> = {}
-    const sockets = new Set<Socket>()
+type Row = Record<string, unknown> & { patterns_id: number }
 
-    function countUuid(uuid: unknown): void {
+/** The rows file and its counts. Rows from an earlier run carry on: ids keep increasing and the counts include them. */
+class RowStore {
+    readonly uuidCounts = new Map<string, number>()
+    nextId = 1
+    rowCount = 0
+    duplicateRows = 0
+
+    constructor(
+        readonly rowsFile: string,
+        private readonly persist: boolean
+    ) {
+        try {
+            for (const line of readFileSync(rowsFile, 'utf8').split('\n')) {
+                if (line) {
+                    const row = JSON.parse(line) as { patterns_id: number; uuid?: unknown }
+                    this.nextId = Math.max(this.nextId, row.patterns_id + 1)
+                    this.rowCount++
+                    this.countUuid(row.uuid)
+                }
+            }
+        } catch (error) {
+            if ((error as NodeJS.ErrnoException).code !== 'ENOENT') {
+                throw error
+            }
+            writeFileSync(rowsFile, '')
+        }
+    }
+
+    private countUuid(uuid: unknown): void {
         if (typeof uuid !== 'string') {
             return
         }
-        const seen = uuidCounts.get(uuid) ?? 0
+        const seen = this.uuidCounts.get(uuid) ?? 0
         if (seen > 0) {
-            duplicateRows++
+            this.duplicateRows++
         }
-        uuidCounts.set(uuid, seen + 1)
+        this.uuidCounts.set(uuid, seen + 1)
     }
 
-    function store(body: unknown): number {
+    /** Stores one object or each element of an array as a row; returns how many. */
+    store(body: unknown): number {
         const items = Array.isArray(body) ? body : [body]
-        if (options.persist === false) {
-            rowCount += items.length
-            nextId += items.length
+        if (!this.persist) {
+            this.rowCount += items.length
+            this.nextId += items.length
             return items.length
         }
         const lines = items.map((item) => {
-            countUuid((item as { uuid?: unknown })?.uuid)
-            return JSON.stringify({ ...(item as Record<string, unknown>), patterns_id: nextId++ })
+            this.countUuid((item as { uuid?: unknown })?.uuid)
+            return JSON.stringify({ ...(item as Record<string, unknown>), patterns_id: this.nextId++ })
         })
         if (lines.length > 0) {
             // Synchronous append: once the 200 goes out, the rows are on disk.
-            appendFileSync(rowsFile, lines.join('\n') + '\n')
+            appendFileSync(this.rowsFile, lines.join('\n') + '\n')
         }
-        rowCount += lines.length
+        this.rowCount += lines.length
         return lines.length
     }
 
-    function answer(res: ServerResponse, outcome: string, status: number, headers: Record<string, string> = {}): void {
-        byOutcome[outcome] = (byOutcome[outcome] ?? 0) + 1
+    rows(): Row[] {
+        return readFileSync(this.rowsFile, 'utf8')
+            .split('\n')
+            .filter(Boolean)
+            .map((line) => JSON.parse(line) as Row)
+    }
+}
+
+/** How each request is answered: the webhook path, the fault dice, and a count of every outcome. */
+class FaultyWebhook {
+    requests = 0
+    acceptResetRows = 0
+    readonly byOutcome: Record<string, number> = {}
+    private readonly random: () => number
+
+    constructor(
+        private readonly rows: RowStore,
+        readonly path: string,
+        public faults: Faults,
+        seed: number
+    ) {
+        this.random = seededRandom(seed)
+    }
+
+    private count(outcome: string): void {
+        this.byOutcome[outcome] = (this.byOutcome[outcome] ?? 0) + 1
+    }
+
+    answer(res: ServerResponse, outcome: string, status: number, headers: Record<string, string> = {}): void {
+        this.count(outcome)
         res.writeHead(status, headers)
         res.end(status >= 400 ? `${status} ${outcome}` : '')
     }
 
-    async function handle(req: IncomingMessage, res: ServerResponse, body: Buffer): Promise<void> {
-        const url = new URL(req.url ?? '/', 'http://receiver')
-        if (req.method === 'GET' && url.pathname === '/summary') {
-            res.writeHead(200, { 'Content-Type': 'application/json' })
-            res.end(JSON.stringify(summary()))
-            return
-        }
-        requests++
+    /** One webhook request: the path, then the faults, then the rows. */
+    async handle(req: IncomingMessage, res: ServerResponse, body: Buffer, pathname: string): Promise<void> {
+        const { faults } = this
+        this.requests++
         if (faults.latencyMs > 0) {
             await new Promise((resolve) => setTimeout(resolve, faults.latencyMs))
         }
-        if (faults.notFound || url.pathname !== webhookPath) {
-            return answer(res, 'not-found', 404)
+        if (faults.notFound || pathname !== this.path) {
+            return this.answer(res, 'not-found', 404)
         }
         if (req.method !== 'POST') {
-            return answer(res, 'method', 405)
+            return this.answer(res, 'method', 405)
         }
         if (faults.maxBodyBytes > 0 && body.length > faults.maxBodyBytes) {
-            return answer(res, 'too-large', 413)
+            return this.answer(res, 'too-large', 413)
         }
-        const fate = faults.downAfterRows > 0 && rowCount >= faults.downAfterRows ? '503' : rollFate(faults, random)
+        const down = faults.downAfterRows > 0 && this.rows.rowCount >= faults.downAfterRows
+        const fate = down ? '503' : rollFate(faults, this.random)
         if (fate === 'hang') {
-            byOutcome.hang = (byOutcome.hang ?? 0) + 1
-            return
+            return this.count('hang')
         }
         if (fate === 'reset') {
-            byOutcome.reset = (byOutcome.reset ?? 0) + 1
+            this.count('reset')
             req.socket.destroy()
             return
         }
         if (fate === '503' || fate === '500') {
-            return answer(res, fate, Number(fate), { 'Content-Type': 'text/html' })
+            return this.answer(res, fate, Number(fate), { 'Content-Type': 'text/html' })
         }
         if (fate === '429') {
-            return answer(res, '429', 429, { 'Retry-After': String(faults.retryAfterSeconds) })
+            return this.answer(res, '429', 429, { 'Retry-After': String(faults.retryAfterSeconds) })
         }
+        this.store(req, res, body, fate === 'accept-reset')
+    }
+
+    /** A JSON object or array is stored; with `thenReset`, the connection is reset after storing. */
+    private store(req: IncomingMessage, res: ServerResponse, body: Buffer, thenReset: boolean): void {
         let parsed: unknown
         try {
             parsed = JSON.parse(body.toString('utf8'))
         } catch {
-            return answer(res, 'bad-json', 400)
+            return this.answer(res, 'bad-json', 400)
         }
         if (typeof parsed !== 'object' || parsed === null) {
-            return answer(res, 'bad-json', 400)
+            return this.answer(res, 'bad-json', 400)
         }
-        const stored = store(parsed)
-        if (fate === 'accept-reset') {
-            acceptResetRows += stored
-            byOutcome['accept-reset'] = (byOutcome['accept-reset'] ?? 0) + 1
+        const stored = this.rows.store(parsed)
+        if (thenReset) {
+            this.acceptResetRows += stored
+            this.count('accept-reset')
             req.socket.destroy()
             return
         }
-        return answer(res, 'stored', 200)
+        this.answer(res, 'stored', 200)
     }
+}
 
-    function summary(): ReceiverSummary {
-        return {
-            rows: rowCount,
-            requests,
-            byOutcome: { ...byOutcome },
-            uniqueUuids: uuidCounts.size,
-            duplicateRows,
-            acceptResetRows,
-            rowsFile,
-        }
+function summaryOf(rows: RowStore, webhook: FaultyWebhook): ReceiverSummary {
+    return {
+        rows: rows.rowCount,
+        requests: webhook.requests,
+        byOutcome: { ...webhook.byOutcome },
+        uniqueUuids: rows.uuidCounts.size,
+        duplicateRows: rows.duplicateRows,
+        acceptResetRows: webhook.acceptResetRows,
+        rowsFile: rows.rowsFile,
     }
+}
 
+/** The HTTP server: GET /summary answers the counts, every other request goes to the webhook once read whole. */
+function receiverServer(rows: RowStore, webhook: FaultyWebhook): Server {
     const server = createServer((req, res) => {
         const chunks: Buffer[] = []
         req.on('data', (chunk: Buffer) => chunks.push(chunk))
         req.on('end', () => {
-            handle(req, res, Buffer.concat(chunks)).catch(() => {
+            const { pathname } = new URL(req.url ?? '/', 'http://receiver')
+            if (req.method === 'GET' && pathname === '/summary') {
+                res.writeHead(200, { 'Content-Type': 'application/json' })
+                res.end(JSON.stringify(summaryOf(rows, webhook)))
+                return
+            }
+            webhook.handle(req, res, Buffer.concat(chunks), pathname).catch(() => {
                 if (!res.headersSent) {
-                    answer(res, 'receiver-error', 500)
+                    webhook.answer(res, 'receiver-error', 500)
                 }
             })
         })
     })
     server.keepAliveTimeout = 5_000
+    return server
+}
+
+export async function startReceiver(options: ReceiverOptions): Promise<Receiver> {
+    mkdirSync(options.dataDir, { recursive: true })
+    const rows = new RowStore(join(options.dataDir, 'rows.jsonl'), options.persist !== false)
+    const webhookPath = options.path ?? '/api/v1/webhooks/local'
+    const webhook = new FaultyWebhook(rows, webhookPath, resolveFaults(undefined, options.faults), options.seed ?? 1)
+    const server = receiverServer(rows, webhook)
+    const sockets = new Set<Socket>()
     server.on('connection', (socket) => {
         sockets.add(socket)
         socket.on('close', () => sockets.delete(socket))
@@ -294,16 +341,12 @@ export async function startReceiver(options: ReceiverOptions): Promise<Receiver>
     const { port } = server.address() as AddressInfo
     return {
         url: `http://127.0.0.1:${port}${webhookPath}`,
-        rowsFile,
-        summary,
-        rows: () =>
-            readFileSync(rowsFile, 'utf8')
-                .split('\n')
-                .filter(Boolean)
-                .map((line) => JSON.parse(line) as Record<string, unknown> & { patterns_id: number }),
-        uuidCounts: () => new Map(uuidCounts),
+        rowsFile: rows.rowsFile,
+        summary: () => summaryOf(rows, webhook),
+        rows: () => rows.rows(),
+        uuidCounts: () => new Map(rows.uuidCounts),
         setFaults: (next) => {
-            faults = resolveFaults(undefined, next)
+            webhook.faults = resolveFaults(undefined, next)
         },
         close: async () => {
             for (const socket of sockets) {

@@ -58,9 +58,8 @@ function waitForReady(child: ChildProcess, timeoutMs: number): Promise<{ url: st
     })
 }
 
-/** Starts `standin/cli.ts` in a child process and returns a client for it. */
-export async function spawnPostHogStandIn(options: SpawnOptions): Promise<SpawnedPostHogStandIn> {
-    const controlToken = randomBytes(16).toString('hex')
+/** The stand-in's CLI as a child process, with the API key and the control token in its environment. */
+function spawnCli(options: SpawnOptions, controlToken: string): ChildProcess {
     // tsx runs the TypeScript CLI without a build step, as bin/patterns-connector.js does.
     const args = ['--require', require.resolve('tsx/cjs'), CLI, '--project-id', String(options.projectId)]
     args.push('--port', String(options.port ?? 0), '--host', options.host ?? '127.0.0.1')
@@ -70,7 +69,7 @@ export async function spawnPostHogStandIn(options: SpawnOptions): Promise<Spawne
     if (options.limits) {
         args.push('--limits', JSON.stringify(options.limits))
     }
-    const child = spawn(process.execPath, args, {
+    return spawn(process.execPath, args, {
         env: {
             ...process.env,
             STANDIN_API_KEY: options.apiKey,
@@ -79,9 +78,12 @@ export async function spawnPostHogStandIn(options: SpawnOptions): Promise<Spawne
         },
         stdio: ['ignore', 'pipe', 'pipe'],
     })
-    const ready = await waitForReady(child, options.startTimeoutMs ?? 30_000)
-    const control = async <T>(path: string, body: unknown = {}): Promise<T> => {
-        const response = await fetch(`${ready.url}/_standin/${path}`, {
+}
+
+/** One call to the stand-in's control API (POST /_standin/PATH with the control token); its JSON answer. */
+function controlClient(url: string, controlToken: string) {
+    return async <T>(path: string, body: unknown = {}): Promise<T> => {
+        const response = await fetch(`${url}/_standin/${path}`, {
             method: 'POST',
             headers: { 'Content-Type': 'application/json', 'X-Standin-Control': controlToken },
             body: JSON.stringify(body),
@@ -92,6 +94,14 @@ export async function spawnPostHogStandIn(options: SpawnOptions): Promise<Spawne
         }
         return JSON.parse(text) as T
     }
+}
+
+/** Starts `standin/cli.ts` in a child process and returns a client for it. */
+export async function spawnPostHogStandIn(options: SpawnOptions): Promise<SpawnedPostHogStandIn> {
+    const controlToken = randomBytes(16).toString('hex')
+    const child = spawnCli(options, controlToken)
+    const ready = await waitForReady(child, options.startTimeoutMs ?? 30_000)
+    const control = controlClient(ready.url, controlToken)
     child.removeAllListeners('exit')
     return {
         url: ready.url,
