@@ -98,7 +98,7 @@ function parquetInputLine(row: ExportRow, propertiesText?: string): string {
 }
 
 /** The engine's input, in a folder of its own (never inside the export folder a test lists). */
-function engineInput(text: string): string {
+function engineInput(text: string | Buffer): string {
     const input = join(mkdtempSync(join(tmpdir(), 'export-fixture-')), 'input')
     writeFileSync(input, text)
     return input
@@ -119,7 +119,8 @@ export function writeParquet(
     const input = engineInput(rows.map((row, i) => parquetInputLine(row, propertiesText.get(i)) + '\n').join(''))
     query(
         `SELECT * FROM file(${sql(input)}, JSONEachRow, ${sql(PARQUET_COLUMNS)}) ` +
-            `INTO OUTFILE ${sql(file)} TRUNCATE FORMAT Parquet SETTINGS ` +
+            // COMPRESSION 'none': ClickHouse would otherwise zstd a whole `.parquet.zst` file, which PostHog does not.
+            `INTO OUTFILE ${sql(file)} TRUNCATE COMPRESSION 'none' FORMAT Parquet SETTINGS ` +
             `output_format_parquet_compression_method = ${sql(codec)}, ` +
             `output_format_parquet_row_group_size = ${rowGroup}, max_threads = 1`,
         'CSV'
@@ -127,13 +128,13 @@ export function writeParquet(
     rmSync(dirname(input), { recursive: true, force: true })
 }
 
-/** A zstd-compressed file written by ClickHouse (chdb) from the given text. */
-export function writeZstd(file: string, text: string): void {
+/** A zstd-compressed file written by ClickHouse (chdb) from the given bytes, byte for byte (RawBLOB). */
+export function writeZstd(file: string, data: string | Buffer): void {
     mkdirSync(dirname(file), { recursive: true })
-    const input = engineInput(text)
+    const input = engineInput(data)
     query(
-        `SELECT * FROM file(${sql(input)}, LineAsString) INTO OUTFILE ${sql(file)} TRUNCATE ` +
-            `COMPRESSION 'zstd' FORMAT LineAsString`,
+        `SELECT * FROM file(${sql(input)}, RawBLOB) INTO OUTFILE ${sql(file)} TRUNCATE ` +
+            `COMPRESSION 'zstd' FORMAT RawBLOB`,
         'CSV'
     )
     rmSync(dirname(input), { recursive: true, force: true })

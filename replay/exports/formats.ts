@@ -2,7 +2,9 @@
  * What a file holds, decided from its first bytes rather than its name: a file renamed, or compressed by hand, is
  * still read for what it is. Brotli has no magic number, so a file that is none of the others is tried as brotli.
  */
-import { brotliDecompressSync, constants } from 'node:zlib'
+import { brotliDecompressSync, constants, gunzipSync } from 'node:zlib'
+
+import { Decompress } from 'fzstd'
 
 export const EXPORT_FORMATS = ['jsonl', 'jsonl.gz', 'jsonl.br', 'jsonl.zst', 'parquet'] as const
 export type ExportFormat = (typeof EXPORT_FORMATS)[number]
@@ -51,6 +53,34 @@ function brotliStart(head: Uint8Array): Buffer | null {
     }
 }
 
+/** The start of a gzip or zstd stream, decompressed as far as these bytes go; null when that cannot be told. */
+function inflatedStart(format: 'jsonl.gz' | 'jsonl.zst', head: Uint8Array): Uint8Array | null {
+    try {
+        if (format === 'jsonl.gz') {
+            return gunzipSync(head, { finishFlush: constants.Z_SYNC_FLUSH })
+        }
+        const out: Uint8Array[] = []
+        new Decompress((chunk) => {
+            out.push(chunk)
+        }).push(head)
+        return out[0] ?? null
+    } catch {
+        return null
+    }
+}
+
+/** A compressed file that holds something other than JSON Lines: why it is not read, or null. */
+function insideCompressed(format: 'jsonl.gz' | 'jsonl.zst', head: Uint8Array): { unreadable: string } | null {
+    const inner = inflatedStart(format, head)
+    if (!inner || inner.length === 0 || looksLikeJsonLines(inner.subarray(0, HEAD_BYTES))) {
+        return null
+    }
+    const tool = format === 'jsonl.gz' ? 'gunzip' : 'zstd -d'
+    return startsWith(inner, PARQUET_MAGIC)
+        ? { unreadable: `it is a whole Parquet file compressed again: ${tool} it first (Parquet compresses inside)` }
+        : { unreadable: `it is compressed, but what it holds is not JSON Lines` }
+}
+
 /**
  * The format of a file from its first bytes (HEAD_BYTES of them, or all of a smaller file), or why it cannot be
  * read, with the fix.
@@ -60,10 +90,10 @@ export function detectExportFormat(head: Uint8Array): ExportFormat | { unreadabl
         return 'parquet'
     }
     if (startsWith(head, GZIP_MAGIC)) {
-        return 'jsonl.gz'
+        return insideCompressed('jsonl.gz', head) ?? 'jsonl.gz'
     }
     if (startsWith(head, ZSTD_MAGIC)) {
-        return 'jsonl.zst'
+        return insideCompressed('jsonl.zst', head) ?? 'jsonl.zst'
     }
     const unread = UNREAD.find((c) => startsWith(head, c.magic))
     if (unread) {

@@ -21,6 +21,8 @@ const PLUGIN_FIELDS = ['uuid', 'event', 'distinct_id', 'team_id', 'ip', 'timesta
 const EXPORT_FIELDS = ['elements_chain', 'person_id', 'person_properties', 'created_at'] as const
 /** Datetimes, written as ISO 8601 UTC with milliseconds. `inserted_at` is the 2023 name of `_inserted_at`. */
 const DATETIME_FIELDS = new Set(['timestamp', 'created_at', '_inserted_at', 'inserted_at'])
+/** 2023-era person updates, sent as `$set` and `$set_once` (so --excluded-properties applies to them) only. */
+const LIFTED = new Set(['set', 'set_once'])
 /** Fields that hold JSON: objects in JSON Lines, strings of JSON in Parquet. */
 const JSON_FIELDS = new Set(['properties', 'person_properties', 'set', 'set_once'])
 
@@ -89,7 +91,7 @@ function orderedEvent(row: Record<string, unknown>, marks: Marks): Record<string
         event.$set_once = setOnce
     }
     for (const key of [...EXPORT_FIELDS, ...Object.keys(row)]) {
-        if (key in row && !(key in event)) {
+        if (key in row && !(key in event) && !LIFTED.has(key)) {
             event[key] = fieldValue(key, row[key], marks)
         }
     }
