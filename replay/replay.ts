@@ -5,6 +5,7 @@
  */
 import { ParsedConfig, SenderEnv } from '../index'
 import { PipelineProgress, PipelineReport, runPipeline, Source, SourceRecord } from '../pipeline'
+import { DEFAULT_RETRY_FOR_MS } from '../pipeline/cli-options'
 import { deadLetterWriter } from '../pipeline/dead-letter'
 import { commandName } from '../pipeline/usage'
 import { advanced, binding, Checkpoint, isHandled, loadCheckpoint, writeCheckpoint } from './checkpoint'
@@ -14,8 +15,8 @@ export { DEFAULT_CONCURRENCY } from '../pipeline'
 export type { Checkpoint } from './checkpoint'
 export { CHECKPOINT_VERSION, CheckpointError, readCheckpoint } from './checkpoint'
 
-/** Replay has no host guard, so a batch may keep retrying this long before the run stops. */
-export const REPLAY_BATCH_DEADLINE_MS = 120_000
+/** Replay has no host guard, so a batch may keep retrying this long before the run stops (--retry-for's default). */
+export const REPLAY_BATCH_DEADLINE_MS = DEFAULT_RETRY_FOR_MS
 
 /** How to run replay on standard input, for messages: as this process was started, so the hint runs as shown. */
 export const REPLAY_FROM_STDIN = `${commandName()} replay - [options]`
