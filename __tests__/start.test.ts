@@ -49,9 +49,9 @@ describe('npm start', () => {
     })
 
     it('runs the direct path on request: one POST per micro-batch of 10', async () => {
-        const { code, stdout } = await start(['--count', '200', '--path', 'direct', '--era', 'vm2021', '--quiet'])
+        const { code, stdout } = await start(['--count', '200', '--path', 'direct', '--era', 'vm2024', '--quiet'])
         expect(code).toBe(0)
-        expect(stdout).toMatch(/era\s+vm2021 \(direct path\)/)
+        expect(stdout).toMatch(/era\s+vm2024 \(direct path\)/)
         expect(stdout).toMatch(/requests\s+20\n/)
         expect(stdout).toMatch(/events per request\s+10\.0/)
     })

@@ -129,6 +129,8 @@ export interface ExportPathHooks {
     /** Puts a job in the host's queue, to run after `seconds`, in whatever VM picks it up. */
     enqueue: (job: ExportJob, seconds: number) => void
     metrics: ExportMetrics
+    /** Told of each batch the host gave up on, so a run can check that no event was lost without a record. */
+    onUndelivered: (batch: unknown[]) => void
     log: (line: string) => void
 }
 
@@ -209,11 +211,13 @@ async function exportWithRetry(job: ExportJob, exportEvents: PluginMethod, hooks
         if (!(error instanceof hooks.RetryError)) {
             metrics.otherErrors += size
             metrics.undelivered += size
+            hooks.onUndelivered(job.batch)
             throw error
         }
         metrics.retryErrors += size
         if (job.retriesPerformedSoFar >= policy.maxRetries) {
             metrics.undelivered += size
+            hooks.onUndelivered(job.batch)
             hooks.log(`host: dropped batch ${job.batchId} (${size} events) after ${job.retriesPerformedSoFar} retries`)
             return
         }

@@ -106,6 +106,8 @@ export class PluginInstance {
     private exportPath: ExportPath | null = null
     /** What this VM's export path counted, as the plugin's page showed it. */
     readonly exportMetrics: ExportMetrics = emptyMetrics()
+    /** uuids of the events in batches the export path gave up on (a final error, or no retry left). */
+    readonly undeliveredUuids: string[] = []
 
     constructor(readonly options: InstanceOptions) {
         this.era = getEra(options.era)
@@ -168,6 +170,11 @@ export class PluginInstance {
                 enqueue(JSON.parse(JSON.stringify(job)) as ExportJob, seconds)
             },
             metrics: this.exportMetrics,
+            onUndelivered: (batch) => {
+                for (const event of batch) {
+                    this.undeliveredUuids.push(String((event as { uuid?: unknown }).uuid))
+                }
+            },
             log: this.options.log,
         })
         return { ...vm, methods: this.exportPath.methods }

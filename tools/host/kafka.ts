@@ -40,6 +40,7 @@ export interface WorkerReport {
     stats: SenderStats | null
     setup: SetupStatus
     exportMetrics: ExportMetrics
+    undeliveredUuids: string[]
 }
 
 /**

@@ -107,6 +107,8 @@ export interface ExportPathResult {
     jobs: QueueFigures
     /** Every job payload as the queue stored it: for scans. */
     jobPayloads: string[]
+    /** uuids of the events in batches the host gave up on, each recorded in its metrics and log. */
+    undeliveredUuids: string[]
 }
 
 export function percentile(sorted: readonly number[], p: number): number {
@@ -232,7 +234,7 @@ class JobHost {
     }
 
     /** Waits for the queue (up to jobWaitMs), then ends: the jobs left are counted, the job VM torn down. */
-    async finish(result: JobResult, metrics: ExportMetrics[]): Promise<void> {
+    async finish(result: JobResult, metrics: ExportMetrics[], undelivered: string[]): Promise<void> {
         await this.queue.idle(this.options.jobWaitMs)
         const jobs = this.queue.stop()
         await this.instance?.teardown()
@@ -247,6 +249,7 @@ class JobHost {
             line: metricsLine(policy, total),
             jobs,
             jobPayloads: this.queue.payloads,
+            undeliveredUuids: [...undelivered, ...(this.instance?.undeliveredUuids ?? [])],
         }
     }
 }
@@ -296,7 +299,7 @@ async function runDirect(options: JobOptions, era: Era, code: string, tally: Tal
     // Teardown flushes the export buffer: the run ends once that batch and any retry jobs were handled.
     await instance.teardown()
     await instance.exportsDrained()
-    await jobs.finish(tally.result, [instance.exportMetrics])
+    await jobs.finish(tally.result, [instance.exportMetrics], instance.undeliveredUuids)
     tally.result.deliveredMs = Date.now() - eventsStarted
     tally.result.sender = await instance.senderStats()
     tally.result.setup = [{ ...instance.setup }]
@@ -342,9 +345,11 @@ async function runKafka(options: JobOptions, era: Era, code: string, tally: Tall
         }
         await pool.teardown()
         reports = await pool.reports()
+        const metrics = reports.map((report) => report.exportMetrics)
         await jobs.finish(
             tally.result,
-            reports.map((report) => report.exportMetrics)
+            metrics,
+            reports.flatMap((report) => report.undeliveredUuids)
         )
         tally.result.deliveredMs = Date.now() - eventsStarted
     } finally {

@@ -65,7 +65,12 @@ function main(): void {
             void settled
                 .then(() => instance.senderStats())
                 .then((stats) => {
-                    const value = { stats, setup: { ...instance.setup }, exportMetrics: { ...instance.exportMetrics } }
+                    const value = {
+                        stats,
+                        setup: { ...instance.setup },
+                        exportMetrics: { ...instance.exportMetrics },
+                        undeliveredUuids: instance.undeliveredUuids,
+                    }
                     send({ type: 'result', id: message.id, value })
                 })
         } else {
