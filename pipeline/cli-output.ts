@@ -103,7 +103,8 @@ export function cliOutput(io: CliStreams, secrets: ReadonlyArray<string | undefi
         stream.write(redactText(text, known))
     }
     let drawn = false
-    let lastPlain = 0
+    // Off a terminal the first progress line waits an interval too: a short run prints only its summary.
+    let lastPlain = Date.now()
     return {
         tty,
         out: (text) => write(io.stdout, text),

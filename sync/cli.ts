@@ -331,7 +331,7 @@ export function syncSummaryText(
 ): string {
     const cursor = report.cursor.uuid
         ? `${new Date(report.cursor.ms).toISOString()} ${report.cursor.uuid}`
-        : `from ${new Date(report.cursor.ms).toISOString()}`
+        : `${new Date(report.cursor.ms).toISOString()} (its start: nothing sent yet)`
     return summaryText([
         ['events read', report.read],
         ...deliveryRows(report, run.deadLetterFile),
