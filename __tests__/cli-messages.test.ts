@@ -154,6 +154,16 @@ describe('a misspelled flag', () => {
         expect(sync.stderr).toContain("Unknown option '--sicne'. Did you mean --since?")
     })
 
+    it('a flag written without its dashes gets its dashes suggested', async () => {
+        const args = ['--posthog-url', 'https://us.posthog.com', '--project-id', '1', 'follow']
+        const { code, stderr } = await syncCli(args, { PATTERNS_WEBHOOK_URL: 'https://example.com/h' })
+        expect(code).toBe(2)
+        expect(stderr).toBe(
+            "error: Unexpected argument 'follow'. This command does not take positional arguments. Did you mean " +
+                '--follow? Run with --help for the options.\n'
+        )
+    })
+
     it('suggests nothing when no flag is close', async () => {
         const { code, stderr } = await replayCli(['x.jsonl', '--zzz'])
         expect(code).toBe(2)

@@ -46,10 +46,14 @@ export function closestFlag(typed: string, known: readonly string[]): string | n
     return best?.flag ?? null
 }
 
-/** " Did you mean --x?" for the unknown option in Node's parseArgs message, or '' when nothing is close. */
+/**
+ * " Did you mean --x?" for the unknown option in Node's parseArgs message, or for an argument that is a flag's
+ * name without its dashes ("follow" for --follow); '' when nothing is close.
+ */
 export function didYouMean(message: string, known: readonly string[]): string {
     const unknown = /^Unknown option '(-[^']+)'/.exec(message)?.[1]
-    const flag = unknown ? closestFlag(unknown, known) : null
+    const bare = /^Unexpected argument '([^-'][^']*)'/.exec(message)?.[1]
+    const flag = unknown ? closestFlag(unknown, known) : bare ? closestFlag(bare, known) : null
     return flag ? ` Did you mean --${flag}?` : ''
 }
 
