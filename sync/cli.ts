@@ -100,7 +100,8 @@ Durations: 500ms, 30s, 2m, 1h, 7d (a bare number is seconds).
 With --follow and the defaults, an event is sent within about ${(DEFAULT_LAG_MS + DEFAULT_POLL_INTERVAL_MS) / 1000 + 15} s of PostHog storing it.
 Exit codes: 0 everything read was delivered or deliberately filtered; 1 some events were refused or the
 run stopped early (see the summary; the same command resumes); 2 bad usage or configuration (API key,
-scope, project, checkpoint of another source); 130 interrupted (Ctrl-C; the checkpoint is written).
+scope, project, a --posthog-url that is not PostHog, a checkpoint of another source); 130 interrupted
+(Ctrl-C; the checkpoint is written).
 `
 
 /** "500ms", "30s", "2m", "1h", "7d", or a bare number of seconds, in milliseconds. */
