@@ -241,6 +241,18 @@ describe('a PostHog that cannot be reached or is not PostHog', () => {
         expect(api.hits()).toBe(1)
     })
 
+    it('a web server’s 404 page is not read as an unknown project: exit 2 at once, naming --posthog-url', async () => {
+        const site = await otherServer(404, 'text/html', '<html><h1>Not Found</h1></html>')
+        const { code, stderr } = await syncCli(syncArgs(site.url), env)
+        expect(code).toBe(2)
+        expect(stderr).toContain(
+            `error: ${new URL(site.url).host} does not answer as PostHog (HTTP 404: <html><h1>Not Found</h1></html>). ` +
+                'Check --posthog-url'
+        )
+        expect(stderr).not.toContain('--project-id')
+        expect(site.hits()).toBe(1)
+    })
+
     it('once PostHog has answered, network errors are retried as before, not reported as a wrong URL', async () => {
         const page = JSON.stringify({ columns: ['n'], results: [[1]], hasMore: false })
         const posthog = await rawServer((index) =>

@@ -71,11 +71,22 @@ const CONFIG_KINDS: ReadonlySet<QueryFailureKind> = new Set([
 ])
 
 /** A query that cannot succeed as configured, or that kept failing: the message says what and how to fix it. */
+/** An error answer, as far as messages need it: its status, its quoted detail, and whether it had PostHog's shape. */
+export interface ErrorAnswer {
+    status: number
+    /** ": " and the detail or the start of the body, or ''. */
+    detail: string
+    /** The body was PostHog's (DRF's) error object, with a `detail`: the answer came from PostHog itself. */
+    fromPostHog: boolean
+}
+
 export class PostHogQueryError extends Error {
     name = 'PostHogQueryError'
     constructor(
         readonly kind: QueryFailureKind,
-        message: string
+        message: string,
+        /** The HTTP answer the error came from, if it came from one. */
+        readonly answer: ErrorAnswer | null = null
     ) {
         super(message)
     }
@@ -115,6 +126,15 @@ export function errorDetail(body: string): string {
     return body.replace(/\s+/g, ' ').trim().slice(0, DETAIL_CHARS)
 }
 
+/** Whether an error body is PostHog's (DRF's) error object: JSON with a string `detail`. */
+export function hasPostHogShape(body: string): boolean {
+    try {
+        return typeof (JSON.parse(body) as { detail?: unknown } | null)?.detail === 'string'
+    } catch {
+        return false
+    }
+}
+
 export interface QueryTarget {
     /** Origin only, e.g. https://us.posthog.com: safe to print. */
     origin: string
@@ -130,15 +150,15 @@ export function classifyQueryResponse(
     target: QueryTarget
 ): QueryOutcome {
     // Decoded only for an error, and only its start: a 200's page is megabytes, and nothing quotes it.
+    const body = (): string => (typeof bytes === 'string' ? bytes : bytes.toString('utf8', 0, ERROR_TEXT_BYTES))
     const detail = (): string => {
-        const body = typeof bytes === 'string' ? bytes : bytes.toString('utf8', 0, ERROR_TEXT_BYTES)
-        const text = errorDetail(body)
+        const text = errorDetail(body())
         return text ? `: ${text}` : ''
     }
-    const fatal = (kind: QueryFailureKind, message: string): QueryOutcome => ({
-        kind: 'fatal',
-        error: new PostHogQueryError(kind, message),
-    })
+    const fatal = (kind: QueryFailureKind, message: string): QueryOutcome => {
+        const answer = { status, detail: detail(), fromPostHog: hasPostHogShape(body()) }
+        return { kind: 'fatal', error: new PostHogQueryError(kind, message, answer) }
+    }
     if (status >= 200 && status < 300) {
         return parseQueryBody(bytes)
     }
@@ -237,15 +257,30 @@ const POSTHOG_URL_FIX =
     'Check --posthog-url: it is the address you open PostHog at, e.g. https://us.posthog.com, https://eu.posthog.com ' +
     "or your self-hosted PostHog's"
 
-/** What the first query's failure means when PostHog never answered: a URL to check, named with its host. */
+/** Refusals that PostHog words as an object with a `detail`: without one, it was another server that refused. */
+const NOT_POSTHOG_WITHOUT_ITS_SHAPE: ReadonlySet<QueryFailureKind> = new Set([
+    'auth',
+    'scope',
+    'project',
+    'query',
+    'unexpected',
+])
+
+/**
+ * What the first query's failure means when PostHog never answered well: an answer that is not PostHog's (a web
+ * page's 404, a JSON API's 200 without results) is a URL to check, named with its host, not a key or a project.
+ */
 export function firstContactError(origin: string, error: PostHogQueryError): PostHogQueryError {
-    if (error.kind !== 'unexpected') {
+    const { answer } = error
+    if (!NOT_POSTHOG_WITHOUT_ITS_SHAPE.has(error.kind) || answer?.fromPostHog) {
         return error
     }
+    const what = answer ? `HTTP ${answer.status}${answer.detail}` : error.message
     const host = new URL(origin).host
     return new PostHogQueryError(
         'not-posthog',
-        `${host} does not answer as PostHog (${error.message}). ${POSTHOG_URL_FIX}`
+        `${host} does not answer as PostHog (${what}). ${POSTHOG_URL_FIX}`,
+        answer
     )
 }
 
@@ -462,7 +497,9 @@ export class QueryClient {
         if (outcome.kind === 'retry') {
             return outcome
         }
-        return { kind: 'fatal', error: new PostHogQueryError(outcome.error.kind, this.redact(outcome.error.message)) }
+        const { kind, message, answer: refused } = outcome.error
+        const facts = refused && { ...refused, detail: this.redact(refused.detail) }
+        return { kind: 'fatal', error: new PostHogQueryError(kind, this.redact(message), facts) }
     }
 
     /** The key is never put in a message; this is the net under that rule (a server could echo it back). */
