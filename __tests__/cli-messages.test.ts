@@ -13,7 +13,7 @@ import { PassThrough } from 'node:stream'
 
 import { closestFlag, commandName, editDistance } from '../pipeline/usage'
 import { progressLine, runReplayCli } from '../replay/cli'
-import { runSyncCli, syncProgressLine } from '../sync/cli'
+import { parsePostHogUrl, runSyncCli, syncProgressLine } from '../sync/cli'
 import { QueryClient } from '../sync/posthog'
 import { StandInEvent } from '../tools/standin/events'
 import { PostHogStandIn, startPostHogStandIn } from '../tools/standin/server'
@@ -130,6 +130,14 @@ describe('errors name the flag and the fix', () => {
         const notJson = await replayCli(['x', '--dry-run', '--custom-headers', '{oops'])
         expect(notJson.code).toBe(2)
         expect(notJson.stderr).toContain('error: --custom-headers: it is not valid JSON.')
+    })
+
+    it('--posthog-url takes plain http on the same loopback hosts as the webhook, [::1] included', () => {
+        expect(parsePostHogUrl('http://[::1]:8000')).toBe('http://[::1]:8000')
+        expect(parsePostHogUrl('http://localhost:8000/')).toBe('http://localhost:8000')
+        expect(() => parsePostHogUrl('http://posthog.example.com')).toThrow(
+            '--posthog-url: plain http would send the API key in the clear; use https (http only for localhost)'
+        )
     })
 
     it('asks for the webhook in the same words in replay and sync', async () => {
