@@ -66,8 +66,7 @@ function pluginShape(row: ExportRow): Record<string, unknown> {
         ip: null,
         timestamp: iso(row.timestamp),
         properties: row.properties,
-        $set: row.properties.$set,
-        $set_once: row.properties.$set_once,
+        ...(row.properties.$set ? { $set: row.properties.$set, $set_once: row.properties.$set_once } : {}),
         elements_chain: row.elements_chain,
         person_id: row.person_id,
         person_properties: row.person_properties,
@@ -227,15 +226,28 @@ describe('the shape of what is sent', () => {
         const [row] = exportRows(0, 1, DAY_ONE_MS) as [ExportRow]
         const text = JSON.stringify(row).replace('"i":0', `"i":0,"a":${big[0]},"b":[${big[1]}],"c":{"d":${big[2]}}`)
         writeAt(dir, exportPath(DAY_ONE_MS, 0, 'jsonl'), text + '\n')
+        // With person updates to lift (parsed, numbers kept), and without (sent as read).
         const properties = JSON.stringify(row.properties).replace('"i":0', `"i":0,"a":${big[0]},"b":[${big[1]}]`)
+        const plain = `{"i":1,"a":${big[0]},"b":[${big[1]}],"c":{"d":${big[2]}}}`
         const parquet = join(dir, exportPath(DAY_ONE_MS + HOUR_MS, 0, 'parquet'))
-        writeParquet(parquet, [{ ...row, uuid: 'u-parquet' }], 'zstd', 10, new Map([[0, properties]]))
+        const rows = [row, { ...row, uuid: 'u-verbatim' }]
+        writeParquet(
+            parquet,
+            rows,
+            'zstd',
+            10,
+            new Map([
+                [0, properties],
+                [1, plain],
+            ])
+        )
         const { code } = await cli([dir, '--webhook-url', rx.url, '--concurrency', '1'])
         expect(code).toBe(0)
         const sent = rx.received.map((r) => r.body)
         expect(sent[0]).toContain(`"i":0,"a":${big[0]},"b":[${big[1]}],"c":{"d":${big[2]}}`)
         expect(sent[0]).toContain(`"$set":{"plan":"pro"}`)
         expect(sent[sent.length - 1]).toContain(`"i":0,"a":${big[0]},"b":[${big[1]}]`)
+        expect(sent[sent.length - 1]).toContain(`"properties":${plain}`)
     })
 
     it('sends a 20 MB line whole, between ordinary ones, from a gzip file', async () => {

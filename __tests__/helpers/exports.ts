@@ -49,7 +49,11 @@ export function exportRow(i: number, ms: number, tag = 'a'): ExportRow {
         event: i % 5 === 0 ? '$identify' : '$pageview',
         distinct_id: `user-${i % 17}`,
         person_id: `0190ffff-0000-7000-8000-${String(i % 17).padStart(12, '0')}`,
-        properties: { $current_url: `https://example.com/${i}`, $set: { plan: 'pro' }, $set_once: { first: i }, i },
+        // Person updates on $identify only, as PostHog sends them: other properties can be sent as read.
+        properties:
+            i % 5 === 0
+                ? { $current_url: `https://example.com/${i}`, $set: { plan: 'pro' }, $set_once: { first: i }, i }
+                : { $current_url: `https://example.com/${i}`, i },
         person_properties: { email: `user-${i % 17}@example.com` },
         elements_chain: i % 3 === 0 ? 'button:text="Buy"nth-child="1"' : '',
         timestamp: at(0),

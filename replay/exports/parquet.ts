@@ -42,13 +42,31 @@ async function loadReader() {
     return { parquetMetadataAsync, parquetRead, compressors }
 }
 
+/** ms since the epoch as ISO 8601 UTC with milliseconds. */
+const iso = (ms: number): string => new Date(ms).toISOString()
+
+/**
+ * TIMESTAMP columns straight to the text the event carries, without a Date per value. PostHog's are in
+ * microseconds; milliseconds and nanoseconds are read too.
+ */
+const TIMESTAMP_PARSERS = {
+    timestampFromMilliseconds: (ms: bigint) => iso(Number(ms)),
+    timestampFromMicroseconds: (us: bigint) => iso(Math.floor(Number(us) / 1_000)),
+    timestampFromNanoseconds: (ns: bigint) => iso(Math.floor(Number(ns) / 1_000_000)),
+}
+
 /** One row group's rows from `from` on, as objects. */
 async function readRows(
     read: (options: ParquetReadOptions) => Promise<void>,
     options: Omit<ParquetReadOptions, 'onComplete' | 'rowFormat'>
 ): Promise<ParquetRow[]> {
     let rows: ParquetRow[] = []
-    await read({ ...options, rowFormat: 'object', onComplete: (decoded) => (rows = decoded) })
+    await read({
+        ...options,
+        parsers: TIMESTAMP_PARSERS,
+        rowFormat: 'object',
+        onComplete: (decoded) => (rows = decoded),
+    })
     return rows
 }
 

@@ -31,7 +31,7 @@ export function isoUtc(value: unknown): unknown {
     if (value instanceof Date) {
         return Number.isNaN(value.getTime()) ? null : value.toISOString()
     }
-    if (typeof value !== 'string' || value === '') {
+    if (typeof value !== 'string' || value === '' || ISO_UTC_MS.test(value)) {
         return value
     }
     let text = value.includes('T') ? value : value.replace(' ', 'T')
@@ -42,10 +42,33 @@ export function isoUtc(value: unknown): unknown {
     return Number.isNaN(ms) ? value : new Date(ms).toISOString()
 }
 
-/** Tracks whether any marked number went into the event, so its JSON is written back with the numbers. */
+/** How a row is being shaped. */
 interface Marks {
+    /** Whether any marked number went into the event, so its JSON is written back with the numbers. */
     marked: boolean
+    /** Whether JSON text may be sent as it is (nothing to remove from it). */
+    verbatim: boolean
 }
+
+/** JSON text sent as PostHog wrote it, unparsed: big numbers and all. */
+class RawJson {
+    constructor(readonly text: string) {}
+}
+
+/**
+ * Whether a field's JSON text can go as it is: an object (so the receiver gets the same type either way), and for
+ * properties, none of the person updates that must be lifted out of them.
+ */
+function isVerbatim(key: string, text: string): boolean {
+    return (
+        text.length >= 2 &&
+        text.charCodeAt(0) === 0x7b &&
+        text.charCodeAt(text.length - 1) === 0x7d &&
+        (key !== 'properties' || !text.includes('"$set'))
+    )
+}
+
+const ISO_UTC_MS = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/
 
 /** A field's value for the event: JSON text parsed (Parquet), bigints as numbers, datetimes normalised. */
 function fieldValue(key: string, value: unknown, marks: Marks): unknown {
@@ -60,6 +83,9 @@ function fieldValue(key: string, value: unknown, marks: Marks): unknown {
     if (JSON_FIELDS.has(key) && typeof value === 'string') {
         if (value === '') {
             return null
+        }
+        if (marks.verbatim && isVerbatim(key, value)) {
+            return new RawJson(value)
         }
         const parsed = parse(value)
         marks.marked ||= parsed.marked
@@ -80,7 +106,9 @@ function orderedEvent(row: Record<string, unknown>, marks: Marks): Record<string
         }
     }
     const properties = isObject(event.properties) ? event.properties : {}
-    event.properties = properties
+    if (!(event.properties instanceof RawJson)) {
+        event.properties = properties
+    }
     // 2023-era files also carried the person updates as `set` and `set_once`: used when properties have none.
     const set = properties.$set ?? row.$set ?? fieldValue('set', row.set, marks)
     const setOnce = properties.$set_once ?? row.$set_once ?? fieldValue('set_once', row.set_once, marks)
@@ -110,10 +138,23 @@ export function shapeExportRow(
     if (typeof row.event !== 'string') {
         return { error: 'not a PostHog event (no "event" name)' }
     }
-    const marks = { marked }
+    const marks = { marked, verbatim: excluded.length === 0 }
     const event = shapeEvent(orderedEvent(row, marks), excluded)
     const uuid = typeof row.uuid === 'string' ? row.uuid : String(row.uuid ?? '')
-    return { uuid, event: row.event, text: stringify(event, marks.marked) }
+    return { uuid, event: row.event, text: eventText(event, marks.marked) }
+}
+
+/** The event's JSON, as `JSON.stringify` writes it, with verbatim fields written as they were read. */
+function eventText(event: Record<string, unknown>, marked: boolean): string {
+    let text = '{'
+    for (const key in event) {
+        const value = event[key]
+        if (value !== undefined) {
+            const json = value instanceof RawJson ? value.text : stringify(value, marked)
+            text += `${text.length > 1 ? ',' : ''}${JSON.stringify(key)}:${json}`
+        }
+    }
+    return text + '}'
 }
 
 /** A JSON Lines row: parsed keeping big numbers, then shaped. */

@@ -8,7 +8,7 @@ import { Source, SourceRecord } from '../../pipeline'
 import { Resume } from './checkpoint'
 import { Dedupe } from './dedupe'
 import { jsonLinesBytes, splitLines } from './lines'
-import { parquetRowGroups } from './parquet'
+import { ParquetRow, parquetRowGroups } from './parquet'
 import { ShapedRow, shapeExportLine, shapeExportRow } from './rows'
 
 /** A row of the run: the index of its file in the run's order, and its row number in the file (from 0). */
@@ -35,6 +35,15 @@ export interface ExportSourceOptions {
 }
 
 type Shaped = ShapedRow | { error: string }
+
+/** Rows of a Parquet row group shaped and handed to the pipeline at a time. */
+export const PARQUET_SLICE_ROWS = 1_000
+/** Takes the place of a row already shaped, so the row can be collected while the rest of its group is read. */
+const RELEASED: ParquetRow = {}
+
+/** A Parquet row as text, for a dead letter: bigints as their digits. */
+const rawRow = (row: ParquetRow): string =>
+    JSON.stringify(row, (_key, value: unknown) => (typeof value === 'bigint' ? String(value) : value))
 
 /** A shaped row as a pipeline record, or null when --dedupe drops it. */
 function toRecord(
@@ -98,18 +107,29 @@ async function* parquetRecords(
 ): Source<FilePosition> {
     options.counts.skipped += from
     for await (const group of parquetRowGroups(step.path, step.size, from)) {
-        const records: SourceRecord<FilePosition>[] = []
-        group.rows.forEach((row, i) => {
-            const position = { file: step.index, row: group.first + i }
-            const shaped = shapeExportRow(row, false, options.excludedProperties)
-            const raw = () =>
-                JSON.stringify(row, (_key, value: unknown) => (typeof value === 'bigint' ? String(value) : value))
-            const record = toRecord(shaped, position, `${step.name} row ${position.row}`, raw, options)
-            if (record) {
-                records.push(record)
+        const { rows } = group
+        // A row group is shaped and handed on a slice at a time, each row let go once shaped: what is held is the
+        // slice's events, not the row group's rows and their events both.
+        for (let start = 0; start < rows.length; start += PARQUET_SLICE_ROWS) {
+            const records: SourceRecord<FilePosition>[] = []
+            for (let i = start; i < Math.min(rows.length, start + PARQUET_SLICE_ROWS); i++) {
+                const row = rows[i] as ParquetRow
+                rows[i] = RELEASED
+                const position = { file: step.index, row: group.first + i }
+                const shaped = shapeExportRow(row, false, options.excludedProperties)
+                const record = toRecord(
+                    shaped,
+                    position,
+                    `${step.name} row ${position.row}`,
+                    () => rawRow(row),
+                    options
+                )
+                if (record) {
+                    records.push(record)
+                }
             }
-        })
-        yield records
+            yield records
+        }
     }
 }
 
