@@ -37,6 +37,12 @@ export const DEADLINE_MARGIN_MS = 250
 /** Upper bounds for one POST. A burst larger than this goes out as several POSTs in a row. */
 export const DEFAULT_MAX_BATCH_EVENTS = 500
 export const DEFAULT_MAX_BATCH_BYTES = 1_000_000
+/**
+ * Events per POST on the export path, where only the byte bound usually applies: the host's job queue retries a
+ * batch whole, so a default 1 MiB buffer that goes out as one POST either arrives or is retried as a unit, and
+ * no part of it is sent twice.
+ */
+export const EXPORT_MAX_BATCH_EVENTS = 10_000
 /** Backoff with full jitter where timers exist: random(0, min(cap, base * 2^attempt)). */
 export const BACKOFF_BASE_MS = 250
 export const BACKOFF_CAP_MS = 5_000
@@ -1431,7 +1437,7 @@ export class Sender {
             }
         }
         const deadline = this.env.now() + this.config.deadlineMs
-        const chunks = chunkItems(items, this.config.maxBatchEvents, this.config.maxBatchBytes)
+        const chunks = chunkItems(items, EXPORT_MAX_BATCH_EVENTS, this.config.maxBatchBytes)
         const send = (chunk: ExportItem[]): Promise<DeliveryResult<ExportItem>[]> =>
             deliver(chunk, this.config, this.env, deadline, {
                 onAttempt: (outcome, _durationMs, attempt) => this.recordAttempt(outcome, attempt),
