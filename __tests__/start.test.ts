@@ -56,6 +56,33 @@ describe('npm start', () => {
         expect(stdout).toMatch(/events per request\s+10\.0/)
     })
 
+    it('--outage: in the 2021 era the host’s job queue delivers every event once the webhook is back', async () => {
+        const args = ['--era', 'vm2021', '--outage', '600', '--time-scale', '0.004', '--count', '200', '--quiet']
+        const { code, stdout } = await start(args)
+        expect(code).toBe(0)
+        expect(stdout).toContain('Webhook down (503) for 600 s')
+        expect(stdout).toMatch(/rows stored\s+200 \(0 duplicates\)/)
+        expect(stdout).toMatch(/handler\s+exportEvents \(the host's export path A; onEvent stands aside\)/)
+        expect(stdout).toMatch(/retry jobs \(queued \/ ran \/ left\)\s+[1-9]\d* \/ [1-9]\d* \/ 0\n/)
+        expect(stdout).toMatch(/PostHog's UI would show\s+plugin metrics: events seen 200, delivered successfully 200,/)
+    })
+
+    it('--outage without an export path: the era loses what it cannot deliver, and says so', async () => {
+        const args = ['--era', 'vm2024', '--outage', '600', '--time-scale', '0.004', '--count', '50', '--quiet']
+        const { code, stdout } = await start(args)
+        expect(code).toBe(1)
+        expect(stdout).toMatch(/handler\s+onEvent/)
+        expect(stdout).toMatch(/failed \(thrown to host\)\s+[1-9]/)
+    })
+
+    it('--outage needs the embedded receiver and a positive --time-scale', () => {
+        expect(usageError(['--outage', '600', '--webhook-url', 'https://example.com/x'])).toContain(
+            '--outage needs the embedded receiver'
+        )
+        expect(usageError(['--outage', 'ten'])).toContain('--outage: expected seconds ≥ 0, e.g. --outage 600')
+        expect(usageError(['--time-scale', '0'])).toContain('--time-scale: expected a number > 0')
+    })
+
     it('shows resilience under a fault preset in another era', async () => {
         const { code, stdout } = await start(['--era', 'cdp2025', '--faults', 'default', '--count', '1000', '--quiet'])
         expect(code).toBe(0)

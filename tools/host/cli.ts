@@ -18,6 +18,8 @@ import { defaultPath, HostPath, JobResult, PATHS, runJob } from './run'
 import { sampleEvents } from './sample-events'
 
 const DEFAULT_COUNT = 1_000
+/** With --outage and no --time-scale: ten minutes of outage and job waits take six seconds. */
+const OUTAGE_TIME_SCALE = 0.01
 /** Each run gets its own folder, so its summary counts only its own rows. */
 const DEFAULT_DATA_DIR = join(PROJECT_PLUGIN_DIR, '.data', 'runs', new Date().toISOString().replace(/[:.]/g, '-'))
 
@@ -34,6 +36,10 @@ Options:
   --workers N          Kafka path worker threads, each with its own VM (default: ${DEFAULT_WORKERS}, one per core)
   --tasks-per-worker N Kafka path tasks in flight per thread (default: ${DEFAULT_TASKS_PER_WORKER})
   --setup-retry-scale X  scales the host's waits between setupPlugin attempts (3 s, 6 s, …; default 1)
+  --outage SECONDS     the embedded receiver answers 503 for this long from the start (the export path's
+                       job queue retries the batches; other eras show what is lost)
+  --time-scale X       runs the host's job waits (6 s, 12 s, … up to about 54 h) and --outage X times as
+                       long: 0.01 makes ten minutes six seconds (default: 1, or 0.01 with --outage)
   --count N            number of sample events to generate (default: ${DEFAULT_COUNT})
   --events FILE        send the events in FILE instead (JSON Lines, a JSON array, or PostHog API pages)
   --webhook-url URL    send to a real webhook instead; no receiver is started
@@ -50,6 +56,8 @@ Examples:
   npm start -- --era vm2021 --faults default-no429 --count 5000
   npm start -- --era cdp2025 --faults default
   npm start -- --era vm2021 --path direct --count 3000
+  npm start -- --era vm2021 --outage 600
+  npm start -- --source posthog        (sync from a PostHog stand-in; see npm start -- --source posthog --help)
 `
 
 export class UsageError extends Error {}
@@ -69,6 +77,9 @@ export interface CliOptions {
     workers: number | undefined
     tasksPerWorker: number | undefined
     setupRetryScale: number
+    /** Seconds (emulated) the embedded receiver is down from the start; 0: no outage. */
+    outageSeconds: number
+    timeScale: number
 }
 
 export function parseCli(argv: string[], env: Record<string, string | undefined> = {}): CliOptions {
@@ -91,13 +102,15 @@ export function parseCli(argv: string[], env: Record<string, string | undefined>
                 workers: { type: 'string' },
                 'tasks-per-worker': { type: 'string' },
                 'setup-retry-scale': { type: 'string', default: '1' },
+                outage: { type: 'string', default: '0' },
+                'time-scale': { type: 'string' },
             },
             strict: true,
             allowPositionals: false,
         }).values
     } catch (error) {
         const flags = ['era', 'count', 'events', 'webhook-url', 'faults', 'data-dir', 'seed', 'plugin-dir', 'quiet']
-        const more = ['help', 'path', 'workers', 'tasks-per-worker', 'setup-retry-scale']
+        const more = ['help', 'path', 'workers', 'tasks-per-worker', 'setup-retry-scale', 'outage', 'time-scale']
         throw new UsageError(usageMessage(error as Error, [...flags, ...more]))
     }
     getEraOrUsage(values.era)
@@ -142,6 +155,7 @@ export function parseCli(argv: string[], env: Record<string, string | undefined>
     if (webhookUrl && values.faults !== 'none') {
         throw new UsageError('--faults needs the embedded receiver; it cannot be used with --webhook-url.')
     }
+    const { outageSeconds, timeScale } = parseOutage(values.outage, values['time-scale'], webhookUrl !== null)
     return {
         era: values.era,
         count,
@@ -157,7 +171,25 @@ export function parseCli(argv: string[], env: Record<string, string | undefined>
         workers: wholeOrUndefined('workers', values.workers),
         tasksPerWorker: wholeOrUndefined('tasks-per-worker', values['tasks-per-worker']),
         setupRetryScale,
+        outageSeconds,
+        timeScale,
     }
+}
+
+/** The outage and the time scale: an outage needs the embedded receiver, and defaults to a hundredfold speed. */
+function parseOutage(outage: string, scale: string | undefined, external: boolean) {
+    const outageSeconds = Number(outage)
+    if (!Number.isFinite(outageSeconds) || outageSeconds < 0) {
+        throw new UsageError(`--outage: expected seconds ≥ 0, e.g. --outage 600, got "${outage}".`)
+    }
+    if (outageSeconds > 0 && external) {
+        throw new UsageError('--outage needs the embedded receiver; it cannot be used with --webhook-url.')
+    }
+    const timeScale = scale === undefined ? (outageSeconds > 0 ? OUTAGE_TIME_SCALE : 1) : Number(scale)
+    if (!Number.isFinite(timeScale) || timeScale <= 0) {
+        throw new UsageError(`--time-scale: expected a number > 0, e.g. --time-scale 0.01, got "${scale}".`)
+    }
+    return { outageSeconds, timeScale }
 }
 
 function getEraOrUsage(name: string): void {
@@ -216,9 +248,25 @@ export function formatSummary(result: JobResult, receiver: ReturnType<Receiver['
         ['delivery latency p50 / p95', `${result.latencyP50Ms} ms / ${result.latencyP95Ms} ms`],
         ['duration', `${(result.durationMs / 1000).toFixed(1)} s`],
         ['rows are in', receiver ? receiver.rowsFile : 'the external webhook'],
+        ...exportRows(result),
     ]
     const width = Math.max(...rows.map(([k]) => k.length))
     return rows.map(([k, v]) => `  ${k.padEnd(width)}  ${v}`).join('\n')
+}
+
+/** Where the host has an export path: which handler delivered, its jobs, and the metrics its UI showed. */
+function exportRows(result: JobResult): Array<[string, string]> {
+    const exported = result.exportPath
+    if (!exported) {
+        return [['handler', 'onEvent (this host has no export path, or the plugin exports no exportEvents)']]
+    }
+    const { jobs, metrics } = exported
+    return [
+        ['handler', `exportEvents (the host's export path ${exported.era}; onEvent stands aside)`],
+        ['host batches', String(metrics.batches)],
+        ['retry jobs (queued / ran / left)', `${jobs.enqueued} / ${jobs.ran} / ${jobs.left}`],
+        ["PostHog's UI would show", exported.line],
+    ]
 }
 
 /**
@@ -259,6 +307,23 @@ export function formatSetupFailure(result: JobResult, era: string): string {
     const width = Math.max(...lines.map((line) => line.length))
     const bar = '!'.repeat(width + 4)
     return [bar, ...lines.map((line) => `! ${line.padEnd(width)} !`), bar].join('\n') + '\n'
+}
+
+/** --outage: the receiver answers 503 from now on, and its faults come back after the (scaled) outage. */
+function startOutage(receiver: Receiver, options: CliOptions, io: CliIO): NodeJS.Timeout | null {
+    if (options.outageSeconds <= 0) {
+        return null
+    }
+    const faults = resolveFaults(options.faults)
+    receiver.setFaults({ ...faults, p503: 1 })
+    const realSeconds = options.outageSeconds * options.timeScale
+    io.stdout.write(
+        `Webhook down (503) for ${options.outageSeconds} s, run ${options.timeScale}× as long: ${realSeconds.toFixed(1)} s\n`
+    )
+    return setTimeout(() => {
+        receiver.setFaults(faults)
+        io.stdout.write('Webhook back up\n')
+    }, realSeconds * 1000)
 }
 
 export interface CliIO {
@@ -312,6 +377,7 @@ export async function runStartCli(argv: string[], env: Record<string, string | u
             : sampleEvents(options.count, options.seed)
         const total = options.eventsFile ? null : options.count
         let lastProgress = Date.now()
+        const outage = receiver ? startOutage(receiver, options, io) : null
         const result = await runJob({
             era: options.era,
             webhookUrl,
@@ -321,6 +387,7 @@ export async function runStartCli(argv: string[], env: Record<string, string | u
             workers: options.workers,
             tasksPerWorker: options.tasksPerWorker,
             setupRetryScale: options.setupRetryScale,
+            jobTimeScale: options.timeScale,
             log: options.quiet
                 ? undefined
                 : (line) =>
@@ -337,6 +404,9 @@ export async function runStartCli(argv: string[], env: Record<string, string | u
                 io.stderr.write(io.stderr.isTTY ? `\r${line}` : `${line}\n`)
             },
         })
+        if (outage) {
+            clearTimeout(outage)
+        }
         if (io.stderr.isTTY) {
             io.stderr.write('\r\x1b[K')
         }
@@ -345,7 +415,8 @@ export async function runStartCli(argv: string[], env: Record<string, string | u
         if (setupFailure) {
             io.stderr.write(`\n${setupFailure}`)
         }
-        return result.failed > 0 || setupFailure ? 1 : 0
+        const undelivered = result.exportPath?.metrics.undelivered ?? 0
+        return result.failed > 0 || undelivered > 0 || setupFailure ? 1 : 0
     } catch (error) {
         if (error instanceof PluginLoadError) {
             io.stderr.write(`error: the plugin failed to load: ${error.message}\n`)

@@ -233,6 +233,11 @@ class JobHost {
         return this.instance.runExportJob(job)
     }
 
+    /** The job VM's own sender counters: what its exportEvents calls delivered. */
+    async senderStats(): Promise<SenderStats | null> {
+        return (await this.instance?.senderStats()) ?? null
+    }
+
     /** Waits for the queue (up to jobWaitMs), then ends: the jobs left are counted, the job VM torn down. */
     async finish(result: JobResult, metrics: ExportMetrics[], undelivered: string[]): Promise<void> {
         await this.queue.idle(this.options.jobWaitMs)
@@ -301,7 +306,7 @@ async function runDirect(options: JobOptions, era: Era, code: string, tally: Tal
     await instance.exportsDrained()
     await jobs.finish(tally.result, [instance.exportMetrics], instance.undeliveredUuids)
     tally.result.deliveredMs = Date.now() - eventsStarted
-    tally.result.sender = await instance.senderStats()
+    tally.result.sender = addStats(await instance.senderStats(), await jobs.senderStats())
     tally.result.setup = [{ ...instance.setup }]
 }
 
@@ -355,7 +360,8 @@ async function runKafka(options: JobOptions, era: Era, code: string, tally: Tall
     } finally {
         await pool.close()
     }
-    tally.result.sender = reports.reduce<SenderStats | null>((sum, report) => addStats(sum, report.stats), null)
+    const workerStats = reports.reduce<SenderStats | null>((sum, report) => addStats(sum, report.stats), null)
+    tally.result.sender = addStats(workerStats, await jobs.senderStats())
     tally.result.setup = reports.map((report) => report.setup)
 }
 
