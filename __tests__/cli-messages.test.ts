@@ -140,6 +140,16 @@ describe('errors name the flag and the fix', () => {
         )
     })
 
+    it('a webhook that refuses the credentials: the warning and summary name the flags to check', async () => {
+        const rx = await webhook(() => ({ status: 401 }))
+        const { code, stdout, stderr } = await replayCli([inputFile(eventLines(2)), '--webhook-url', rx.url])
+        expect(code).toBe(1)
+        const fix = 'the receiver rejected the credentials or headers; check --custom-headers and --signing-secret'
+        expect(stderr).toContain(fix)
+        expect(stdout + stderr).not.toMatch(/customHeaders|signingSecret/)
+        expect(rx.received).toHaveLength(1)
+    })
+
     it('asks for the webhook in the same words in replay and sync', async () => {
         const replay = await replayCli(['x.jsonl'])
         const sync = await syncCli(['--posthog-url', 'https://us.posthog.com', '--project-id', '1', '--follow'])

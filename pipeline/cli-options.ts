@@ -16,7 +16,7 @@ import {
 import { batchBodyBytes } from './body'
 import { UsageError } from './errors'
 import { DEFAULT_CONCURRENCY } from './index'
-import { didYouMean } from './usage'
+import { didYouMean, FLAG_OF_CONFIG_KEY, inFlagWords } from './usage'
 
 export { UsageError }
 
@@ -130,14 +130,11 @@ export const WEBHOOK_URL_REQUIRED =
     '--webhook-url is required: the URL of your webhook (or set PATTERNS_WEBHOOK_URL, which keeps it out of ' +
     'shell history)'
 
-/** The plugin's config keys as the command line spells them: a flag, and the environment variable it falls back to. */
-const FLAG_OF_CONFIG_KEY: Record<string, { flag: keyof DeliveryValues; env?: string }> = {
-    webhookUrl: { flag: 'webhook-url', env: 'PATTERNS_WEBHOOK_URL' },
-    customHeaders: { flag: 'custom-headers', env: 'PATTERNS_CUSTOM_HEADERS' },
-    signingSecret: { flag: 'signing-secret', env: 'PATTERNS_SIGNING_SECRET' },
-    allowedEventTypes: { flag: 'allowed-events' },
-    excludedEventTypes: { flag: 'excluded-events' },
-    excludedProperties: { flag: 'excluded-properties' },
+/** The environment variables the secret flags fall back to. */
+const ENV_OF_FLAG: Readonly<Record<string, string>> = {
+    'webhook-url': 'PATTERNS_WEBHOOK_URL',
+    'custom-headers': 'PATTERNS_CUSTOM_HEADERS',
+    'signing-secret': 'PATTERNS_SIGNING_SECRET',
 }
 
 /**
@@ -145,17 +142,13 @@ const FLAG_OF_CONFIG_KEY: Record<string, { flag: keyof DeliveryValues; env?: str
  * from) instead of the plugin's config key, in the lead and in the fix.
  */
 export function configErrorMessage(error: ConfigError, values: DeliveryValues): string {
-    const detail = error.message.replace(/^Invalid config "[^"]*": /, '')
-    const named = FLAG_OF_CONFIG_KEY[error.field]
-    if (!named) {
+    const detail = inFlagWords(error.message.replace(/^Invalid config "[^"]*": /, ''))
+    const flag = FLAG_OF_CONFIG_KEY[error.field] as keyof DeliveryValues | undefined
+    if (!flag) {
         return detail
     }
-    const where = values[named.flag] === undefined && named.env ? named.env : `--${named.flag}`
-    const inFlags = Object.entries(FLAG_OF_CONFIG_KEY).reduce(
-        (text, [key, { flag }]) => text.split(key).join(`--${flag}`),
-        detail
-    )
-    return `${where}: ${inFlags}`
+    const env = ENV_OF_FLAG[flag]
+    return `${values[flag] === undefined && env ? env : `--${flag}`}: ${detail}`
 }
 
 /** The webhook URL from --webhook-url, else PATTERNS_WEBHOOK_URL (the documented way: it stays out of `ps`). */

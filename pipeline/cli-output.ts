@@ -1,10 +1,12 @@
 /**
  * What the commands print, written once: the progress line (redrawn in place on a terminal, every few seconds
  * otherwise), message lines, the summary table, and durations. Every line passes through the redaction of the
- * run's known secrets first, as a net under the rule that messages never carry them.
+ * run's known secrets first, as a net under the rule that messages never carry them, and names flags where the
+ * plugin's messages name its config keys.
  */
 import { redactText } from '../index'
 import type { PipelineProgress, PipelineReport } from './types'
+import { inFlagWords } from './usage'
 
 /** Off a terminal (a log file, CI), the progress line is printed at most this often. */
 export const PLAIN_PROGRESS_INTERVAL_MS = 5_000
@@ -99,8 +101,9 @@ export function cliOutput(io: CliStreams, secrets: ReadonlyArray<string | undefi
     // Longest first, so a secret that contains another is removed whole.
     const known = secrets.filter((s): s is string => Boolean(s && s.length >= 4)).sort((a, b) => b.length - a.length)
     const tty = Boolean(io.stderr.isTTY)
+    // The plugin's sender names its config keys in its reasons (a 401: "check customHeaders"); here they are flags.
     const write = (stream: NodeJS.WritableStream, text: string): void => {
-        stream.write(redactText(text, known))
+        stream.write(redactText(inFlagWords(text), known))
     }
     let drawn = false
     // Off a terminal the first progress line waits an interval too: a short run prints only its summary.

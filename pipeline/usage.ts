@@ -82,3 +82,23 @@ export function commandName(
     const path = relative(cwd, script)
     return `node ${path.startsWith('..') || isAbsolute(path) ? script : path}`
 }
+
+/** The plugin's config keys, as the command line spells them. */
+export const FLAG_OF_CONFIG_KEY: Readonly<Record<string, string>> = {
+    webhookUrl: 'webhook-url',
+    customHeaders: 'custom-headers',
+    signingSecret: 'signing-secret',
+    allowedEventTypes: 'allowed-events',
+    excludedEventTypes: 'excluded-events',
+    excludedProperties: 'excluded-properties',
+}
+
+const CONFIG_KEY = new RegExp(`\\b(${Object.keys(FLAG_OF_CONFIG_KEY).join('|')})\\b`, 'g')
+
+/**
+ * A message of the plugin's in the command line's words: its config keys become flags ("check customHeaders"
+ * becomes "check --custom-headers"). The plugin's sender words its reasons for the plugin's settings page.
+ */
+export function inFlagWords(text: string): string {
+    return text.replace(CONFIG_KEY, (key) => `--${FLAG_OF_CONFIG_KEY[key] ?? key}`)
+}
