@@ -175,7 +175,9 @@ function skipReason(candidate: Candidate, interval: ExportName | null, manifests
 
 /** Lists the export files under `inputs`, in interval order. `exclude` names files replay writes itself. */
 export async function discoverExports(inputs: string[], exclude: Map<string, string>): Promise<ExportListing> {
-    const { found, folders } = await candidates(inputs)
+    const { found: given, folders } = await candidates(inputs)
+    // A file named twice (given, and inside a folder given) is read once.
+    const found = [...new Map(given.map((candidate) => [candidate.path, candidate])).values()]
     const manifests = await manifestsOf(found)
     const root = commonRoot(
         inputs.map((i) => resolve(i)),

@@ -35,11 +35,19 @@ function fileBuffer(handle: FileHandle, size: number): AsyncBuffer {
  * Lines never pays for them.
  */
 async function loadReader() {
-    const [{ parquetMetadataAsync, parquetRead }, { compressors }] = await Promise.all([
-        import('hyparquet'),
-        import('hyparquet-compressors'),
-    ])
-    return { parquetMetadataAsync, parquetRead, compressors }
+    try {
+        const [{ parquetMetadataAsync, parquetRead }, { compressors }] = await Promise.all([
+            import('hyparquet'),
+            import('hyparquet-compressors'),
+        ])
+        return { parquetMetadataAsync, parquetRead, compressors }
+    } catch (error) {
+        // Compiled to CommonJS, the import is a require(): Node loads ES modules that way from 20.19 on.
+        if ((error as NodeJS.ErrnoException).code === 'ERR_REQUIRE_ESM') {
+            throw new Error(`reading Parquet needs Node 20.19 or later (this is Node ${process.versions.node})`)
+        }
+        throw error
+    }
 }
 
 /** ms since the epoch as ISO 8601 UTC with milliseconds. */
