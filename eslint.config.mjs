@@ -57,7 +57,6 @@ export default tseslint.config(
     // A function is read whole: past 60 lines it is split into named steps. Tests are lists of cases, and exempt.
     { rules: { 'max-lines-per-function': ['error', { max: 60, skipBlankLines: true, skipComments: true }] } },
     { files: ['__tests__/**'], rules: { 'max-lines-per-function': 'off' } },
-    { files: ['index.ts', 'tools/host/**', 'tools/bench/plugins/**'], rules: { 'max-lines-per-function': 'off' } },
     {
         files: ['**/*.js', '**/*.mjs'],
         languageOptions: {

@@ -1,5 +1,7 @@
 import { request as httpRequest } from 'node:http'
 
+import { RetryError } from '@posthog/plugin-scaffold'
+
 import * as plugin from '../index'
 import { MetaFetch, PatternsConfig, PatternsGlobal } from '../index'
 import { captureLogger, makeEvent, makeSender, settle, testEnv } from './helpers/env'
@@ -56,11 +58,111 @@ const cdpFetch: MetaFetch = (url, init) =>
     })
 
 describe('exports', () => {
-    it('exports onEvent and neither exportEvents nor composeWebhook, which would double-send on old hosts', () => {
+    it('exports setupPlugin, onEvent and exportEvents, and not composeWebhook', () => {
         expect(typeof plugin.onEvent).toBe('function')
         expect(typeof plugin.setupPlugin).toBe('function')
-        expect('exportEvents' in plugin).toBe(false)
+        expect(typeof plugin.exportEvents).toBe('function')
         expect('composeWebhook' in plugin).toBe(false)
+    })
+})
+
+/** meta.global as a host with an export path sets it before setupPlugin. */
+function hostBufferKeys(): Partial<PatternsGlobal> {
+    return { exportEventsBuffer: {}, exportEventsToIgnore: new Set(), exportEventsWithRetry: () => undefined }
+}
+
+function exportEvents(events: ReturnType<typeof makeEvent>[], meta: TestMeta): Promise<void> {
+    const hook = plugin.exportEvents
+    if (!hook) {
+        throw new Error('exportEvents is not exported')
+    }
+    return Promise.resolve(hook(events, meta as unknown as Parameters<typeof hook>[1]))
+}
+
+describe('exactly one handler delivers', () => {
+    it('tells a host with an export path by its own keys on meta.global', () => {
+        expect(plugin.hostExportsEvents(hostBufferKeys())).toBe(true)
+        expect(plugin.hostExportsEvents({})).toBe(false)
+        expect(plugin.hostExportsEvents(undefined)).toBe(false)
+        expect(plugin.hostExportsEvents({ exportEventsBuffer: {} })).toBe(false)
+    })
+
+    it('onEvent sends nothing where the host buffers for exportEvents, and resolves at once', async () => {
+        const s = await serve(() => ({ status: 200 }))
+        const meta: TestMeta = { config: { webhookUrl: s.url }, global: hostBufferKeys(), logger: captureLogger() }
+        setup(meta)
+        expect(meta.logger?.lines).toEqual([
+            `info: Sending events to http://127.0.0.1:${new URL(s.url).port}/… in the batches PostHog's export buffer hands over.`,
+        ])
+        const hook = plugin.onEvent as NonNullable<typeof plugin.onEvent>
+        expect(hook(makeEvent(1), meta as unknown as Parameters<typeof hook>[1])).toBeUndefined()
+        expect(s.received).toHaveLength(0)
+    })
+})
+
+describe('exportEvents', () => {
+    it('sends the host batch as one POST whose webhook-id is the same in a fresh VM for the same events', async () => {
+        const s = await serve(() => ({ status: 200 }))
+        const events = Array.from({ length: 20 }, (_, i) => makeEvent(i))
+        for (let vm = 0; vm < 2; vm++) {
+            const meta: TestMeta = { config: { webhookUrl: s.url }, global: hostBufferKeys(), logger: captureLogger() }
+            await exportEvents(events, meta)
+        }
+        expect(s.received).toHaveLength(2)
+        expect(eventsIn(s.received[0])).toHaveLength(20)
+        expect(s.received[0]?.headers['webhook-id']).toMatch(/^msg_[0-9a-f]{32}$/)
+        expect(s.received[1]?.headers['webhook-id']).toBe(s.received[0]?.headers['webhook-id'])
+        await exportEvents([makeEvent(99)], { config: { webhookUrl: s.url }, global: {}, logger: captureLogger() })
+        expect(s.received[2]?.headers['webhook-id']).not.toBe(s.received[0]?.headers['webhook-id'])
+    })
+
+    it('applies the filters and property removal, and sends nothing for a batch that is all filtered out', async () => {
+        const s = await serve(() => ({ status: 200 }))
+        const config = { webhookUrl: s.url, excludedEventTypes: 'skip_me', excludedProperties: 'email' }
+        const meta: TestMeta = { config, global: {}, logger: captureLogger() }
+        const kept = { ...makeEvent(1), properties: { email: 'a@example.com', plan: 'pro' } }
+        await exportEvents([kept, { ...makeEvent(2), event: 'skip_me' }], meta)
+        expect(eventsIn(s.received[0]).map((e) => e.properties)).toEqual([{ plan: 'pro' }])
+        await exportEvents([{ ...makeEvent(3), event: 'skip_me' }], meta)
+        expect(s.received).toHaveLength(1)
+    })
+
+    it('throws the scaffold RetryError when the webhook asks for more time than the call has, so the host queues the batch', async () => {
+        const s = await serve(() => ({
+            status: 429,
+            headers: { 'Retry-After': '3600' },
+            body: `busy: ${WEBHOOK_TOKEN}`,
+        }))
+        const meta: TestMeta = {
+            config: { webhookUrl: `${s.url}/${WEBHOOK_TOKEN}` },
+            global: {},
+            logger: captureLogger(),
+        }
+        const error = await exportEvents([makeEvent(1), makeEvent(2)], meta).then(
+            () => null,
+            (e: Error) => e
+        )
+        expect(error).toBeInstanceOf(RetryError)
+        expect(error?.message).toContain('2 of the 2 events of this batch were not accepted')
+        expect(error?.message).toContain('PostHog will retry the batch')
+        expect(error?.message).not.toContain(WEBHOOK_TOKEN)
+    })
+
+    it('throws a plain Error on a permanent refusal, which the host does not retry', async () => {
+        const s = await serve(() => ({ status: 404 }))
+        const meta: TestMeta = {
+            config: { webhookUrl: `${s.url}/${WEBHOOK_TOKEN}` },
+            global: {},
+            logger: captureLogger(),
+        }
+        const error = await exportEvents([makeEvent(1)], meta).then(
+            () => null,
+            (e: Error) => e
+        )
+        expect(error).toBeInstanceOf(Error)
+        expect(error).not.toBeInstanceOf(RetryError)
+        expect(error?.message).toContain('HTTP 404')
+        expect(s.received).toHaveLength(1)
     })
 })
 

@@ -82,74 +82,43 @@ export interface CliOptions {
     timeScale: number
 }
 
-export function parseCli(argv: string[], env: Record<string, string | undefined> = {}): CliOptions {
-    let values
+/** The flags of `npm start`, as node:util parseArgs reads them. */
+const START_OPTIONS = {
+    era: { type: 'string', default: 'vm2024' },
+    count: { type: 'string' },
+    events: { type: 'string' },
+    'webhook-url': { type: 'string' },
+    faults: { type: 'string', default: 'none' },
+    'data-dir': { type: 'string', default: DEFAULT_DATA_DIR },
+    seed: { type: 'string', default: '42' },
+    'plugin-dir': { type: 'string', default: PROJECT_PLUGIN_DIR },
+    quiet: { type: 'boolean', default: false },
+    help: { type: 'boolean', short: 'h', default: false },
+    path: { type: 'string' },
+    workers: { type: 'string' },
+    'tasks-per-worker': { type: 'string' },
+    'setup-retry-scale': { type: 'string', default: '1' },
+    outage: { type: 'string', default: '0' },
+    'time-scale': { type: 'string' },
+} as const
+
+type StartValues = ReturnType<typeof readStartFlags>
+
+function readStartFlags(argv: string[]) {
     try {
-        values = parseArgs({
-            args: argv,
-            options: {
-                era: { type: 'string', default: 'vm2024' },
-                count: { type: 'string' },
-                events: { type: 'string' },
-                'webhook-url': { type: 'string' },
-                faults: { type: 'string', default: 'none' },
-                'data-dir': { type: 'string', default: DEFAULT_DATA_DIR },
-                seed: { type: 'string', default: '42' },
-                'plugin-dir': { type: 'string', default: PROJECT_PLUGIN_DIR },
-                quiet: { type: 'boolean', default: false },
-                help: { type: 'boolean', short: 'h', default: false },
-                path: { type: 'string' },
-                workers: { type: 'string' },
-                'tasks-per-worker': { type: 'string' },
-                'setup-retry-scale': { type: 'string', default: '1' },
-                outage: { type: 'string', default: '0' },
-                'time-scale': { type: 'string' },
-            },
-            strict: true,
-            allowPositionals: false,
-        }).values
+        return parseArgs({ args: argv, options: START_OPTIONS, strict: true, allowPositionals: false }).values
     } catch (error) {
-        const flags = ['era', 'count', 'events', 'webhook-url', 'faults', 'data-dir', 'seed', 'plugin-dir', 'quiet']
-        const more = ['help', 'path', 'workers', 'tasks-per-worker', 'setup-retry-scale', 'outage', 'time-scale']
-        throw new UsageError(usageMessage(error as Error, [...flags, ...more]))
+        throw new UsageError(usageMessage(error as Error, Object.keys(START_OPTIONS)))
     }
+}
+
+export function parseCli(argv: string[], env: Record<string, string | undefined> = {}): CliOptions {
+    const values = readStartFlags(argv)
     getEraOrUsage(values.era)
     if (!(values.faults in FAULT_PRESETS)) {
         throw new UsageError(
             `--faults: unknown preset "${values.faults}". Choose one of: ${Object.keys(FAULT_PRESETS).join(', ')}.`
         )
-    }
-    const count = values.count === undefined ? DEFAULT_COUNT : Number(values.count)
-    if (!Number.isInteger(count) || count < 1) {
-        throw new UsageError(`--count: expected a whole number of at least 1, got "${values.count}".`)
-    }
-    if (values.count !== undefined && values.events) {
-        throw new UsageError('--count and --events cannot be used together: the file decides the count.')
-    }
-    const seed = Number(values.seed)
-    if (!Number.isInteger(seed)) {
-        throw new UsageError(`--seed: expected a whole number, got "${values.seed}".`)
-    }
-    const path = values.path as HostPath | undefined
-    if (path !== undefined && !PATHS.includes(path)) {
-        throw new UsageError(`--path: unknown path "${values.path}". Choose one of: ${PATHS.join(', ')}.`)
-    }
-    if (path === 'kafka' && values.era === 'cdp2025') {
-        throw new UsageError('--path kafka: cdp2025 has no classic Kafka path; it starts a whole batch at once.')
-    }
-    const wholeOrUndefined = (flag: string, text: string | undefined): number | undefined => {
-        if (text === undefined) {
-            return undefined
-        }
-        const n = Number(text)
-        if (!Number.isInteger(n) || n < 1) {
-            throw new UsageError(`--${flag}: expected a whole number of at least 1, got "${text}".`)
-        }
-        return n
-    }
-    const setupRetryScale = Number(values['setup-retry-scale'])
-    if (!Number.isFinite(setupRetryScale) || setupRetryScale < 0) {
-        throw new UsageError(`--setup-retry-scale: expected a number ≥ 0, got "${values['setup-retry-scale']}".`)
     }
     const webhookUrl = values['webhook-url'] ?? env.PATTERNS_WEBHOOK_URL ?? null
     if (webhookUrl && values.faults !== 'none') {
@@ -158,22 +127,71 @@ export function parseCli(argv: string[], env: Record<string, string | undefined>
     const { outageSeconds, timeScale } = parseOutage(values.outage, values['time-scale'], webhookUrl !== null)
     return {
         era: values.era,
-        count,
+        count: parseCount(values),
         eventsFile: values.events ?? null,
         webhookUrl,
         faults: values.faults,
         dataDir: values['data-dir'],
-        seed,
+        seed: parseSeed(values.seed),
         pluginDir: values['plugin-dir'],
         quiet: values.quiet,
         help: values.help,
-        path,
+        path: parsePath(values),
         workers: wholeOrUndefined('workers', values.workers),
         tasksPerWorker: wholeOrUndefined('tasks-per-worker', values['tasks-per-worker']),
-        setupRetryScale,
+        setupRetryScale: parseSetupRetryScale(values['setup-retry-scale']),
         outageSeconds,
         timeScale,
     }
+}
+
+function parseCount(values: StartValues): number {
+    const count = values.count === undefined ? DEFAULT_COUNT : Number(values.count)
+    if (!Number.isInteger(count) || count < 1) {
+        throw new UsageError(`--count: expected a whole number of at least 1, got "${values.count}".`)
+    }
+    if (values.count !== undefined && values.events) {
+        throw new UsageError('--count and --events cannot be used together: the file decides the count.')
+    }
+    return count
+}
+
+function parseSeed(text: string): number {
+    const seed = Number(text)
+    if (!Number.isInteger(seed)) {
+        throw new UsageError(`--seed: expected a whole number, got "${text}".`)
+    }
+    return seed
+}
+
+function parsePath(values: StartValues): HostPath | undefined {
+    const path = values.path as HostPath | undefined
+    if (path !== undefined && !PATHS.includes(path)) {
+        throw new UsageError(`--path: unknown path "${values.path}". Choose one of: ${PATHS.join(', ')}.`)
+    }
+    if (path === 'kafka' && values.era === 'cdp2025') {
+        throw new UsageError('--path kafka: cdp2025 has no classic Kafka path; it starts a whole batch at once.')
+    }
+    return path
+}
+
+function wholeOrUndefined(flag: string, text: string | undefined): number | undefined {
+    if (text === undefined) {
+        return undefined
+    }
+    const n = Number(text)
+    if (!Number.isInteger(n) || n < 1) {
+        throw new UsageError(`--${flag}: expected a whole number of at least 1, got "${text}".`)
+    }
+    return n
+}
+
+function parseSetupRetryScale(text: string): number {
+    const scale = Number(text)
+    if (!Number.isFinite(scale) || scale < 0) {
+        throw new UsageError(`--setup-retry-scale: expected a number ≥ 0, got "${text}".`)
+    }
+    return scale
 }
 
 /** The outage and the time scale: an outage needs the embedded receiver, and defaults to a hundredfold speed. */
@@ -333,7 +351,7 @@ export interface CliIO {
 
 /** The whole `npm start`, with its output streams injectable for tests. Returns the exit code. */
 export async function runStartCli(argv: string[], env: Record<string, string | undefined>, io: CliIO): Promise<number> {
-    // `--source posthog`: the same job fed from a PostHog stand-in through `sync` (sync/start.ts).
+    // `--source posthog`: the same job fed from a PostHog stand-in through `sync` (tools/host/posthog-demo.ts).
     const source = argv.indexOf('--source')
     if (source >= 0 && argv[source + 1] === 'posthog') {
         const { runPostHogStart } = await import('./posthog-demo')
@@ -359,78 +377,78 @@ export async function runStartCli(argv: string[], env: Record<string, string | u
                 seed: options.seed,
             })
         }
-        const webhookUrl = options.webhookUrl ?? receiver?.url ?? ''
-        const era = getEra(options.era)
-        io.stdout.write(`Host era ${era.name}: ${era.description}\n`)
-        io.stdout.write(
-            (options.path ?? defaultPath(era)) === 'kafka'
-                ? `Kafka path: ${options.workers ?? DEFAULT_WORKERS} worker thread(s) × ${options.tasksPerWorker ?? DEFAULT_TASKS_PER_WORKER} tasks, processEvent before each onEvent\n`
-                : `Direct path: ${era.concurrency} calls started together\n`
-        )
-        io.stdout.write(
-            receiver
-                ? `Embedded receiver on ${new URL(webhookUrl).origin}, faults: ${options.faults}, rows in ${receiver.rowsFile}\n`
-                : 'Sending to the webhook given by --webhook-url\n'
-        )
-        const events = options.eventsFile
-            ? readEventsFile(options.eventsFile)
-            : sampleEvents(options.count, options.seed)
-        const total = options.eventsFile ? null : options.count
-        let lastProgress = Date.now()
-        const outage = receiver ? startOutage(receiver, options, io) : null
-        const result = await runJob({
-            era: options.era,
-            webhookUrl,
-            events,
-            pluginDir: options.pluginDir,
-            path: options.path,
-            workers: options.workers,
-            tasksPerWorker: options.tasksPerWorker,
-            setupRetryScale: options.setupRetryScale,
-            jobTimeScale: options.timeScale,
-            log: options.quiet
-                ? undefined
-                : (line) =>
-                      io.stderr.write(
-                          line.startsWith('host: ') ? `  [host] ${line.slice(6)}\n` : `  [plugin] ${line}\n`
-                      ),
-            onProgress: ({ done, failed }) => {
-                if (Date.now() - lastProgress < 1_000) {
-                    return
-                }
-                lastProgress = Date.now()
-                const of = total ? `/${total}` : ''
-                const line = `  progress: ${done}${of} events, ${failed} failed`
-                io.stderr.write(io.stderr.isTTY ? `\r${line}` : `${line}\n`)
-            },
-        })
-        if (outage) {
-            clearTimeout(outage)
-        }
-        if (io.stderr.isTTY) {
-            io.stderr.write('\r\x1b[K')
-        }
-        io.stdout.write(`\nSummary\n${formatSummary(result, receiver?.summary() ?? null)}\n`)
-        const setupFailure = formatSetupFailure(result, options.era)
-        if (setupFailure) {
-            io.stderr.write(`\n${setupFailure}`)
-        }
-        const undelivered = result.exportPath?.metrics.undelivered ?? 0
-        return result.failed > 0 || undelivered > 0 || setupFailure ? 1 : 0
+        return await runWithReceiver(options, receiver, io)
     } catch (error) {
-        if (error instanceof PluginLoadError) {
-            io.stderr.write(`error: the plugin failed to load: ${error.message}\n`)
-        } else if (error instanceof UsageError) {
-            io.stderr.write(`error: ${error.message}\n`)
-        } else {
-            io.stderr.write(`error: ${(error as Error).message}\n`)
-        }
+        const prefix = error instanceof PluginLoadError ? 'the plugin failed to load: ' : ''
+        io.stderr.write(`error: ${prefix}${(error as Error).message}\n`)
         return 1
     } finally {
         await receiver?.close()
     }
 }
 
-if (require.main === module) {
-    void runStartCli(process.argv.slice(2), process.env, process).then((code) => process.exit(code))
+/** What the run is about to do: the era, the path and where the events go. */
+function announce(options: CliOptions, receiver: Receiver | null, webhookUrl: string, io: CliIO): void {
+    const era = getEra(options.era)
+    io.stdout.write(`Host era ${era.name}: ${era.description}\n`)
+    io.stdout.write(
+        (options.path ?? defaultPath(era)) === 'kafka'
+            ? `Kafka path: ${options.workers ?? DEFAULT_WORKERS} worker thread(s) × ${options.tasksPerWorker ?? DEFAULT_TASKS_PER_WORKER} tasks, processEvent before each onEvent\n`
+            : `Direct path: ${era.concurrency} calls started together\n`
+    )
+    io.stdout.write(
+        receiver
+            ? `Embedded receiver on ${new URL(webhookUrl).origin}, faults: ${options.faults}, rows in ${receiver.rowsFile}\n`
+            : 'Sending to the webhook given by --webhook-url\n'
+    )
+}
+
+/** Runs the events through the host, prints the summary, and returns the exit code. */
+async function runWithReceiver(options: CliOptions, receiver: Receiver | null, io: CliIO): Promise<number> {
+    const webhookUrl = options.webhookUrl ?? receiver?.url ?? ''
+    announce(options, receiver, webhookUrl, io)
+    const outage = receiver ? startOutage(receiver, options, io) : null
+    const result = await runJob({
+        era: options.era,
+        webhookUrl,
+        events: options.eventsFile ? readEventsFile(options.eventsFile) : sampleEvents(options.count, options.seed),
+        pluginDir: options.pluginDir,
+        path: options.path,
+        workers: options.workers,
+        tasksPerWorker: options.tasksPerWorker,
+        setupRetryScale: options.setupRetryScale,
+        jobTimeScale: options.timeScale,
+        log: options.quiet ? undefined : (line) => io.stderr.write(logLine(line)),
+        onProgress: progressWriter(options.eventsFile ? null : options.count, io),
+    })
+    if (outage) {
+        clearTimeout(outage)
+    }
+    if (io.stderr.isTTY) {
+        io.stderr.write('\r\x1b[K')
+    }
+    io.stdout.write(`\nSummary\n${formatSummary(result, receiver?.summary() ?? null)}\n`)
+    const setupFailure = formatSetupFailure(result, options.era)
+    if (setupFailure) {
+        io.stderr.write(`\n${setupFailure}`)
+    }
+    const undelivered = result.exportPath?.metrics.undelivered ?? 0
+    return result.failed > 0 || undelivered > 0 || setupFailure ? 1 : 0
+}
+
+function logLine(line: string): string {
+    return line.startsWith('host: ') ? `  [host] ${line.slice(6)}\n` : `  [plugin] ${line}\n`
+}
+
+/** A progress line at most once a second, rewritten in place on a terminal. */
+function progressWriter(total: number | null, io: CliIO) {
+    let lastProgress = Date.now()
+    return ({ done, failed }: { done: number; failed: number }): void => {
+        if (Date.now() - lastProgress < 1_000) {
+            return
+        }
+        lastProgress = Date.now()
+        const line = `  progress: ${done}${total ? `/${total}` : ''} events, ${failed} failed`
+        io.stderr.write(io.stderr.isTTY ? `\r${line}` : `${line}\n`)
+    }
 }

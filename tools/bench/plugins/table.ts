@@ -187,84 +187,69 @@ function cells(values: Array<string | number>, widths: number[]): string {
 
 const WIDTHS = [7, 6, 14, 6, 7, 9, 6, 11, 8, 9]
 
+const HEADINGS = [
+    'latency',
+    'path',
+    'plugin',
+    'events',
+    'ev/s',
+    'CPU µs/ev',
+    'req/ev',
+    '÷ per-event',
+    '÷ export',
+    '÷ ceiling',
+]
+
+function tableTitle(options: TableOptions): string {
+    return (
+        `Plugins in the emulated ${BENCH_ERA} host (vm2 3.9.5, PostHog's transforms), embedded receiver on loopback ` +
+        (options.receiverThread ? 'in its own thread; ' : "in the host's main thread; ") +
+        `Kafka path with ${options.workers} worker thread(s) × 10 tasks; best of ${options.repeat} interleaved runs at 0 ms` +
+        (options.richEvents ? '; events with posthog-js properties\n' : '\n')
+    )
+}
+
+/** Measures every plugin at one latency and path, interleaved, keeping each plugin's best run. */
+async function measureAll(options: TableOptions, latencyMs: number, path: HostPath, figures: Map<string, Figures>) {
+    const count = eventsFor(latencyMs, options.events)
+    const runs = latencyMs === 0 ? options.repeat : 1
+    for (let run = 0; run < runs; run++) {
+        for (const plugin of options.plugins) {
+            const key = `${latencyMs}/${path}/${plugin}`
+            const { workers, richEvents, receiverThread } = options
+            const f = await measure(plugin, path, latencyMs, count, workers, richEvents, receiverThread)
+            const best = figures.get(key)
+            if (!best || rate(f) > rate(best)) {
+                figures.set(key, f)
+            }
+        }
+    }
+}
+
+/** One row of the table: a plugin's figures, and its ratios to both baselines and the ceiling. */
+function tableRow(figures: Map<string, Figures>, latencyMs: number, path: HostPath, plugin: BenchPlugin): string {
+    const at = (name: string) => figures.get(`${latencyMs}/${path}/${name}`)
+    const f = at(plugin) as Figures
+    const ratio = (base: Figures | undefined) => (base ? (rate(f) / Math.max(rate(base), 1)).toFixed(2) : '-')
+    const requests = (f.requests / Math.max(f.events, 1)).toFixed(3)
+    const values = [`${latencyMs} ms`, path, plugin, f.events, rate(f), cpuPerEvent(f), requests]
+    const row = cells([...values, ratio(at('original')), ratio(at('export-app')), ratio(at('serialise-only'))], WIDTHS)
+    return row + (f.failed ? ` (${f.failed} failed)` : '') + '\n'
+}
+
 /** Runs the table and writes it as it goes. Returns every figure by "latency/path/plugin". */
 export async function runPluginTable(
     options: TableOptions,
     write: (text: string) => void
 ): Promise<Map<string, Figures>> {
     const figures = new Map<string, Figures>()
-    write(
-        `Plugins in the emulated ${BENCH_ERA} host (vm2 3.9.5, PostHog's transforms), embedded receiver on loopback ` +
-            (options.receiverThread ? 'in its own thread; ' : "in the host's main thread; ") +
-            `Kafka path with ${options.workers} worker thread(s) × 10 tasks; best of ${options.repeat} interleaved runs at 0 ms` +
-            (options.richEvents ? '; events with posthog-js properties\n' : '\n')
-    )
-    write(
-        cells(
-            [
-                'latency',
-                'path',
-                'plugin',
-                'events',
-                'ev/s',
-                'CPU µs/ev',
-                'req/ev',
-                '÷ per-event',
-                '÷ export',
-                '÷ ceiling',
-            ],
-            WIDTHS
-        ) + '\n'
-    )
+    write(tableTitle(options))
+    write(cells(HEADINGS, WIDTHS) + '\n')
     for (const latencyMs of options.latencies) {
         for (const path of options.paths) {
-            const count = eventsFor(latencyMs, options.events)
-            const runs = latencyMs === 0 ? options.repeat : 1
-            for (let run = 0; run < runs; run++) {
-                for (const plugin of options.plugins) {
-                    const key = `${latencyMs}/${path}/${plugin}`
-                    const f = await measure(
-                        plugin,
-                        path,
-                        latencyMs,
-                        count,
-                        options.workers,
-                        options.richEvents,
-                        options.receiverThread
-                    )
-                    const best = figures.get(key)
-                    if (!best || rate(f) > rate(best)) {
-                        figures.set(key, f)
-                    }
-                }
-            }
+            await measureAll(options, latencyMs, path, figures)
             for (const plugin of options.plugins) {
-                const f = figures.get(`${latencyMs}/${path}/${plugin}`) as Figures
-                const original = figures.get(`${latencyMs}/${path}/original`)
-                const exportApp = figures.get(`${latencyMs}/${path}/export-app`)
-                const ceiling = figures.get(`${latencyMs}/${path}/serialise-only`)
-                const ratio = (base: Figures | undefined) =>
-                    base ? (rate(f) / Math.max(rate(base), 1)).toFixed(2) : '-'
-                const failed = f.failed ? ` (${f.failed} failed)` : ''
-                write(
-                    cells(
-                        [
-                            `${latencyMs} ms`,
-                            path,
-                            plugin,
-                            count,
-                            rate(f),
-                            cpuPerEvent(f),
-                            (f.requests / Math.max(f.events, 1)).toFixed(3),
-                            ratio(original),
-                            ratio(exportApp),
-                            ratio(ceiling),
-                        ],
-                        WIDTHS
-                    ) +
-                        failed +
-                        '\n'
-                )
+                write(tableRow(figures, latencyMs, path, plugin))
             }
         }
     }
