@@ -184,6 +184,16 @@ describe('a folder of export files', () => {
         expect(uuids(rx.accepted as Array<{ uuid: string }>)).toEqual(uuids(rows.flat()))
     })
 
+    it('reads a file once when it is given and also inside a folder given', async () => {
+        const rx = await accepting()
+        const rows = exportRows(0, 4, DAY_ONE_MS)
+        const path = writeAt(dir, exportPath(DAY_ONE_MS, 0, 'jsonl'), jsonLines(rows))
+        const { code, stdout } = await cli([dir, path, '--webhook-url', rx.url])
+        expect(code).toBe(0)
+        expect(stdout).toContain('Found 1 export file in')
+        expect(uuids(rx.accepted as Array<{ uuid: string }>)).toEqual(uuids(rows))
+    })
+
     it('stops with exit code 2 when a manifest lists a file that is not there, naming both', async () => {
         const rx = await accepting()
         const path = exportPath(DAY_ONE_MS, 0, 'jsonl')

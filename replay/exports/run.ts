@@ -49,6 +49,9 @@ export interface ExportsReport extends PipelineReport<FilePosition>, SourceCount
     checkpoint: string
 }
 
+/** The checkpoint is written at least this often while a file is read (and whenever a file is finished). */
+export const CHECKPOINT_WRITE_MS = 1_000
+
 const sha256 = (text: string): string => createHash('sha256').update(text).digest('hex')
 
 /** What the checkpoint is bound to besides the files: the options that change what is sent, and the webhook. */
@@ -66,17 +69,23 @@ export function exportsBinding(config: ParsedConfig, dedupe: boolean) {
     }
 }
 
-/** The checkpoint kept up to date as the pipeline commits, written after each commit when a file is given. */
+/**
+ * The checkpoint kept up to date as the pipeline commits. It lists every file done, so with thousands of files it
+ * is written when a file is finished and otherwise at most every CHECKPOINT_WRITE_MS, and once more at the end: a
+ * crash in between resends at most that much, never skips.
+ */
 function checkpointKeeper(file: string | null, start: ExportsCheckpoint, plan: Resume[]) {
     const done = new Map(start.done.map((stamp) => [stamp.name, stamp]))
     let current = start.current
     let doneUpTo = 0
-    const save = (): ExportsCheckpoint => {
-        const checkpoint = { ...start, done: [...done.values()], current }
+    let savedAt = 0
+    let unsaved = false
+    const save = (): void => {
         if (file) {
-            saveExportsCheckpoint(file, checkpoint)
+            saveExportsCheckpoint(file, { ...start, done: [...done.values()], current })
         }
-        return checkpoint
+        savedAt = Date.now()
+        unsaved = false
     }
     const finishBefore = (index: number): void => {
         for (; doneUpTo < index; doneUpTo++) {
@@ -86,10 +95,19 @@ function checkpointKeeper(file: string | null, start: ExportsCheckpoint, plan: R
     }
     return {
         commit: (position: FilePosition): void => {
+            const finished = position.file > doneUpTo
             finishBefore(position.file)
             const step = plan[position.file] as Resume
             current = { ...stampOf(step.file), next: position.row + 1 }
-            save()
+            unsaved = true
+            if (finished || Date.now() - savedAt >= CHECKPOINT_WRITE_MS) {
+                save()
+            }
+        },
+        flush: (): void => {
+            if (unsaved) {
+                save()
+            }
         },
         finishAll: (): void => {
             finishBefore(plan.length)
@@ -134,6 +152,8 @@ export async function replayExports(options: ExportsOptions): Promise<ExportsRep
     })
     if (report.stopped === null && !options.signal?.aborted) {
         keeper.finishAll()
+    } else {
+        keeper.flush()
     }
     const filesDone = plan.filter((step) => 'done' in step).length
     return { ...report, ...counts, files: plan.length, filesDone, filesGone: gone, checkpoint: keeper.describe() }

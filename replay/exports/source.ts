@@ -52,23 +52,17 @@ function toRecord(
     where: string,
     raw: () => string,
     options: ExportSourceOptions
-) {
+): SourceRecord<FilePosition> | null {
     if ('error' in shaped) {
-        const record: SourceRecord<FilePosition> = {
-            position,
-            kind: 'malformed',
-            reason: `${where}: ${shaped.error}`,
-            raw: raw(),
-        }
-        return record
+        return { position, kind: 'malformed', reason: `${where}: ${shaped.error}`, raw: raw() }
     }
     const { uuid, event, text } = shaped
     if (options.dedupe && uuid !== '' && shouldSend(event, options.filters) && options.dedupe.seen(uuid)) {
         options.counts.duplicates++
         return null
     }
-    const record: SourceRecord<FilePosition> = { position, kind: 'event', event: { uuid, event }, text }
-    return record
+    // The pipeline reads only the name (filters) and uuid of `event` when `text` is given.
+    return { position, kind: 'event', event: { uuid, event }, text }
 }
 
 async function* jsonLinesRecords(
