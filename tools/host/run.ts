@@ -95,6 +95,8 @@ export interface JobResult {
      * flush (at teardown) handled, and the job queue empty or given up on.
      */
     deliveredMs: number
+    /** CPU time of the whole process over deliveredMs. */
+    deliveredCpuMs: number
     /** The export path, where the era has one and the plugin exports exportEvents. */
     exportPath: ExportPathResult | null
 }
@@ -306,6 +308,7 @@ async function runDirect(options: JobOptions, era: Era, code: string, tally: Tal
     await instance.exportsDrained()
     await jobs.finish(tally.result, [instance.exportMetrics], instance.undeliveredUuids)
     tally.result.deliveredMs = Date.now() - eventsStarted
+    tally.result.deliveredCpuMs = cpuMs(process.cpuUsage(cpuStarted))
     tally.result.sender = addStats(await instance.senderStats(), await jobs.senderStats())
     tally.result.setup = [{ ...instance.setup }]
 }
@@ -357,6 +360,7 @@ async function runKafka(options: JobOptions, era: Era, code: string, tally: Tall
             reports.flatMap((report) => report.undeliveredUuids)
         )
         tally.result.deliveredMs = Date.now() - eventsStarted
+        tally.result.deliveredCpuMs = cpuMs(process.cpuUsage(cpuStarted))
     } finally {
         await pool.close()
     }
@@ -425,6 +429,7 @@ export async function runJob(options: JobOptions): Promise<JobResult> {
         eventsMs: 0,
         eventsCpuMs: 0,
         deliveredMs: 0,
+        deliveredCpuMs: 0,
         exportPath: null,
     }
     const log = (line: string): void => {

@@ -164,7 +164,7 @@ export async function measure(
             events: result.resolved,
             requests: await rx.requests(),
             ms: result.deliveredMs,
-            cpuMs: result.eventsCpuMs,
+            cpuMs: result.deliveredCpuMs,
             failed: result.failed + result.skipped,
         }
     } finally {
