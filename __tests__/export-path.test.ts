@@ -161,6 +161,9 @@ describe('the host’s keys on meta.global', () => {
         try {
             const result = await drive(server, 'direct')
             expect(result.exportPath?.metrics.seen).toBe(EVENTS)
+            const counts = uuidCounts(server.received, () => true)
+            expect(counts.size).toBe(EVENTS)
+            expect([...counts.values()].every((count) => count === 1)).toBe(true)
             expect(result.logs.join('\n')).toContain("in the batches PostHog's export buffer hands over")
             // Every request came from exportEvents: a derived webhook-id, not the random one of onEvent's batches.
             expect(server.received.every((r) => /^msg_[0-9a-f]{32}$/.test(String(r.headers['webhook-id'])))).toBe(true)
