@@ -105,6 +105,40 @@ describe('resuming across files', () => {
         30_000
     )
 
+    it('on Ctrl-C inside a Parquet row group finishes the batch in flight, saves its place, and resumes there', async () => {
+        const controller = new AbortController()
+        let accepted = 0
+        server = await startServer((request) => {
+            accepted += (JSON.parse(request.body) as unknown[]).length
+            if (accepted >= 140) {
+                controller.abort()
+            }
+            return { status: 200, delayMs: 5 }
+        })
+        const rx = server
+        const { uuids, names } = twoFiles(join(dir, 'in'))
+        const checkpoint = join(dir, 'ck.json')
+        const args = [join(dir, 'in'), '--webhook-url', rx.url, '--checkpoint', checkpoint, '--batch-events', '10']
+        const { stdout, stderr, text } = captureOutput()
+        const stdin = Readable.from([])
+        const code = await runReplayCli(
+            [...args, '--concurrency', '1'],
+            {},
+            { stdout, stderr, stdin },
+            controller.signal
+        )
+        expect(code).toBe(1)
+        expect(text.stdout).toContain('stopped early             interrupted')
+        const saved = readExportsCheckpoint(checkpoint)
+        // Every acknowledged event is behind the saved place: 100 in the first file, the rest in the Parquet one.
+        expect(saved?.current).toMatchObject({ name: names[1], next: rx.accepted.length - 100 })
+        expect(saved?.current?.next).toBeGreaterThan(30)
+        expect(saved?.current?.next).toBeLessThan(60)
+        const resumed = await cli(args)
+        expect(resumed.code).toBe(0)
+        expect(sentUuids(rx)).toEqual(uuids)
+    }, 30_000)
+
     it('stops with exit code 2 and the fix when a file changed after its events were recorded as sent', async () => {
         const { rx, state } = await acceptingUpTo(145)
         const { names } = twoFiles(dir)
