@@ -167,6 +167,24 @@ describe('resuming across files', () => {
         }
     }, 30_000)
 
+    it('stops at a damaged file, naming it and the fix, and resumes once it is downloaded again', async () => {
+        const { rx } = await acceptingUpTo(Infinity)
+        const { uuids, names } = twoFiles(join(dir, 'in'))
+        const parquet = join(dir, 'in', names[1])
+        const whole = readFileSync(parquet)
+        writeFileSync(parquet, whole.subarray(0, whole.length - 100))
+        const checkpoint = join(dir, 'ck.json')
+        const args = [join(dir, 'in'), '--webhook-url', rx.url, '--checkpoint', checkpoint, '--concurrency', '1']
+        const damaged = await cli(args)
+        expect(damaged.code).toBe(1)
+        expect(damaged.stdout).toContain(`stopped early             cannot read ${names[1]}: `)
+        expect(damaged.stdout).toContain('download it again, or move it out of the input, and run the same command')
+        expect(sentUuids(rx)).toEqual(uuids.slice(0, 100))
+        writeFileSync(parquet, whole)
+        expect((await cli(args)).code).toBe(0)
+        expect(sentUuids(rx)).toEqual(uuids)
+    })
+
     it('picks up files that appear later, before and after the ones done, and sends only theirs', async () => {
         const { rx } = await acceptingUpTo(Infinity)
         const checkpoint = join(tmpdir(), `ck-${process.pid}-${Date.now()}.json`)

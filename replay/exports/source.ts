@@ -143,7 +143,9 @@ export async function* exportRecords(plan: Resume[], options: ExportSourceOption
                 yield* jsonLinesRecords({ ...where, format: file.format }, from, options)
             }
         } catch (error) {
-            throw new Error(`cannot read ${file.name}: ${(error as Error).message}`)
+            // Events before the damage that were acknowledged are in the checkpoint; the rest are read again.
+            const fix = 'download it again, or move it out of the input, and run the same command'
+            throw new Error(`cannot read ${file.name}: ${(error as Error).message}; ${fix}`)
         }
     }
 }
