@@ -174,7 +174,8 @@ describe('resuming across files', () => {
         const whole = readFileSync(parquet)
         writeFileSync(parquet, whole.subarray(0, whole.length - 100))
         const checkpoint = join(dir, 'ck.json')
-        const args = [join(dir, 'in'), '--webhook-url', rx.url, '--checkpoint', checkpoint, '--concurrency', '1']
+        const args = [join(dir, 'in'), '--webhook-url', rx.url, '--checkpoint', checkpoint, '--batch-events', '10']
+        args.push('--concurrency', '1')
         const damaged = await cli(args)
         expect(damaged.code).toBe(1)
         expect(damaged.stdout).toContain(`stopped early             cannot read ${names[1]}: `)
