@@ -197,6 +197,8 @@ describe('resuming across files', () => {
             const backfill = exportRows(400, 5, DAY_ONE_MS - HOUR_MS)
             writeAt(dir, exportPath(DAY_ONE_MS + 2 * HOUR_MS, 0, 'jsonl'), jsonLines(later))
             writeAt(dir, exportPath(DAY_ONE_MS - HOUR_MS, 0, 'jsonl'), jsonLines(backfill))
+            const dry = await cli([dir, '--webhook-url', rx.url, '--checkpoint', checkpoint, '--dry-run'])
+            expect(dry.stdout).toContain(`Checkpoint ${checkpoint}: 2 of 4 files done\nDry run, nothing sent`)
             rx.accepted.length = 0
             const again = await run(rx, checkpoint)
             expect(again.code).toBe(0)

@@ -16,11 +16,12 @@ import {
 } from '../../pipeline/cli-output'
 import { CheckpointError } from '../../pipeline/errors'
 import { InputError } from '../input'
+import { checkBinding, readExportsCheckpoint, resumePlan } from './checkpoint'
 import { DEDUPE_WINDOW } from './dedupe'
 import { discoverExports, ExportListing } from './discover'
 import { detectExportFormat, EXPORT_FORMATS, FORMAT_LABELS, HEAD_BYTES } from './formats'
 import { parseExportName } from './names'
-import { ExportsReport, replayExports } from './run'
+import { exportsBinding, ExportsReport, replayExports } from './run'
 
 /** Skipped files, and problem lines, named one per line before the rest are only counted. */
 export const MAX_SKIPPED_LINES = 20
@@ -136,6 +137,25 @@ function ownFiles(run: ExportsRun): Map<string, string> {
     return own
 }
 
+/**
+ * On a dry run with --checkpoint, where the run would start: files done, and the place in the current one. A
+ * checkpoint that cannot be used here throws, as the real run would.
+ */
+function checkpointText(run: ExportsRun, listing: ExportListing): string {
+    const file = run.checkpointFile
+    const saved = file ? readExportsCheckpoint(file) : null
+    if (!file || !saved) {
+        return ''
+    }
+    const bound = exportsBinding(run.config, run.dedupe)
+    checkBinding(file, saved, bound.options, bound.destination)
+    const { plan } = resumePlan(file, saved, listing.files)
+    const done = plan.filter((step) => 'done' in step).length
+    const at = saved.current && listing.files.some((f) => f.name === saved.current?.name)
+    const current = at && saved.current ? `; resumes in ${saved.current.name} at row ${saved.current.next}` : ''
+    return `Checkpoint ${file}: ${done} of ${plan.length} files done${current}\n`
+}
+
 /** One line per problem up to a limit, so a file full of bad lines cannot flood the terminal. */
 function boundedWarnings(output: CliOutput, deadLetterFile: string | null) {
     let warnings = 0
@@ -178,7 +198,7 @@ export async function runExportsCli(run: ExportsRun, output: CliOutput, signal?:
             return 2
         }
         if (run.dryRun) {
-            output.out('Dry run, nothing sent\n')
+            output.out(`${checkpointText(run, listing)}Dry run, nothing sent\n`)
             return 0
         }
         const started = Date.now()
