@@ -4,12 +4,11 @@
  * input, other filters or another webhook stops with a clear message instead of skipping what was never sent.
  */
 import { createHash } from 'node:crypto'
-import { readFileSync } from 'node:fs'
 
 import { ParsedConfig } from '../index'
 import { AheadRange } from '../pipeline'
 import { CheckpointError } from '../pipeline/errors'
-import { writeFileAtomic } from '../pipeline/files'
+import { readCheckpointJson, writeFileAtomic } from '../pipeline/files'
 import { InputFormat } from './input'
 
 export const CHECKPOINT_VERSION = 2
@@ -57,21 +56,9 @@ export type Binding = ReturnType<typeof binding>
 /** Reads and checks the shape of a checkpoint file; null when there is none. */
 export function readCheckpoint(file: string): Checkpoint | null {
     const fix = 'remove it to start over, or pass the --checkpoint file this input was replayed with'
-    let text: string
-    try {
-        text = readFileSync(file, 'utf8')
-    } catch (error) {
-        const code = (error as NodeJS.ErrnoException).code ?? 'error'
-        if (code === 'ENOENT') {
-            return null
-        }
-        throw new CheckpointError(`--checkpoint ${file}: cannot read it (${code}); fix that, or pass another file`)
-    }
-    let parsed: Partial<Checkpoint> | null
-    try {
-        parsed = JSON.parse(text) as Partial<Checkpoint> | null
-    } catch {
-        throw new CheckpointError(`--checkpoint ${file} is damaged (not valid JSON): ${fix}`)
+    const parsed = readCheckpointJson(file, fix) as Partial<Checkpoint> | null | undefined
+    if (parsed === undefined) {
+        return null
     }
     const valid =
         parsed !== null &&

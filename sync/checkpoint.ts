@@ -2,10 +2,9 @@
  * The sync checkpoint: the cursor of the last event acknowledged in order, bound to where it came from (host,
  * project, event filters, --since). Written atomically, so a crash leaves the old one or the new one.
  */
-import { readFileSync } from 'node:fs'
 
 import { CheckpointError } from '../pipeline/errors'
-import { writeFileAtomic } from '../pipeline/files'
+import { readCheckpointJson, writeFileAtomic } from '../pipeline/files'
 import type { Cursor } from './query'
 
 export { CheckpointError }
@@ -77,23 +76,13 @@ function isCursor(value: unknown): value is Cursor {
 
 /** The saved checkpoint, or null when the file does not exist yet (a first run). */
 export function readSyncCheckpoint(file: string): SyncCheckpoint | null {
-    let text: string
-    try {
-        text = readFileSync(file, 'utf8')
-    } catch (error) {
-        const code = (error as NodeJS.ErrnoException).code
-        if (code === 'ENOENT') {
-            return null
-        }
-        throw new CheckpointError(`--checkpoint: cannot read ${file}: ${code ?? 'error'}`)
-    }
-    let parsed: Partial<SyncCheckpoint>
-    try {
-        parsed = JSON.parse(text) as Partial<SyncCheckpoint>
-    } catch {
-        throw new CheckpointError(`--checkpoint: ${file} is not JSON; remove it to start over from --since`)
+    const parsed = readCheckpointJson(file, 'remove it to start over from --since') as
+        Partial<SyncCheckpoint> | null | undefined
+    if (parsed === undefined) {
+        return null
     }
     if (
+        parsed === null ||
         parsed.version !== SYNC_CHECKPOINT_VERSION ||
         parsed.kind !== 'posthog-sync' ||
         !isCursor(parsed.cursor) ||

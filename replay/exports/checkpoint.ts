@@ -3,10 +3,9 @@
  * bound to its name, size and a hash of its first bytes. A file that changed after its events were sent stops
  * the run (resuming would skip or resend the wrong events); files that appear later are simply not done yet.
  */
-import { readFileSync } from 'node:fs'
 
 import { CheckpointError } from '../../pipeline/errors'
-import { writeFileAtomic } from '../../pipeline/files'
+import { readCheckpointJson, writeFileAtomic } from '../../pipeline/files'
 import { ExportFile } from './discover'
 
 export const EXPORTS_CHECKPOINT_KIND = 'export-files'
@@ -57,21 +56,9 @@ function isValid(parsed: Partial<ExportsCheckpoint> | null): boolean {
 /** Reads an export-files checkpoint; null when the file does not exist. */
 export function readExportsCheckpoint(file: string): ExportsCheckpoint | null {
     const fix = 'remove it to start over, or pass the --checkpoint file these files were replayed with'
-    let text: string
-    try {
-        text = readFileSync(file, 'utf8')
-    } catch (error) {
-        const code = (error as NodeJS.ErrnoException).code ?? 'error'
-        if (code === 'ENOENT') {
-            return null
-        }
-        throw new CheckpointError(`--checkpoint ${file}: cannot read it (${code}); fix that, or pass another file`)
-    }
-    let parsed: Partial<ExportsCheckpoint> | null
-    try {
-        parsed = JSON.parse(text) as Partial<ExportsCheckpoint> | null
-    } catch {
-        throw new CheckpointError(`--checkpoint ${file} is damaged (not valid JSON): ${fix}`)
+    const parsed = readCheckpointJson(file, fix) as Partial<ExportsCheckpoint> | null | undefined
+    if (parsed === undefined) {
+        return null
     }
     if (!isValid(parsed)) {
         throw new CheckpointError(`--checkpoint ${file} is not a checkpoint of a replay of export files: ${fix}`)
