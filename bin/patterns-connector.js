@@ -43,7 +43,8 @@ const { runReplayCli } = load('replay/cli')
 const USAGE = `Usage: patterns-connector <command> [options]
 
 Commands:
-  replay <file | ->   send exported PostHog events to the webhook (see: patterns-connector replay --help)
+  replay <input…>     send exported PostHog events to the webhook: a file, standard input (-), several
+                      files, or a folder of PostHog batch-export files (see: patterns-connector replay --help)
   sync                feed events from PostHog's query API to the webhook, live and resumable
                       (see: patterns-connector sync --help)
 `

@@ -1,4 +1,4 @@
-/** `patterns-connector replay <file | -> --webhook-url URL [options]`: backfill exported events into the webhook. */
+/** `patterns-connector replay <file | - | files… | folder> --webhook-url URL [options]`: backfill exported events into the webhook. */
 import { createReadStream, openSync, ReadStream, statSync } from 'node:fs'
 import { Readable } from 'node:stream'
 import { parseArgs } from 'node:util'
