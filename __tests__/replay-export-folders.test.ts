@@ -2,42 +2,22 @@
  * Replay over PostHog batch-export files: folders, several files and manifests, read in interval order, every
  * file not read named with its reason. Through the CLI, against a real HTTP server on 127.0.0.1.
  */
-import { mkdtempSync, rmSync } from 'node:fs'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
-import { Readable } from 'node:stream'
 
-import { runReplayCli } from '../replay/cli'
 import { compareExportFiles, parseExportName } from '../replay/exports/names'
 import { DAY_ONE_MS, exportPath, exportRows, gzipMembers, jsonLines, writeAt } from './helpers/exports'
-import { captureOutput } from './helpers/io'
 import { startServer, TestServer } from './helpers/server'
+import { perTestFolder, runReplay } from './helpers/workspace'
 
 const HOUR_MS = 3_600_000
 
-let dir: string
-let server: TestServer | undefined
+let dir = ''
+const servers = perTestFolder('replay-exports-', (made) => (dir = made))
 
-beforeEach(() => {
-    dir = mkdtempSync(join(tmpdir(), 'replay-exports-'))
-})
-
-afterEach(async () => {
-    await server?.close()
-    server = undefined
-    rmSync(dir, { recursive: true, force: true })
-})
-
-async function accepting(): Promise<TestServer> {
-    server = await startServer(() => ({ status: 200 }))
-    return server
+function accepting(): Promise<TestServer> {
+    return servers.track(startServer(() => ({ status: 200 })))
 }
 
-async function cli(args: string[]) {
-    const { stdout, stderr, text } = captureOutput()
-    const code = await runReplayCli(args, {}, { stdout, stderr, stdin: Readable.from([]) })
-    return { code, ...text }
-}
+const cli = (args: string[]) => runReplay(args)
 
 const uuids = (rows: Array<{ uuid: string }>): string[] => rows.map((row) => row.uuid)
 

@@ -2,14 +2,11 @@
  * Every format of PostHog's batch exports, recognised from its bytes and read in a stream, and every row sent in
  * the shape the plugin and sync send: through the CLI, against a real HTTP server on 127.0.0.1.
  */
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { readFileSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
-import { Readable } from 'node:stream'
 
 import { parquetWriteBuffer } from 'hyparquet-writer'
 
-import { runReplayCli } from '../replay/cli'
 import { detectExportFormat } from '../replay/exports/formats'
 import {
     brotli,
@@ -23,34 +20,19 @@ import {
     writeParquet,
     writeZstd,
 } from './helpers/exports'
-import { captureOutput } from './helpers/io'
 import { startServer, TestServer } from './helpers/server'
+import { perTestFolder, runReplay } from './helpers/workspace'
 
 const HOUR_MS = 3_600_000
 
-let dir: string
-let server: TestServer | undefined
+let dir = ''
+const servers = perTestFolder('replay-export-formats-', (made) => (dir = made))
 
-beforeEach(() => {
-    dir = mkdtempSync(join(tmpdir(), 'replay-export-formats-'))
-})
-
-afterEach(async () => {
-    await server?.close()
-    server = undefined
-    rmSync(dir, { recursive: true, force: true })
-})
-
-async function accepting(): Promise<TestServer> {
-    server = await startServer(() => ({ status: 200 }))
-    return server
+function accepting(): Promise<TestServer> {
+    return servers.track(startServer(() => ({ status: 200 })))
 }
 
-async function cli(args: string[]) {
-    const { stdout, stderr, text } = captureOutput()
-    const code = await runReplayCli(args, {}, { stdout, stderr, stdin: Readable.from([]) })
-    return { code, ...text }
-}
+const cli = (args: string[]) => runReplay(args)
 
 /** Everything the server was sent, as one string of the request bodies. */
 const bodies = (rx: TestServer): string => rx.received.map((r) => r.body).join('\n')

@@ -3,7 +3,7 @@
  * each file's name, size and first bytes; files added later; --dedupe across files. Through the CLI, against a
  * real HTTP server on 127.0.0.1 that stops accepting after a set number of events.
  */
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Readable } from 'node:stream'
@@ -14,41 +14,30 @@ import { recentUuids } from '../replay/exports/dedupe'
 import { DAY_ONE_MS, exportPath, exportRows, gzipMembers, jsonLines, writeAt, writeParquet } from './helpers/exports'
 import { captureOutput } from './helpers/io'
 import { startServer, TestServer } from './helpers/server'
+import { perTestFolder, runReplay } from './helpers/workspace'
 
 const HOUR_MS = 3_600_000
 
-let dir: string
-let server: TestServer | undefined
-
-beforeEach(() => {
-    dir = mkdtempSync(join(tmpdir(), 'replay-export-resume-'))
-})
-
-afterEach(async () => {
-    await server?.close()
-    server = undefined
-    rmSync(dir, { recursive: true, force: true })
-})
+let dir = ''
+const servers = perTestFolder('replay-export-resume-', (made) => (dir = made))
 
 /** A server that accepts `limit` events (whole batches only), then answers 503 until `limit` is raised. */
 async function acceptingUpTo(limit: number) {
     const state = { left: limit }
-    server = await startServer((request) => {
-        const events = (JSON.parse(request.body) as unknown[]).length
-        if (events > state.left) {
-            return { status: 503 }
-        }
-        state.left -= events
-        return { status: 200 }
-    })
+    const server = await servers.track(
+        startServer((request) => {
+            const events = (JSON.parse(request.body) as unknown[]).length
+            if (events > state.left) {
+                return { status: 503 }
+            }
+            state.left -= events
+            return { status: 200 }
+        })
+    )
     return { rx: server, state }
 }
 
-async function cli(args: string[]) {
-    const { stdout, stderr, text } = captureOutput()
-    const code = await runReplayCli(args, {}, { stdout, stderr, stdin: Readable.from([]) })
-    return { code, ...text }
-}
+const cli = (args: string[]) => runReplay(args)
 
 const sentUuids = (rx: TestServer): string[] => rx.accepted.map((e) => String(e.uuid))
 
@@ -108,13 +97,15 @@ describe('resuming across files', () => {
     it('on Ctrl-C inside a Parquet row group finishes the batch in flight, saves its place, and resumes there', async () => {
         const controller = new AbortController()
         let accepted = 0
-        server = await startServer((request) => {
-            accepted += (JSON.parse(request.body) as unknown[]).length
-            if (accepted >= 140) {
-                controller.abort()
-            }
-            return { status: 200, delayMs: 5 }
-        })
+        const server = await servers.track(
+            startServer((request) => {
+                accepted += (JSON.parse(request.body) as unknown[]).length
+                if (accepted >= 140) {
+                    controller.abort()
+                }
+                return { status: 200, delayMs: 5 }
+            })
+        )
         const rx = server
         const { uuids, names } = twoFiles(join(dir, 'in'))
         const checkpoint = join(dir, 'ck.json')
