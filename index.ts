@@ -1078,10 +1078,6 @@ export interface DeliveryHooks {
     webhookIdFor?: (items: readonly { json: string; uuid: string }[]) => string
 }
 
-function seconds(ms: number): string {
-    return (ms / 1000).toFixed(1)
-}
-
 function attemptsText(attempts: number): string {
     return `${attempts} attempt${attempts === 1 ? '' : 's'}`
 }
@@ -1092,7 +1088,7 @@ function notSentWhy(remainingMs: number, config: ParsedConfig): string {
         return `the ${Math.round(config.deadlineMs / 1000)} s deadline ran out first`
     }
     return (
-        `${seconds(remainingMs)} s were left before the deadline, and this host's fetch may hold a request for ` +
+        `${(remainingMs / 1000).toFixed(1)} s were left before the deadline, and this host's fetch may hold a request for ` +
         `${HOST_FETCH_TIMEOUT_MS / 1000} s, which the connector cannot cut short`
     )
 }

@@ -4,6 +4,7 @@
  * every summary and progress line is true, and --retry-for means the same in replay and sync. Through the real
  * CLI functions, against real servers on 127.0.0.1.
  */
+import { spawnSync } from 'node:child_process'
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { createServer, Server } from 'node:http'
 import { AddressInfo } from 'node:net'
@@ -467,5 +468,18 @@ describe('--retry-for means the same in replay and sync', () => {
         expect(rx.received).toHaveLength(FAILURES + 1)
         expect(rx.accepted).toHaveLength(5)
         expect(stdout).toMatch(new RegExp(` {2}webhook retries +${FAILURES}\\n`))
+    })
+})
+
+describe('the command name', () => {
+    it('a misspelled command gets "did you mean", the usage and exit code 2', () => {
+        const bin = join(__dirname, '..', 'bin', 'patterns-connector.js')
+        const typo = spawnSync(process.execPath, [bin, 'replya'], { encoding: 'utf8' })
+        expect(typo.status).toBe(2)
+        expect(typo.stderr).toContain('error: unknown command "replya". Did you mean "replay"?')
+        expect(typo.stderr).toContain('Usage: patterns-connector <command> [options]')
+        const unknown = spawnSync(process.execPath, [bin, 'frobnicate'], { encoding: 'utf8' })
+        expect(unknown.status).toBe(2)
+        expect(unknown.stderr).not.toContain('Did you mean')
     })
 })

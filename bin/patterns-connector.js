@@ -56,7 +56,9 @@ async function main() {
         return command ? 0 : 2
     }
     if (command !== 'replay' && command !== 'sync') {
-        process.stderr.write(`error: unknown command "${command}"\n${USAGE}`)
+        const guess = load('pipeline/usage').closestFlag(command, ['replay', 'sync'])
+        const hint = guess ? ` Did you mean "${guess}"?` : ''
+        process.stderr.write(`error: unknown command "${command}".${hint}\n${USAGE}`)
         return 2
     }
     // Ctrl-C: stop reading, let the requests in flight finish, write the checkpoint. A second Ctrl-C quits at once.

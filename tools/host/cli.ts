@@ -9,6 +9,7 @@ import { parseArgs } from 'node:util'
 import type { ProcessedPluginEvent } from '@posthog/plugin-scaffold'
 
 import { usageMessage } from '../../pipeline/cli-options'
+import { UsageError } from '../../pipeline/errors'
 import { readRecords } from '../../replay/input'
 import { FAULT_PRESETS, Receiver, resolveFaults, startReceiver } from '../receiver/receiver'
 import { ERA_NAMES, getEra, setupRetryWaits } from './eras'
@@ -60,7 +61,7 @@ Examples:
   npm start -- --source posthog        (sync from a PostHog stand-in; see npm start -- --source posthog --help)
 `
 
-export class UsageError extends Error {}
+export { UsageError }
 
 export interface CliOptions {
     era: string
