@@ -1,4 +1,5 @@
 /** `npm start`: the whole job through the host emulator and the embedded receiver, and its friendly errors. */
+import { spawnSync } from 'node:child_process'
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -46,6 +47,17 @@ describe('npm start', () => {
         expect(Number(/requests\s+(\d+)\n/.exec(stdout)?.[1])).toBeLessThanOrEqual(100)
         expect(stdout).toContain(join(dir, 'rows', 'rows.jsonl'))
         expect(stderr).toContain('[plugin] info: Sending events to http://127.0.0.1:')
+    })
+
+    it('runs as `npm start` runs it: the file as the entry point, with its exit code', () => {
+        const cli = join(__dirname, '..', 'tools', 'host', 'cli.ts')
+        const args = ['--require', 'tsx/cjs', cli, '--count', '20', '--quiet', '--data-dir', join(dir, 'entry')]
+        const run = spawnSync(process.execPath, args, { encoding: 'utf8', timeout: 60_000 })
+        expect(run.status).toBe(0)
+        expect(run.stdout).toMatch(/rows stored\s+20 \(0 duplicates\)/)
+        const bad = spawnSync(process.execPath, ['--require', 'tsx/cjs', cli, '--cuont', '5'], { encoding: 'utf8' })
+        expect(bad.status).toBe(2)
+        expect(bad.stderr).toContain('--count')
     })
 
     it('runs the direct path on request: one POST per micro-batch of 10', async () => {

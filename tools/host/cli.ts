@@ -453,3 +453,7 @@ function progressWriter(total: number | null, io: CliIO) {
         io.stderr.write(io.stderr.isTTY ? `\r${line}` : `${line}\n`)
     }
 }
+
+if (require.main === module) {
+    void runStartCli(process.argv.slice(2), process.env, process).then((code) => process.exit(code))
+}
