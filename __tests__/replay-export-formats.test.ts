@@ -65,7 +65,7 @@ describe('formats, from their bytes', () => {
         writeAt(dir, exportPath(DAY_ONE_MS, 0, 'jsonl'), jsonLines(rows[0] ?? []))
         writeAt(dir, exportPath(DAY_ONE_MS + HOUR_MS, 0, 'jsonl.gz'), gzipMembers(rows[1] ?? []))
         writeAt(dir, exportPath(DAY_ONE_MS + 2 * HOUR_MS, 0, 'jsonl.br'), brotli(jsonLines(rows[2] ?? [])))
-        writeZstd(at(3, 'jsonl.zst'), jsonLines(rows[3] ?? []))
+        await writeZstd(at(3, 'jsonl.zst'), jsonLines(rows[3] ?? []))
         const { code, stdout } = await cli([dir, '--webhook-url', rx.url, '--concurrency', '1'])
         expect(code).toBe(0)
         expect(stdout).toContain('1 JSON Lines, 1 JSON Lines gzip, 1 JSON Lines brotli, 1 JSON Lines zstd')
@@ -114,7 +114,7 @@ describe('formats, from their bytes', () => {
         async (codec) => {
             const rx = await accepting()
             const rows = exportRows(0, 25, DAY_ONE_MS)
-            writeParquet(join(dir, 'parquet', exportPath(DAY_ONE_MS, 0, 'parquet')), rows, codec, 10)
+            await writeParquet(join(dir, 'parquet', exportPath(DAY_ONE_MS, 0, 'parquet')), rows, codec, 10)
             writeAt(dir, join('jsonl', exportPath(DAY_ONE_MS, 0, 'jsonl.gz')), gzipMembers(rows))
             const fromParquet = await cli([join(dir, 'parquet'), '--webhook-url', rx.url, '--concurrency', '1'])
             expect(fromParquet.code).toBe(0)
@@ -130,7 +130,7 @@ describe('formats, from their bytes', () => {
     it('reads a .parquet.zst file as Parquet as it is, and Parquet written by hyparquet-writer', async () => {
         const rx = await accepting()
         const rows = exportRows(0, 12, DAY_ONE_MS)
-        writeParquet(join(dir, exportPath(DAY_ONE_MS, 0, 'parquet.zst')), rows.slice(0, 6), 'zstd', 4)
+        await writeParquet(join(dir, exportPath(DAY_ONE_MS, 0, 'parquet.zst')), rows.slice(0, 6), 'zstd', 4)
         const columns = ['uuid', 'event', 'distinct_id', 'timestamp'] as const
         const later = rows.slice(6)
         const written = parquetWriteBuffer({
@@ -213,7 +213,7 @@ describe('the shape of what is sent', () => {
         const plain = `{"i":1,"a":${big[0]},"b":[${big[1]}],"c":{"d":${big[2]}}}`
         const parquet = join(dir, exportPath(DAY_ONE_MS + HOUR_MS, 0, 'parquet'))
         const rows = [row, { ...row, uuid: 'u-verbatim' }]
-        writeParquet(
+        await writeParquet(
             parquet,
             rows,
             'zstd',
@@ -260,8 +260,8 @@ describe('compressed files that do not hold JSON Lines', () => {
     it('names and skips a whole Parquet file compressed again with zstd, with the fix', async () => {
         const rx = await accepting()
         const parquet = join(dir, 'p.parquet')
-        writeParquet(parquet, exportRows(0, 3, DAY_ONE_MS), 'snappy')
-        writeZstd(join(dir, exportPath(DAY_ONE_MS, 0, 'parquet.zst')), readFileSync(parquet))
+        await writeParquet(parquet, exportRows(0, 3, DAY_ONE_MS), 'snappy')
+        await writeZstd(join(dir, exportPath(DAY_ONE_MS, 0, 'parquet.zst')), readFileSync(parquet))
         rmSync(parquet)
         const { code, stderr, stdout } = await cli([dir, '--webhook-url', rx.url])
         expect(code).toBe(2)

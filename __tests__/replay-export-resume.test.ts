@@ -42,12 +42,12 @@ const cli = (args: string[]) => runReplay(args)
 const sentUuids = (rx: TestServer): string[] => rx.accepted.map((e) => String(e.uuid))
 
 /** Hour 0: 100 events in gzip JSON Lines; hour 1: 100 events in Parquet (zstd), in row groups of 30. */
-function twoFiles(root: string) {
+async function twoFiles(root: string) {
     const first = exportRows(0, 100, DAY_ONE_MS)
     const second = exportRows(100, 100, DAY_ONE_MS + HOUR_MS)
     const names = [exportPath(DAY_ONE_MS, 0, 'jsonl.gz'), exportPath(DAY_ONE_MS + HOUR_MS, 0, 'parquet')] as const
     writeAt(root, names[0], gzipMembers(first))
-    writeParquet(join(root, names[1]), second, 'zstd', 30)
+    await writeParquet(join(root, names[1]), second, 'zstd', 30)
     return { uuids: [...first, ...second].map((r) => r.uuid), names }
 }
 
@@ -73,7 +73,7 @@ describe('resuming across files', () => {
         'stops %s when the webhook goes down, then resumes without resending or skipping',
         async (_w, limit, at) => {
             const { rx, state } = await acceptingUpTo(limit)
-            const { uuids, names } = twoFiles(join(dir, 'in'))
+            const { uuids, names } = await twoFiles(join(dir, 'in'))
             const checkpoint = join(dir, 'ck.json')
             const args = ['--batch-events', '10', '--concurrency', '1', '--retry-for', '2']
             const first = await cli([join(dir, 'in'), '--webhook-url', rx.url, '--checkpoint', checkpoint, ...args])
@@ -107,7 +107,7 @@ describe('resuming across files', () => {
             })
         )
         const rx = server
-        const { uuids, names } = twoFiles(join(dir, 'in'))
+        const { uuids, names } = await twoFiles(join(dir, 'in'))
         const checkpoint = join(dir, 'ck.json')
         const args = [join(dir, 'in'), '--webhook-url', rx.url, '--checkpoint', checkpoint, '--batch-events', '10']
         const { stdout, stderr, text } = captureOutput()
@@ -132,7 +132,7 @@ describe('resuming across files', () => {
 
     it('stops with exit code 2 and the fix when a file changed after its events were recorded as sent', async () => {
         const { rx, state } = await acceptingUpTo(145)
-        const { names } = twoFiles(dir)
+        const { names } = await twoFiles(dir)
         const checkpoint = join(tmpdir(), `ck-${process.pid}-${Date.now()}.json`)
         try {
             expect((await run(rx, checkpoint, ['--concurrency', '1', '--retry-for', '2'])).code).toBe(1)
@@ -160,7 +160,7 @@ describe('resuming across files', () => {
 
     it('stops at a damaged file, naming it and the fix, and resumes once it is downloaded again', async () => {
         const { rx } = await acceptingUpTo(Infinity)
-        const { uuids, names } = twoFiles(join(dir, 'in'))
+        const { uuids, names } = await twoFiles(join(dir, 'in'))
         const parquet = join(dir, 'in', names[1])
         const whole = readFileSync(parquet)
         writeFileSync(parquet, whole.subarray(0, whole.length - 100))
@@ -181,7 +181,7 @@ describe('resuming across files', () => {
         const { rx } = await acceptingUpTo(Infinity)
         const checkpoint = join(tmpdir(), `ck-${process.pid}-${Date.now()}.json`)
         try {
-            const { uuids } = twoFiles(dir)
+            const { uuids } = await twoFiles(dir)
             expect((await run(rx, checkpoint)).code).toBe(0)
             expect(sentUuids(rx)).toEqual(uuids)
             const later = exportRows(300, 5, DAY_ONE_MS + 2 * HOUR_MS)
@@ -203,7 +203,7 @@ describe('resuming across files', () => {
     it('refuses a checkpoint written with other filters, or by a replay of one file', async () => {
         const { rx } = await acceptingUpTo(Infinity)
         const checkpoint = join(dir, 'ck.json')
-        twoFiles(join(dir, 'in'))
+        await twoFiles(join(dir, 'in'))
         const folder = join(dir, 'in')
         expect((await cli([folder, '--webhook-url', rx.url, '--checkpoint', checkpoint])).code).toBe(0)
         const requests = rx.received.length
@@ -220,19 +220,19 @@ describe('resuming across files', () => {
 
 describe('--dedupe', () => {
     /** Hour 0 in one file; a backfill of hour 0 (file -1) repeating half of it; hour 1 repeating some of both. */
-    function overlapping(root: string) {
+    async function overlapping(root: string) {
         const hour0 = exportRows(0, 10, DAY_ONE_MS)
         const backfill = exportRows(5, 10, DAY_ONE_MS)
         const hour1 = [...exportRows(12, 4, DAY_ONE_MS), ...exportRows(20, 6, DAY_ONE_MS + HOUR_MS)]
         writeAt(root, exportPath(DAY_ONE_MS, 0, 'jsonl.gz'), gzipMembers(hour0))
-        writeParquet(join(root, exportPath(DAY_ONE_MS, 1, 'parquet')), backfill, 'snappy', 4)
+        await writeParquet(join(root, exportPath(DAY_ONE_MS, 1, 'parquet')), backfill, 'snappy', 4)
         writeAt(root, exportPath(DAY_ONE_MS + HOUR_MS, 0, 'jsonl'), jsonLines(hour1))
         return [...hour0, ...backfill, ...hour1].map((r) => r.uuid)
     }
 
     it('drops an event whose uuid was already sent in this run, across files and formats, and counts it', async () => {
         const { rx } = await acceptingUpTo(Infinity)
-        const all = overlapping(dir)
+        const all = await overlapping(dir)
         const { code, stdout } = await cli([dir, '--webhook-url', rx.url, '--dedupe', '--concurrency', '1'])
         expect(code).toBe(0)
         const unique = [...new Set(all)]
@@ -243,7 +243,7 @@ describe('--dedupe', () => {
 
     it('sends every copy without --dedupe, for the receiver to deduplicate', async () => {
         const { rx } = await acceptingUpTo(Infinity)
-        const all = overlapping(dir)
+        const all = await overlapping(dir)
         const { code, stdout } = await cli([dir, '--webhook-url', rx.url, '--concurrency', '1'])
         expect(code).toBe(0)
         expect(sentUuids(rx)).toEqual(all)

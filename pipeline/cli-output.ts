@@ -52,10 +52,11 @@ export function progressParts(p: PipelineProgress, elapsedMs: number, sourcePart
 /** One row of a summary; null rows are left out (a row that does not apply to this run). */
 export type SummaryRow = readonly [label: string, value: string | number] | null
 
+/** The rows as aligned text; a label longer than the usual width still keeps two spaces before its value. */
 export function summaryText(rows: readonly SummaryRow[]): string {
     return rows
         .filter((row): row is readonly [string, string | number] => row !== null)
-        .map(([label, value]) => `  ${label.padEnd(LABEL_WIDTH)}${value}`)
+        .map(([label, value]) => `  ${label.padEnd(LABEL_WIDTH - 2)}  ${value}`)
         .join('\n')
 }
 

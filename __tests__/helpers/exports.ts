@@ -109,37 +109,55 @@ function engineInput(text: string | Buffer): string {
 }
 
 /**
+ * One standalone chdb query. chdb's engine is one per process: a PostHog stand-in of an earlier test file in this
+ * jest worker may still hold its session for a moment (it closes when idle), so wait for it rather than fail.
+ */
+async function engineQuery(text: string): Promise<void> {
+    const deadline = Date.now() + 5_000
+    for (;;) {
+        try {
+            query(text, 'CSV')
+            return
+        } catch (error) {
+            const busy = /session .* is active/.test(error instanceof Error ? error.message : String(error))
+            if (!busy || Date.now() > deadline) {
+                throw error
+            }
+            await new Promise((resolve) => setTimeout(resolve, 50))
+        }
+    }
+}
+
+/**
  * A Parquet file written by ClickHouse (chdb) with the codec given, in row groups of `rowGroup` rows.
  * `propertiesText` overrides a row's properties JSON text (to carry numbers JSON.stringify cannot write).
  */
-export function writeParquet(
+export async function writeParquet(
     file: string,
     rows: ExportRow[],
     codec: string,
     rowGroup = 1_000,
     propertiesText: Map<number, string> = new Map()
-): void {
+): Promise<void> {
     mkdirSync(dirname(file), { recursive: true })
     const input = engineInput(rows.map((row, i) => parquetInputLine(row, propertiesText.get(i)) + '\n').join(''))
-    query(
+    await engineQuery(
         `SELECT * FROM file(${sql(input)}, JSONEachRow, ${sql(PARQUET_COLUMNS)}) ` +
             // COMPRESSION 'none': ClickHouse would otherwise zstd a whole `.parquet.zst` file, which PostHog does not.
             `INTO OUTFILE ${sql(file)} TRUNCATE COMPRESSION 'none' FORMAT Parquet SETTINGS ` +
             `output_format_parquet_compression_method = ${sql(codec)}, ` +
-            `output_format_parquet_row_group_size = ${rowGroup}, max_threads = 1`,
-        'CSV'
+            `output_format_parquet_row_group_size = ${rowGroup}, max_threads = 1`
     )
     rmSync(dirname(input), { recursive: true, force: true })
 }
 
 /** A zstd-compressed file written by ClickHouse (chdb) from the given bytes, byte for byte (RawBLOB). */
-export function writeZstd(file: string, data: string | Buffer): void {
+export async function writeZstd(file: string, data: string | Buffer): Promise<void> {
     mkdirSync(dirname(file), { recursive: true })
     const input = engineInput(data)
-    query(
+    await engineQuery(
         `SELECT * FROM file(${sql(input)}, RawBLOB) INTO OUTFILE ${sql(file)} TRUNCATE ` +
-            `COMPRESSION 'zstd' FORMAT RawBLOB`,
-        'CSV'
+            `COMPRESSION 'zstd' FORMAT RawBLOB`
     )
     rmSync(dirname(input), { recursive: true, force: true })
 }

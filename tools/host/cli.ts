@@ -9,6 +9,7 @@ import { parseArgs } from 'node:util'
 import type { ProcessedPluginEvent } from '@posthog/plugin-scaffold'
 
 import { usageMessage } from '../../pipeline/cli-options'
+import { summaryText } from '../../pipeline/cli-output'
 import { UsageError } from '../../pipeline/errors'
 import { readRecords } from '../../replay/input'
 import { FAULT_PRESETS, Receiver, resolveFaults, startReceiver } from '../receiver/receiver'
@@ -269,8 +270,7 @@ export function formatSummary(result: JobResult, receiver: ReturnType<Receiver['
         ['rows are in', receiver ? receiver.rowsFile : 'the external webhook'],
         ...exportRows(result),
     ]
-    const width = Math.max(...rows.map(([k]) => k.length))
-    return rows.map(([k, v]) => `  ${k.padEnd(width)}  ${v}`).join('\n')
+    return summaryText(rows)
 }
 
 /** Where the host has an export path: which handler delivered, its jobs, and the metrics its UI showed. */

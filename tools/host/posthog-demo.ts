@@ -8,6 +8,7 @@ import { randomBytes } from 'node:crypto'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 
+import { summaryText } from '../../pipeline/cli-output'
 import { runSyncCli, SyncIO } from '../../sync/cli'
 import { FAULT_PRESETS, Receiver, resolveFaults, startReceiver } from '../receiver/receiver'
 import { PostHogStandIn, StandInFaults, startPostHogStandIn } from '../standin/server'
@@ -103,14 +104,13 @@ async function seed(posthog: PostHogStandIn, count: number, nowMs: number): Prom
 
 function receiverText(receiver: Receiver, stored: number): string {
     const summary = receiver.summary()
-    const rows: Array<[string, string | number]> = [
+    return summaryText([
         ['events stored in PostHog', stored],
         ['rows the receiver stored', `${summary.rows} (${summary.duplicateRows} duplicates)`],
         ['distinct events received', summary.uniqueUuids],
         ['every event arrived', summary.uniqueUuids === stored ? 'yes' : `no: ${stored - summary.uniqueUuids} missing`],
         ['rows are in', summary.rowsFile],
-    ]
-    return rows.map(([k, v]) => `  ${k.padEnd(26)}${v}`).join('\n')
+    ])
 }
 
 /** The whole job; returns the exit code (sync's, or 1 if the receiver is missing events). */
@@ -154,10 +154,10 @@ export async function runPostHogStart(argv: string[], io: SyncIO): Promise<numbe
         ]
         const code = await runSyncCli(args, { POSTHOG_API_KEY: apiKey, PATTERNS_WEBHOOK_URL: receiver.url }, io)
         const stats = await posthog.stats()
-        io.stdout.write(
-            `\nPostHog stand-in\n  ${'query requests'.padEnd(26)}${stats.requests} (${stats.throttled} throttled, ` +
-                `${stats.faults['429']} injected 429s, ${stats.faults['500']} injected 500s)\n`
-        )
+        const queries =
+            `${stats.requests} (${stats.throttled} throttled, ` +
+            `${stats.faults['429']} injected 429s, ${stats.faults['500']} injected 500s)`
+        io.stdout.write(`\nPostHog stand-in\n${summaryText([['query requests', queries]])}\n`)
         io.stdout.write(`\nReceiver\n${receiverText(receiver, stored)}\n`)
         return code === 0 && receiver.summary().uniqueUuids !== stored ? 1 : code
     } finally {
