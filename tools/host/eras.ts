@@ -211,10 +211,12 @@ function classicEra(name: EraName, description: string, exportPath: ExportPathPo
 }
 
 const vm2021 = (): Era => ({
-    ...classicEra('vm2021', 'export path A', EXPORT_PATH_A),
-    description:
+    ...classicEra(
+        'vm2021',
         'standalone plugin-server 1.10 (vm2 3.9.5, babel 7.13.7, node-fetch 2.6.1): export path A (1 MiB / 10 s ' +
-        'buffer, 15 job retries), no host retry of onEvent',
+            'buffer, 15 job retries), no host retry of onEvent',
+        EXPORT_PATH_A
+    ),
     babel: babel2021,
     imports: IMPORTS_2021,
     RetryError: scaffold2021.RetryError,
@@ -222,6 +224,9 @@ const vm2021 = (): Era => ({
     fetch: nodeFetch2021,
     shapeEvent: (event) => ({ event: asPluginEvent(event) }),
 })
+
+/** The waits before the host retries an onEvent RetryError, from mid-2022 to July 2023. */
+const ONEVENT_RETRY_WAITS_2022_MS = [3_000, 6_000]
 
 /** An undici fetch with the host's own timeout: from August 2023. */
 const withUndici = (era: Era): Era => ({ ...era, fetch: vm2024Fetch })
@@ -256,7 +261,7 @@ const ERAS: Record<EraName, () => Era> = {
             'May–Sep 2022: export path C (3 job retries); onEvent RetryError retried after 3 s, 6 s',
             EXPORT_PATH_C
         ),
-        hostRetryDelaysMs: [3_000, 6_000],
+        hostRetryDelaysMs: ONEVENT_RETRY_WAITS_2022_MS,
     }),
     vm2023: () => ({
         ...classicEra(
@@ -264,7 +269,7 @@ const ERAS: Record<EraName, () => Era> = {
             'Oct 2022–Jul 2023: export path D (3 job retries, app metrics); onEvent retried after 3 s, 6 s',
             EXPORT_PATH_D
         ),
-        hostRetryDelaysMs: [3_000, 6_000],
+        hostRetryDelaysMs: ONEVENT_RETRY_WAITS_2022_MS,
     }),
     vm2023aug: () =>
         withUndici(

@@ -246,7 +246,7 @@ class JobHost {
         const jobs = this.queue.stop()
         await this.instance?.teardown()
         const policy = this.era.exportPath
-        if (!policy || (!metrics.some((m) => m.batches > 0 || m.seen > 0) && jobs.enqueued === 0)) {
+        if (!policy || (!metrics.some((m) => m.batches > 0) && jobs.enqueued === 0)) {
             return
         }
         const total = [...metrics, this.instance?.exportMetrics ?? emptyMetrics()].reduce(addMetrics, emptyMetrics())
