@@ -37,12 +37,6 @@ export const DEADLINE_MARGIN_MS = 250
 /** Upper bounds for one POST. A burst larger than this goes out as several POSTs in a row. */
 export const DEFAULT_MAX_BATCH_EVENTS = 500
 export const DEFAULT_MAX_BATCH_BYTES = 1_000_000
-/**
- * Events per POST on the export path, where only the byte bound usually applies: the host's job queue retries a
- * batch whole, so a default 1 MiB buffer that goes out as one POST either arrives or is retried as a unit, and
- * no part of it is sent twice.
- */
-export const EXPORT_MAX_BATCH_EVENTS = 10_000
 /** Backoff with full jitter where timers exist: random(0, min(cap, base * 2^attempt)). */
 export const BACKOFF_BASE_MS = 250
 export const BACKOFF_CAP_MS = 5_000
@@ -84,6 +78,38 @@ export const ERROR_BODY_MAX_BYTES = 16_384
  * encoding: a receiver that echoes part of the URL's token or of a header value must not get it into the log.
  */
 export const SECRET_FRAGMENT_CHARS = 6
+/**
+ * The outbox's default size. PostHog keeps plugin storage in its main Postgres, one row per key, shared with
+ * everything else the install stores: 50 MB holds about 100,000 typical events (an hour of a busy site) without
+ * making that database noticeably bigger. Users who expect long outages raise it; 0 turns the outbox off.
+ */
+export const DEFAULT_OUTBOX_MB = 50
+/** The largest outbox the config accepts: past this, PostHog's Postgres is the wrong place for a backlog. */
+export const MAX_OUTBOX_MB = 1_000
+export const BYTES_PER_MB = 1_000_000
+/** A kept body is stored in pieces of at most this many characters, so no storage row grows past a few hundred KB. */
+export const OUTBOX_PIECE_CHARS = 262_144
+/** Storage and cache keys of the outbox; PostHog scopes storage to the plugin config and cache to the plugin. */
+export const OUTBOX_STATE_KEY = 'outbox/state'
+export const OUTBOX_LOCK_KEY = 'outbox/lock'
+export const OUTBOX_DRAIN_KEY = 'outbox/drain'
+/** A lock outlives a holder that crashed by at most this long; holders keep it for a few storage calls. */
+export const OUTBOX_LOCK_TTL_SECONDS = 20
+/** The drain lease outlives a drain (which stops starting entries after DRAIN_START_WITHIN_MS). */
+export const OUTBOX_DRAIN_TTL_SECONDS = 60
+/** How long a write waits for the outbox lock before the batch is treated as "storage could not take it". */
+export const OUTBOX_LOCK_WAIT_MS = 5_000
+/** Where timers exist, a write waiting for the lock tries again after this long. */
+export const OUTBOX_LOCK_RETRY_MS = 10
+/** Time kept free at the end of an onEvent call for the outbox write, when the webhook could not take its batch. */
+export const OUTBOX_WRITE_RESERVE_MS = 5_000
+/** A drain starts no new entry after this long, and each entry must finish by DRAIN_DEADLINE_MS: PostHog's 30 s limit. */
+export const DRAIN_START_WITHIN_MS = 15_000
+export const DRAIN_DEADLINE_MS = 25_000
+/** While the webhook is known down, one request a minute finds out whether it is back (runEveryMinute's drain). */
+export const PROBE_INTERVAL_MS = 60_000
+/** Failed requests in a row, with no success between, after which the webhook counts as down. */
+export const DOWN_AFTER_FAILED_REQUESTS = 10
 /** Headers the connector sets itself; a custom header may not replace them. */
 export const RESERVED_HEADERS = [
     'content-type',
@@ -139,6 +165,7 @@ export interface PatternsConfig {
     excludedProperties?: string
     customHeaders?: string
     signingSecret?: string
+    outboxMaxMb?: string
 }
 
 /** Config after `parseConfig`: validated, normalised, ready to use on every event without re-parsing. */
@@ -165,6 +192,8 @@ export interface ParsedConfig {
     secrets: string[]
     /** The distinctive parts of the secrets: no run of SECRET_FRAGMENT_CHARS of them may be quoted from a body. */
     secretParts: string[]
+    /** The most the outbox may hold, in characters of kept bodies; 0: no outbox. */
+    outboxBytes: number
 }
 
 export type AnyEvent = ProcessedPluginEvent | PluginEvent
@@ -244,6 +273,8 @@ export interface SenderStats {
     requests: number
     retries: number
     splits: number
+    /** Events the webhook did not take that wait in the outbox instead of failing. */
+    kept: number
     failuresByCause: Record<string, number>
 }
 
@@ -425,7 +456,25 @@ export function parseConfig(raw: Partial<PatternsConfig> | undefined, overrides:
         retryAfterCapMs: positiveOr(overrides.retryAfterCapMs, RETRY_AFTER_CAP_MS, 'retryAfterCapMs'),
         secrets: secretForms([webhookUrl, ...secretParts]),
         secretParts,
+        outboxBytes: parseOutboxMb(config.outboxMaxMb) * BYTES_PER_MB,
     }
+}
+
+/** The outbox's size in MB: empty means the default, 0 turns it off. */
+export function parseOutboxMb(value: unknown): number {
+    const text = typeof value === 'string' ? value.trim() : ''
+    if (text === '') {
+        return DEFAULT_OUTBOX_MB
+    }
+    const mb = Number(text)
+    if (!/^\d+(\.\d+)?$/.test(text) || !(mb <= MAX_OUTBOX_MB)) {
+        throw new ConfigError(
+            'outboxMaxMb',
+            `it must be a number of MB from 0 to ${MAX_OUTBOX_MB}, got "${text}". Leave it empty for ` +
+                `${DEFAULT_OUTBOX_MB} MB, or set 0 to keep nothing in PostHog's storage.`
+        )
+    }
+    return mb
 }
 
 function positiveOr(value: number | undefined, fallback: number, field: string): number {
@@ -1069,6 +1118,8 @@ export interface DeliveryResult<T> {
      * RetryError is named "Error", so the error itself can't tell.
      */
     retryable: boolean
+    /** The `webhook-id` the group's body was sent with, so a later re-send of the same body carries it too. */
+    webhookId: string
 }
 
 export interface DeliveryHooks {
@@ -1104,7 +1155,7 @@ interface Delivery<T> {
     deadline: number
     hooks: DeliveryHooks
     budget: SplitBudget
-    fail: (items: T[], message: string, retryable: boolean) => DeliveryResult<T>[]
+    fail: (items: T[], message: string, retryable: boolean, webhookId?: string) => DeliveryResult<T>[]
 }
 
 /**
@@ -1118,10 +1169,11 @@ export function deliver<T extends { json: string; uuid: string }>(
     deadline: number,
     hooks: DeliveryHooks = {}
 ): Promise<DeliveryResult<T>[]> {
-    const fail = (group: T[], message: string, retryable: boolean): DeliveryResult<T>[] => {
+    const fail = (group: T[], message: string, retryable: boolean, webhookId?: string): DeliveryResult<T>[] => {
         const what = group.length === 1 ? `event ${group[0]?.uuid ?? ''}` : `batch of ${group.length} events`
         const text = redactText(`${what} to ${config.redactedUrl}: ${message}`, config.secrets)
-        return [{ items: group, error: retryable ? new RetryError(text) : new Error(text), retryable }]
+        const error = retryable ? new RetryError(text) : new Error(text)
+        return [{ items: group, error, retryable, webhookId: webhookId ?? batchWebhookId(group) }]
     }
     return deliverGroup(items, { config, env, deadline, hooks, budget: { tooLarge: 0 }, fail })
 }
@@ -1138,11 +1190,11 @@ async function deliverGroup<T extends { json: string; uuid: string }>(
     for (;;) {
         const remaining = deadline - env.now()
         if (remaining < attemptNeedsMs(env.timeoutEnforced)) {
-            return fail(items, `not sent: ${notSentWhy(remaining, config)}`, true)
+            return fail(items, `not sent: ${notSentWhy(remaining, config)}`, true, webhookId)
         }
         if (delivery.budget.tooLarge >= MAX_TOO_LARGE_PER_BATCH) {
             const refused = `the receiver refused ${delivery.budget.tooLarge} requests of this batch as too large (HTTP 413)`
-            return fail(items, `not sent: ${refused}; raise the receiver's size limit`, false)
+            return fail(items, `not sent: ${refused}; raise the receiver's size limit`, false, webhookId)
         }
         const started = env.now()
         const timeoutMs = Math.min(config.requestTimeoutMs, remaining - DEADLINE_MARGIN_MS)
@@ -1150,10 +1202,10 @@ async function deliverGroup<T extends { json: string; uuid: string }>(
         attempts++
         delivery.hooks.onAttempt?.(outcome, env.now() - started, attempts)
         if (outcome.kind === 'delivered') {
-            return [{ items, error: null, retryable: false }]
+            return [{ items, error: null, retryable: false, webhookId }]
         }
         if (outcome.kind === 'permanent') {
-            return fail(items, `${outcome.reason}; gave up after ${attemptsText(attempts)}`, false)
+            return fail(items, `${outcome.reason}; gave up after ${attemptsText(attempts)}`, false, webhookId)
         }
         if (outcome.kind === 'split') {
             return splitGroup(items, outcome.reason, attempts, delivery)
@@ -1169,7 +1221,12 @@ async function deliverGroup<T extends { json: string; uuid: string }>(
             random: env.random,
         })
         if (!plan.retry) {
-            return fail(items, `${outcome.reason}; gave up after ${attemptsText(attempts)}: ${plan.why}`, true)
+            return fail(
+                items,
+                `${outcome.reason}; gave up after ${attemptsText(attempts)}: ${plan.why}`,
+                true,
+                webhookId
+            )
         }
         if (plan.delayMs > 0 && env.sleep) {
             await env.sleep(plan.delayMs)
@@ -1214,45 +1271,6 @@ interface ExportItem {
     bytes: number
 }
 
-/** Cuts items into POST-sized chunks, in order, with the same rule as onEvent's batches. */
-export function chunkItems<T extends { bytes: number }>(
-    items: readonly T[],
-    maxEvents: number,
-    maxBytes: number
-): T[][] {
-    const chunks: T[][] = []
-    let start = 0
-    while (start < items.length) {
-        const window = items.slice(start, start + maxEvents).map((item) => item.bytes)
-        const count = takeCount(window, maxEvents, maxBytes)
-        chunks.push(items.slice(start, start + count))
-        start += count
-    }
-    return chunks
-}
-
-/**
- * Runs `work` over the tasks with at most `width` at once, each lane taking the next task when its last one
- * settles; results come back in task order. A chain of calls, not a loop: the host's loop guard counts a loop's
- * whole life.
- */
-export function inLanes<T, R>(tasks: readonly T[], width: number, work: (task: T) => Promise<R>): Promise<R[]> {
-    const results: R[] = new Array(tasks.length)
-    let next = 0
-    const lane = (): Promise<void> => {
-        const index = next++
-        if (index >= tasks.length) {
-            return Promise.resolve()
-        }
-        return work(tasks[index] as T).then((result) => {
-            results[index] = result
-            return lane()
-        })
-    }
-    const lanes = Array.from({ length: Math.min(width, tasks.length) }, lane)
-    return Promise.all(lanes).then(() => results)
-}
-
 export class Sender {
     readonly stats: SenderStats = {
         events: 0,
@@ -1262,6 +1280,7 @@ export class Sender {
         requests: 0,
         retries: 0,
         splits: 0,
+        kept: 0,
         failuresByCause: {},
     }
     private readonly queue: QueuedEvent[] = []
@@ -1279,10 +1298,30 @@ export class Sender {
     private lastArrival = 0
     private failedRequestsInStreak = 0
 
+    /** Where a batch the webhook could not take waits (PostHog's plugin storage); null: it fails as before. */
+    outbox: Outbox | null = null
+
     constructor(
         readonly config: ParsedConfig,
         readonly env: SenderEnv
     ) {}
+
+    /** Gives this sender an outbox over the host's storage and cache. */
+    useOutbox(storage: PluginStorage, cache: PluginCache | null, count: OutboxIo['count']): Outbox {
+        this.outbox = new Outbox({
+            storage,
+            cache,
+            config: this.config,
+            env: this.env,
+            count,
+            deliver: (items, webhookIdFor, deadline) =>
+                deliver(items, this.config, this.env, deadline, {
+                    onAttempt: (outcome, _durationMs, attempt) => this.recordAttempt(outcome, attempt),
+                    webhookIdFor,
+                }),
+        })
+        return this.outbox
+    }
 
     /**
      * Resolves once the webhook accepted this event (or the event was filtered out); rejects if it was not accepted.
@@ -1366,22 +1405,66 @@ export class Sender {
     }
 
     private async post(batch: QueuedEvent[]): Promise<void> {
-        // FIFO: the first item has the earliest deadline, so the batch must finish by then.
-        const deadline = batch[0]?.deadline ?? this.env.now()
-        let results: DeliveryResult<QueuedEvent>[]
+        // FIFO: the first item has the earliest deadline, so the batch must finish by then, outbox write included.
+        const callDeadline = batch[0]?.deadline ?? this.env.now()
+        const deadline = callDeadline - (this.outbox ? OUTBOX_WRITE_RESERVE_MS : 0)
+        let results: Settled<QueuedEvent>[]
         try {
-            results = await deliver(batch, this.config, this.env, deadline, {
-                onAttempt: (outcome, _durationMs, attempt) => this.recordAttempt(outcome, attempt),
-            })
+            results = this.outbox?.skipsWebhook(this.env.now())
+                ? [this.knownDown(batch)]
+                : await deliver(batch, this.config, this.env, deadline, {
+                      onAttempt: (outcome, _durationMs, attempt) => this.recordAttempt(outcome, attempt),
+                  })
+            if (this.outbox && results.some((result) => result.error && result.retryable)) {
+                results = await this.keepFailed(results, callDeadline)
+            }
         } catch (error) {
             // Only a bug gets here; still, no call may be left hanging, and the next batch still goes.
             const failure = new Error(`the connector failed unexpectedly (${errorName(error)}); the event was not sent`)
-            results = [{ items: batch, error: failure, retryable: false }]
+            results = [{ items: batch, error: failure, retryable: false, webhookId: '' }]
         }
         this.inFlight--
         this.settle(results)
         // What queued while this POST was out has waited long enough: it goes now, without another gather.
         this.dispatch()
+    }
+
+    /** A batch not sent because the webhook is known down: it goes to the outbox like a failed one. */
+    private knownDown<T extends { json: string; uuid: string }>(items: T[]): DeliveryResult<T> {
+        const since = new Date(this.outbox?.downSince ?? this.env.now()).toISOString()
+        const error = new RetryError(`not sent: webhook ${this.config.redactedUrl} has been failing since ${since}`)
+        return { items, error, retryable: true, webhookId: batchWebhookId(items) }
+    }
+
+    /**
+     * Puts the groups that failed in a way that can pass into the outbox, each as the body it was sent as. A
+     * kept group counts as handled; one the outbox refused keeps its error, which now also says why.
+     */
+    private async keepFailed<T extends { json: string; uuid: string }>(
+        results: Settled<T>[],
+        waitUntil: number
+    ): Promise<Settled<T>[]> {
+        const outbox = this.outbox as Outbox
+        const failed = results.filter((result) => result.error && result.retryable)
+        const entries = failed.map((result) => ({
+            id: result.webhookId,
+            body: batchBody(result.items),
+            events: result.items.length,
+        }))
+        const outcome = await outbox.keep(entries, Math.min(waitUntil, this.env.now() + OUTBOX_LOCK_WAIT_MS))
+        const refused = new Set(outcome.refused)
+        return results.map((result) => {
+            const index = failed.indexOf(result)
+            const entry = entries[index]
+            if (index < 0 || !entry) {
+                return result
+            }
+            if (!refused.has(entry)) {
+                return { ...result, error: null, kept: true }
+            }
+            const message = `${result.error?.message ?? ''}; ${outcome.why ?? 'the outbox could not keep it'}`
+            return { ...result, error: new RetryError(message) }
+        })
     }
 
     private recordAttempt(outcome: Outcome, attempt: number): void {
@@ -1390,6 +1473,7 @@ export class Sender {
             this.stats.retries++
         }
         if (outcome.kind === 'delivered') {
+            this.outbox?.markUp()
             if (this.failedRequestsInStreak > 0) {
                 this.env.logger.info(
                     `Webhook ${this.config.redactedUrl} recovered after ${this.failedRequestsInStreak} failed request(s).`
@@ -1408,15 +1492,43 @@ export class Sender {
             )
         }
         this.failedRequestsInStreak++
+        if (this.failedRequestsInStreak >= DOWN_AFTER_FAILED_REQUESTS && outcome.kind === 'retry') {
+            this.outbox?.markDown(this.env.now())
+        }
     }
 
     /**
-     * One batch from the host's export buffer, POSTed in chunks (MAX_IN_FLIGHT at a time) with the same filters,
-     * shape, retries and 413 splits as onEvent's batches. Resolves once every chunk was accepted. Otherwise it
-     * rejects with a RetryError when a later try could succeed (the host re-queues the whole batch in its job
-     * queue), or with a plain Error when the receiver refused for good (the host does not retry it).
+     * One batch from the host's export buffer, POSTed as one body (split in halves only if the receiver answers
+     * 413), with the same filters, shape, retries and signing as onEvent's batches. Resolves once the webhook
+     * accepted every event, or the outbox kept what it did not take. Otherwise it rejects with a RetryError when
+     * a later try could succeed (hosts that still retry re-queue the batch), or with a plain Error when the
+     * receiver refused for good.
      */
     exportBatch(events: readonly AnyEvent[]): Promise<void> {
+        const { items, unserialisable } = this.serialiseAll(events)
+        if (items.length === 0) {
+            return new Promise<void>((resolve) => resolve(this.settleExport([], events.length, unserialisable)))
+        }
+        const callDeadline = this.env.now() + this.config.deadlineMs
+        const deadline = callDeadline - (this.outbox ? OUTBOX_WRITE_RESERVE_MS : 0)
+        const sent: Promise<Settled<ExportItem>[]> = this.outbox?.skipsWebhook(this.env.now())
+            ? Promise.resolve([this.knownDown(items)])
+            : deliver(items, this.config, this.env, deadline, {
+                  onAttempt: (outcome, _durationMs, attempt) => this.recordAttempt(outcome, attempt),
+                  webhookIdFor: batchWebhookId,
+              })
+        // One `.then` on the clean path: the host guards each one.
+        return sent.then((results) => {
+            if (this.outbox && results.some((result) => result.error && result.retryable)) {
+                return this.keepFailed(results, callDeadline).then((kept) =>
+                    this.settleExport(kept, events.length, unserialisable)
+                )
+            }
+            return this.settleExport(results, events.length, unserialisable)
+        })
+    }
+
+    private serialiseAll(events: readonly AnyEvent[]): { items: ExportItem[]; unserialisable: string[] } {
         const items: ExportItem[] = []
         const unserialisable: string[] = []
         for (const event of events) {
@@ -1432,25 +1544,16 @@ export class Sender {
                 unserialisable.push(`event ${event.uuid} could not be serialised as JSON (${errorName(error)})`)
             }
         }
-        const deadline = this.env.now() + this.config.deadlineMs
-        const chunks = chunkItems(items, EXPORT_MAX_BATCH_EVENTS, this.config.maxBatchBytes)
-        const send = (chunk: ExportItem[]): Promise<DeliveryResult<ExportItem>[]> =>
-            deliver(chunk, this.config, this.env, deadline, {
-                onAttempt: (outcome, _durationMs, attempt) => this.recordAttempt(outcome, attempt),
-                webhookIdFor: batchWebhookId,
-            })
-        return inLanes(chunks, MAX_IN_FLIGHT, send).then((results) =>
-            this.settleExport(results.flat(), events.length, unserialisable)
-        )
+        return { items, unserialisable }
     }
 
-    private settleExport(results: DeliveryResult<ExportItem>[], total: number, unserialisable: string[]): void {
+    private settleExport(results: Settled<ExportItem>[], total: number, unserialisable: string[]): void {
         let failed = unserialisable.length
         let retryable = false
         let first: Error | null = unserialisable.length ? new Error(unserialisable.join('; ')) : null
         for (const result of results) {
             if (!result.error) {
-                this.stats.delivered += result.items.length
+                this.countHandled(result)
                 continue
             }
             failed += result.items.length
@@ -1464,13 +1567,27 @@ export class Sender {
             return
         }
         const what = `${failed} of the ${total} events of this batch were not accepted: ${first.message}`
-        // The host's job queue retries the whole batch: receivers see the accepted chunks again, with the same
-        // webhook-id, and deduplicate on it or on uuid.
-        throw retryable ? new RetryError(`${what}; PostHog will retry the batch`) : new Error(what)
+        throw retryable
+            ? new RetryError(`${what}; PostHog will retry the batch where it still retries`)
+            : new Error(what)
     }
 
-    private settle(results: DeliveryResult<QueuedEvent>[]): void {
-        for (const { items, error, retryable } of results) {
+    /** Counts a group that needs nothing more (accepted, or kept); an accepted one may start a drain. */
+    private countHandled(result: Settled<unknown>): void {
+        if (result.kept) {
+            this.stats.kept += result.items.length
+            return
+        }
+        this.stats.delivered += result.items.length
+        this.outbox?.drainInBackground()
+    }
+
+    private settle(results: Settled<QueuedEvent>[]): void {
+        for (const result of results) {
+            const { items, error, retryable } = result
+            if (!error) {
+                this.countHandled(result)
+            }
             for (const item of items) {
                 this.pending--
                 if (error) {
@@ -1479,7 +1596,6 @@ export class Sender {
                     this.stats.failuresByCause[cause] = (this.stats.failuresByCause[cause] ?? 0) + 1
                     item.reject(error)
                 } else {
-                    this.stats.delivered++
                     item.resolve()
                 }
             }
@@ -1488,6 +1604,565 @@ export class Sender {
             // The largest round so far: a round cut short by a fast POST must not teach a smaller burst.
             this.learnedBurst = Math.max(this.learnedBurst, this.roundPeak)
             this.roundPeak = 0
+        }
+    }
+}
+
+/** A group's fate after delivery and, where it failed, after the outbox: `kept` when the outbox took it. */
+type Settled<T> = DeliveryResult<T> & { kept?: boolean }
+
+// ---------------------------------------------------------------------------------------------------------------
+// The outbox: what the webhook could not take waits in PostHog's plugin storage (rows in its Postgres) and goes
+// out, oldest first, once the webhook answers again. docs/hosts.md says where each PostHog version keeps it.
+// ---------------------------------------------------------------------------------------------------------------
+
+/** `meta.storage` as every classic host has it: JSON values, `set` an upsert, one table for every thread. */
+export interface PluginStorage {
+    get: (key: string, defaultValue: unknown) => Promise<unknown>
+    set: (key: string, value: unknown) => Promise<void>
+    del: (key: string) => Promise<void>
+}
+
+/** The part of `meta.cache` (Redis) the outbox uses: an atomic counter with a TTL makes a lock. */
+export interface PluginCache {
+    incr: (key: string) => Promise<number>
+    expire: (key: string, ttlSeconds: number) => Promise<unknown>
+    set: (key: string, value: unknown) => Promise<unknown>
+}
+
+/**
+ * The outbox's index, one storage row: entries are numbered from `head` (the oldest) to `tail` (the next free
+ * number), and each entry's body is stored in pieces under `pieceKey(number, piece)`.
+ */
+export interface OutboxState {
+    head: number
+    tail: number
+    events: number
+    bytes: number
+    /** When the oldest kept entry was written (ms), or null when the outbox is empty. */
+    since: number | null
+    /** When a drain last had an entry accepted (ms): other VMs learn from it that the webhook is back. */
+    deliveredAt: number
+    /** Events kept since the outbox was last empty, and its peak size then, for the line logged once it is. */
+    keptInOutage: number
+    peakBytes: number
+}
+
+/** One body the webhook did not take: sent again later as the same bytes with the same `webhook-id`. */
+export interface OutboxEntry {
+    id: string
+    body: string
+    events: number
+}
+
+/** What a stored piece holds; the first piece of an entry also carries its header. */
+interface StoredPiece {
+    body: string
+    id?: string
+    pieces?: number
+    events?: number
+}
+
+export interface KeepResult {
+    kept: number
+    refused: OutboxEntry[]
+    /** Why entries were refused (the outbox is full, busy, or storage failed), or null. */
+    why: string | null
+}
+
+export type DrainResult =
+    | { kind: 'empty' }
+    | { kind: 'busy' }
+    | { kind: 'drained'; entries: number; events: number; left: number; stillDown: boolean }
+
+export function emptyOutboxState(): OutboxState {
+    return { head: 0, tail: 0, events: 0, bytes: 0, since: null, deliveredAt: 0, keptInOutage: 0, peakBytes: 0 }
+}
+
+/** The stored index, checked field by field: a missing or damaged row reads as an empty outbox. */
+export function readOutboxState(value: unknown): OutboxState {
+    const state = emptyOutboxState()
+    if (typeof value !== 'object' || value === null) {
+        return state
+    }
+    const stored = value as Record<string, unknown>
+    const count = (name: keyof OutboxState): number => {
+        const field = stored[name]
+        return typeof field === 'number' && Number.isFinite(field) && field >= 0 ? field : 0
+    }
+    state.head = count('head')
+    state.tail = Math.max(count('tail'), state.head)
+    state.events = count('events')
+    state.bytes = count('bytes')
+    state.since = typeof stored.since === 'number' ? stored.since : null
+    state.deliveredAt = count('deliveredAt')
+    state.keptInOutage = count('keptInOutage')
+    state.peakBytes = count('peakBytes')
+    return state
+}
+
+export function pieceKey(entry: number, piece: number): string {
+    return `outbox/${entry}/${piece}`
+}
+
+/** Cuts a body into pieces of at most `maxChars` characters; an empty body is one empty piece. */
+export function slicePieces(body: string, maxChars: number): string[] {
+    const pieces: string[] = []
+    for (let start = 0; start < body.length; start += maxChars) {
+        pieces.push(body.slice(start, start + maxChars))
+    }
+    return pieces.length > 0 ? pieces : ['']
+}
+
+/**
+ * Which entries fit: each is kept if the outbox has room for it, else refused. When the outbox is full the
+ * newest events are refused, never the oldest dropped: what was kept stays, and the refusal is a failure PostHog
+ * counts (or retries, where it still retries).
+ */
+export function planKeep(
+    state: OutboxState,
+    entries: readonly OutboxEntry[],
+    limitBytes: number
+): { kept: OutboxEntry[]; refused: OutboxEntry[] } {
+    const kept: OutboxEntry[] = []
+    const refused: OutboxEntry[] = []
+    let bytes = state.bytes
+    for (const entry of entries) {
+        if (bytes + entry.body.length <= limitBytes) {
+            kept.push(entry)
+            bytes += entry.body.length
+        } else {
+            refused.push(entry)
+        }
+    }
+    return { kept, refused }
+}
+
+/** The index after entries were written from `state.tail` on. */
+export function afterKeep(state: OutboxState, kept: readonly OutboxEntry[], now: number): OutboxState {
+    const events = kept.reduce((sum, entry) => sum + entry.events, 0)
+    const bytes = state.bytes + kept.reduce((sum, entry) => sum + entry.body.length, 0)
+    return {
+        ...state,
+        tail: state.tail + kept.length,
+        events: state.events + events,
+        bytes,
+        since: state.since ?? now,
+        keptInOutage: state.keptInOutage + events,
+        peakBytes: Math.max(state.peakBytes, bytes),
+    }
+}
+
+/** The index after entry `entry` left the outbox (delivered, refused for good, or found already gone). */
+export function afterDrained(
+    state: OutboxState,
+    entry: number,
+    removed: { events: number; bytes: number },
+    deliveredAt: number | null
+): OutboxState {
+    const next: OutboxState = {
+        ...state,
+        head: Math.max(state.head, entry + 1),
+        events: Math.max(0, state.events - removed.events),
+        bytes: Math.max(0, state.bytes - removed.bytes),
+        deliveredAt: deliveredAt ?? state.deliveredAt,
+    }
+    if (next.head >= next.tail) {
+        return { ...next, events: 0, bytes: 0, since: null, keptInOutage: 0, peakBytes: 0 }
+    }
+    return next
+}
+
+export function megabytes(bytes: number): string {
+    return (bytes / BYTES_PER_MB).toFixed(bytes < BYTES_PER_MB ? 2 : 1)
+}
+
+export function describeOutbox(state: OutboxState, limitBytes: number): string {
+    const since = state.since === null ? '' : ` since ${new Date(state.since).toISOString()}`
+    return `${state.events} events kept${since}; the outbox holds ${megabytes(state.bytes)} of ${megabytes(limitBytes)} MB`
+}
+
+/** Storage for hosts that have none (PostHog's CDP): the outbox lives as long as this VM, no longer. */
+export function memoryStorage(): PluginStorage {
+    const values = new Map<string, string>()
+    return {
+        get: (key, defaultValue) => {
+            const value = values.get(key)
+            return Promise.resolve(value === undefined ? defaultValue : (JSON.parse(value) as unknown))
+        },
+        set: (key, value) => {
+            values.set(key, JSON.stringify(value))
+            return Promise.resolve()
+        },
+        del: (key) => {
+            values.delete(key)
+            return Promise.resolve()
+        },
+    }
+}
+
+/** Counters the plugin shows in PostHog's UI where the host has plugin metrics (2021 to early 2022). */
+export const metrics = {
+    outbox_events_kept: 'sum',
+    outbox_events_delivered: 'sum',
+    outbox_events_refused: 'sum',
+    outbox_events_dropped: 'sum',
+} as const
+export type OutboxMetric = keyof typeof metrics
+
+/** What the outbox needs from its host and its sender. */
+export interface OutboxIo {
+    storage: PluginStorage
+    /** null where the host has no cache: then only this VM writes, and its own queue keeps writes in order. */
+    cache: PluginCache | null
+    config: ParsedConfig
+    env: SenderEnv
+    /** Sends kept items as one body (413 splits as usual), counting the requests as the sender's own. */
+    deliver: (
+        items: ExportItem[],
+        webhookIdFor: (group: readonly { json: string; uuid: string }[]) => string,
+        deadline: number
+    ) => Promise<DeliveryResult<ExportItem>[]>
+    count: (metric: OutboxMetric, value: number) => void
+}
+
+type EntryOutcome = { kind: 'done'; events: number } | { kind: 'failed' }
+
+/** The events of a kept body, as items to send again; null when the body is not a JSON array. */
+export function parseKeptBody(body: string): ExportItem[] | null {
+    let parsed: unknown
+    try {
+        parsed = JSON.parse(body)
+    } catch {
+        return null
+    }
+    if (!Array.isArray(parsed)) {
+        return null
+    }
+    return parsed.map((event: unknown) => {
+        const json = JSON.stringify(event)
+        const uuid = (event as { uuid?: unknown } | null)?.uuid
+        return { uuid: typeof uuid === 'string' ? uuid : '', json, bytes: utf8Bytes(json) }
+    })
+}
+
+function storageErrorText(error: unknown, secrets: readonly string[]): string {
+    const message = (error as { message?: unknown } | null)?.message
+    const text = typeof message === 'string' ? `: ${message.slice(0, ERROR_BODY_SNIPPET_CHARS)}` : ''
+    return redactText(`${errorName(error)}${text}`, secrets)
+}
+
+export class Outbox {
+    /** When this VM found the webhook down (ms), or null while it is taken to be up. */
+    downSince: number | null = null
+    /** When a call last tried the webhook while it was known down. */
+    private lastProbe = 0
+    /** Whether the outbox may hold entries, as far as this VM knows: a drain is then worth starting. */
+    mayHaveEntries = false
+    private writes: Promise<unknown> = Promise.resolve()
+    private draining: Promise<DrainResult> | null = null
+    private lastRefusalLog = 0
+
+    constructor(private readonly io: OutboxIo) {}
+
+    /**
+     * Whether a batch should go straight to the outbox: while the webhook is known down, calls must not wait on
+     * it. Once a minute a call tries it anyway, for hosts where no runEveryMinute drain finds out it is back.
+     */
+    skipsWebhook(now: number): boolean {
+        if (this.downSince === null) {
+            return false
+        }
+        if (now - this.lastProbe >= PROBE_INTERVAL_MS) {
+            this.lastProbe = now
+            return false
+        }
+        return true
+    }
+
+    markDown(now: number): void {
+        if (this.downSince === null) {
+            this.downSince = now
+            this.lastProbe = now
+        }
+    }
+
+    markUp(): void {
+        this.downSince = null
+    }
+
+    /** Writes entries to the outbox, one write at a time per VM; what could not be kept comes back with why. */
+    keep(entries: OutboxEntry[], waitUntil: number): Promise<KeepResult> {
+        const result = this.writes.then(() => this.keepNow(entries, waitUntil))
+        this.writes = result
+        return result
+    }
+
+    private async keepNow(entries: OutboxEntry[], waitUntil: number): Promise<KeepResult> {
+        const { storage, config, env } = this.io
+        if (!(await this.lock(OUTBOX_LOCK_KEY, OUTBOX_LOCK_TTL_SECONDS, waitUntil))) {
+            return this.refuse(entries, 'the outbox stayed locked by another PostHog worker')
+        }
+        try {
+            const state = readOutboxState(await storage.get(OUTBOX_STATE_KEY, null))
+            this.learnFrom(state)
+            const plan = planKeep(state, entries, config.outboxBytes)
+            if (plan.kept.length === 0) {
+                return this.refuse(entries, `the outbox is full (${describeOutbox(state, config.outboxBytes)})`)
+            }
+            // Pieces first, the index last: a crash in between leaves pieces the next write overwrites.
+            await this.writeEntries(state.tail, plan.kept)
+            const next = afterKeep(state, plan.kept, env.now())
+            await storage.set(OUTBOX_STATE_KEY, next)
+            this.mayHaveEntries = true
+            this.noteKept(state, next, plan.kept)
+            const why =
+                plan.refused.length > 0 ? `the outbox is full (${describeOutbox(next, config.outboxBytes)})` : null
+            return { ...this.refuse(plan.refused, why), kept: next.events - state.events }
+        } catch (error) {
+            return this.refuse(entries, `PostHog's plugin storage failed (${storageErrorText(error, config.secrets)})`)
+        } finally {
+            await this.unlock(OUTBOX_LOCK_KEY)
+        }
+    }
+
+    private async writeEntries(first: number, entries: readonly OutboxEntry[]): Promise<void> {
+        for (const [offset, entry] of entries.entries()) {
+            const pieces = slicePieces(entry.body, OUTBOX_PIECE_CHARS)
+            for (const [index, body] of pieces.entries()) {
+                const piece: StoredPiece =
+                    index === 0 ? { body, id: entry.id, pieces: pieces.length, events: entry.events } : { body }
+                await this.io.storage.set(pieceKey(first + offset, index), piece)
+            }
+        }
+    }
+
+    /** Counts and logs what was refused: the first refusal of a streak, then at most one line a minute. */
+    private refuse(entries: OutboxEntry[], why: string | null): KeepResult {
+        const events = entries.reduce((sum, entry) => sum + entry.events, 0)
+        if (events > 0 && why) {
+            this.io.count('outbox_events_refused', events)
+            const now = this.io.env.now()
+            if (now - this.lastRefusalLog >= PROBE_INTERVAL_MS) {
+                this.lastRefusalLog = now
+                this.io.env.logger.error(`${events} events could not be kept for a later try: ${why}.`)
+            }
+        }
+        return { kept: 0, refused: entries, why }
+    }
+
+    /** One line per outage, when the outbox goes from empty to holding something. */
+    private noteKept(before: OutboxState, after: OutboxState, kept: readonly OutboxEntry[]): void {
+        this.io.count(
+            'outbox_events_kept',
+            kept.reduce((sum, entry) => sum + entry.events, 0)
+        )
+        if (before.since === null) {
+            this.io.env.logger.warn(
+                `Webhook ${this.io.config.redactedUrl} is not taking events: they wait in PostHog's plugin storage ` +
+                    `and go out oldest first once it answers again, checked every minute (` +
+                    `${describeOutbox(after, this.io.config.outboxBytes)}).`
+            )
+        }
+    }
+
+    /** What the stored index tells this VM: whether there is anything to drain, and whether the webhook is back. */
+    private learnFrom(state: OutboxState): void {
+        this.mayHaveEntries = state.head < state.tail
+        if (this.downSince !== null && state.deliveredAt > this.downSince) {
+            this.markUp()
+        }
+    }
+
+    /**
+     * A lock shared by every worker and server: the first `incr` of a key gets 1 and holds it; the holder sets
+     * it back to 0 when done, and its TTL frees it if the holder dies. Waits until `waitUntil`, then gives up.
+     */
+    private async lock(key: string, ttlSeconds: number, waitUntil: number): Promise<boolean> {
+        const { cache, env } = this.io
+        if (!cache) {
+            return true
+        }
+        const holders = await cache.incr(key)
+        if (holders <= 2) {
+            // The second comer sets the TTL too, in case the holder died between its incr and its expire.
+            await cache.expire(key, ttlSeconds)
+        }
+        if (holders === 1) {
+            return true
+        }
+        if (env.now() >= waitUntil) {
+            return false
+        }
+        await (env.sleep ? env.sleep(OUTBOX_LOCK_RETRY_MS) : env.yieldTurn())
+        return this.lock(key, ttlSeconds, waitUntil)
+    }
+
+    private async unlock(key: string): Promise<void> {
+        try {
+            await this.io.cache?.set(key, 0)
+        } catch {
+            // The TTL frees it.
+        }
+    }
+
+    /**
+     * Sends what the outbox holds, oldest first, in one slice that fits PostHog's 30 s task limit. Costs one
+     * storage read when the outbox is empty. A drain already going (in this VM, or anywhere else, through the
+     * lease in the cache) makes this one return at once.
+     */
+    drain(): Promise<DrainResult> {
+        if (!this.draining) {
+            this.draining = this.drainNow().finally(() => {
+                this.draining = null
+            })
+        }
+        return this.draining
+    }
+
+    /** A drain started after a request went through, when the outbox may hold entries; its errors are logged. */
+    drainInBackground(): void {
+        if (this.draining || !this.mayHaveEntries) {
+            return
+        }
+        this.drain().catch((error: unknown) =>
+            this.io.env.logger.warn(
+                `The outbox could not be drained: ${storageErrorText(error, this.io.config.secrets)}.`
+            )
+        )
+    }
+
+    private async drainNow(): Promise<DrainResult> {
+        const { storage, env } = this.io
+        const started = env.now()
+        const state = readOutboxState(await storage.get(OUTBOX_STATE_KEY, null))
+        this.learnFrom(state)
+        if (state.head >= state.tail) {
+            return { kind: 'empty' }
+        }
+        if (!(await this.lock(OUTBOX_DRAIN_KEY, OUTBOX_DRAIN_TTL_SECONDS, started))) {
+            return { kind: 'busy' }
+        }
+        try {
+            // Read again under the lease: a drain that just ended may have moved the head.
+            const current = readOutboxState(await storage.get(OUTBOX_STATE_KEY, null))
+            const totals = { entries: 0, events: 0 }
+            const outcome = await this.drainFrom(current.head, current.tail, started, totals)
+            const left = current.tail - current.head - totals.entries
+            return { kind: 'drained', ...totals, left, stillDown: outcome === 'failed' }
+        } finally {
+            await this.unlock(OUTBOX_DRAIN_KEY)
+        }
+    }
+
+    /** Entry after entry, as a chain of calls rather than a loop (the host's loop guard counts a loop's life). */
+    private async drainFrom(
+        entry: number,
+        tail: number,
+        started: number,
+        totals: { entries: number; events: number }
+    ): Promise<'done' | 'failed' | 'paused'> {
+        if (entry >= tail) {
+            return 'done'
+        }
+        if (this.io.env.now() - started >= DRAIN_START_WITHIN_MS) {
+            return 'paused'
+        }
+        const outcome = await this.drainEntry(entry, started + DRAIN_DEADLINE_MS)
+        if (outcome.kind === 'failed') {
+            return 'failed'
+        }
+        totals.entries++
+        totals.events += outcome.events
+        return this.drainFrom(entry + 1, tail, started, totals)
+    }
+
+    private async drainEntry(entry: number, deadline: number): Promise<EntryOutcome> {
+        const stored = await this.readEntry(entry)
+        if (!stored) {
+            // A drain that died after deleting it had it accepted first: nothing to send.
+            await this.commit(entry, { events: 0, bytes: 0 }, null)
+            return { kind: 'done', events: 0 }
+        }
+        const items = parseKeptBody(stored.body) ?? []
+        const results = await this.io.deliver(
+            items,
+            (group) => (group.length === items.length ? stored.id : batchWebhookId(group)),
+            deadline
+        )
+        if (results.some((result) => result.error && result.retryable)) {
+            // Still down: the entry stays whole, with its webhook-id, for the next drain.
+            return { kind: 'failed' }
+        }
+        const delivered = results.filter((result) => !result.error).reduce((sum, r) => sum + r.items.length, 0)
+        this.dropRefused(results, stored.events - items.length)
+        await this.removePieces(entry, stored.pieces)
+        await this.commit(entry, { events: stored.events, bytes: stored.body.length }, this.io.env.now())
+        this.io.count('outbox_events_delivered', delivered)
+        return { kind: 'done', events: delivered }
+    }
+
+    /** Kept events the receiver now refuses for good are dropped, counted and logged: retrying cannot help. */
+    private dropRefused(results: DeliveryResult<ExportItem>[], unreadable: number): void {
+        const refused = results.filter((result) => result.error && !result.retryable)
+        const events = refused.reduce((sum, result) => sum + result.items.length, 0) + unreadable
+        if (events === 0) {
+            return
+        }
+        this.io.count('outbox_events_dropped', events)
+        const why = refused[0]?.error?.message ?? 'the kept body could not be read back'
+        this.io.env.logger.error(`${events} kept events were dropped, refused for good: ${why}`)
+    }
+
+    private async readEntry(
+        entry: number
+    ): Promise<(StoredPiece & { id: string; pieces: number; events: number }) | null> {
+        const first = (await this.io.storage.get(pieceKey(entry, 0), null)) as StoredPiece | null
+        if (!first || typeof first.body !== 'string' || typeof first.id !== 'string' || !(Number(first.pieces) >= 1)) {
+            return null
+        }
+        const pieces = Number(first.pieces)
+        let body = first.body
+        for (let index = 1; index < pieces; index++) {
+            const piece = (await this.io.storage.get(pieceKey(entry, index), null)) as StoredPiece | null
+            if (!piece || typeof piece.body !== 'string') {
+                return null
+            }
+            body += piece.body
+        }
+        return { body, id: first.id, pieces, events: Number(first.events) || 0 }
+    }
+
+    /** The first piece goes last: while it exists, the entry is whole. */
+    private async removePieces(entry: number, pieces: number): Promise<void> {
+        for (let index = pieces - 1; index >= 0; index--) {
+            await this.io.storage.del(pieceKey(entry, index))
+        }
+    }
+
+    /** Moves the index past a drained entry; the drain that empties the outbox says so, once. */
+    private async commit(entry: number, removed: { events: number; bytes: number }, at: number | null): Promise<void> {
+        const { storage, config, env } = this.io
+        if (!(await this.lock(OUTBOX_LOCK_KEY, OUTBOX_LOCK_TTL_SECONDS, env.now() + OUTBOX_LOCK_WAIT_MS))) {
+            throw new Error('the outbox stayed locked by another PostHog worker')
+        }
+        try {
+            const state = readOutboxState(await storage.get(OUTBOX_STATE_KEY, null))
+            const next = afterDrained(state, entry, removed, at)
+            await storage.set(OUTBOX_STATE_KEY, next)
+            this.learnFrom(next)
+            if (at !== null) {
+                this.markUp()
+            }
+            if (state.since !== null && next.since === null) {
+                env.logger.info(
+                    `Webhook ${config.redactedUrl} is taking events again: the ${state.keptInOutage} events kept since ` +
+                        `${new Date(state.since).toISOString()} were sent (the outbox held at most ` +
+                        `${megabytes(state.peakBytes)} MB); the outbox is empty.`
+                )
+            }
+        } finally {
+            await this.unlock(OUTBOX_LOCK_KEY)
         }
     }
 }
@@ -1560,7 +2235,31 @@ export function hostEnv(meta: { fetch?: unknown; logger?: unknown }): SenderEnv 
 
 function createSender(meta: PatternsMeta): Sender {
     const config = parseConfig(meta.config)
-    return new Sender(config, hostEnv(meta as { fetch?: unknown; logger?: unknown }))
+    const sender = new Sender(config, hostEnv(meta as { fetch?: unknown; logger?: unknown }))
+    if (config.outboxBytes > 0) {
+        const host = meta as { storage?: unknown; cache?: unknown; metrics?: unknown }
+        const storage = hasMethods<PluginStorage>(host.storage, ['get', 'set', 'del'])
+        const cache = hasMethods<PluginCache>(host.cache, ['incr', 'expire', 'set'])
+        sender.useOutbox(storage ?? memoryStorage(), storage ? cache : null, metricCounter(host.metrics))
+    }
+    return sender
+}
+
+function hasMethods<T>(value: unknown, names: readonly string[]): T | null {
+    const target = value as Record<string, unknown> | null | undefined
+    return target && names.every((name) => typeof target[name] === 'function') ? (value as T) : null
+}
+
+/** `meta.metrics` where the host shows plugin metrics (2021 to early 2022); elsewhere counting does nothing. */
+export function metricCounter(hostMetrics: unknown): OutboxIo['count'] {
+    return (metric, value) => {
+        try {
+            const counter = (hostMetrics as Record<string, { increment?: (n: number) => void }> | undefined)?.[metric]
+            counter?.increment?.(value)
+        } catch {
+            // The host refuses metric names it was not told about: nothing to show there.
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1620,4 +2319,13 @@ export const exportEvents: PatternsPlugin['exportEvents'] = (events, meta) => {
     } catch (error) {
         return Promise.reject(error)
     }
+}
+
+/**
+ * Drains the outbox, on the hosts that run scheduled tasks: one storage read when it is empty, and while the
+ * webhook is down, one request a minute to find out when it is back.
+ */
+export const runEveryMinute: PatternsPlugin['runEveryMinute'] = (meta) => {
+    const outbox = senderFor(meta).outbox
+    return outbox ? outbox.drain().then(() => undefined) : undefined
 }

@@ -127,14 +127,14 @@ describe('exportEvents', () => {
         expect(s.received).toHaveLength(1)
     })
 
-    it('throws the scaffold RetryError when the webhook asks for more time than the call has, so the host queues the batch', async () => {
+    it('with the outbox off, throws the scaffold RetryError when the webhook asks for more time than the call has, so the host queues the batch', async () => {
         const s = await serve(() => ({
             status: 429,
             headers: { 'Retry-After': '3600' },
             body: `busy: ${WEBHOOK_TOKEN}`,
         }))
         const meta: TestMeta = {
-            config: { webhookUrl: `${s.url}/${WEBHOOK_TOKEN}` },
+            config: { webhookUrl: `${s.url}/${WEBHOOK_TOKEN}`, outboxMaxMb: '0' },
             global: {},
             logger: captureLogger(),
         }
