@@ -163,6 +163,8 @@ export class HostStore {
         }
         await this.ready.catch(() => undefined)
         const exited = new Promise((resolve) => worker.once('exit', resolve))
+        // Held open until the database has written its files and the thread ended.
+        worker.ref()
         worker.postMessage('close')
         await exited
         this.worker = null
