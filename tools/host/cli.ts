@@ -14,6 +14,7 @@ import { UsageError } from '../../pipeline/errors'
 import { readRecords } from '../../replay/input'
 import { FAULT_PRESETS, Receiver, resolveFaults, startReceiver } from '../receiver/receiver'
 import { ERA_NAMES, getEra, setupRetryWaits } from './eras'
+import { MINUTE_MS } from './instance'
 import { DEFAULT_TASKS_PER_WORKER, DEFAULT_WORKERS } from './kafka'
 import { PluginLoadError, PROJECT_PLUGIN_DIR } from './loader'
 import { defaultPath, HostPath, JobResult, PATHS, runJob } from './run'
@@ -22,6 +23,11 @@ import { sampleEvents } from './sample-events'
 const DEFAULT_COUNT = 1_000
 /** With --outage and no --time-scale: ten minutes of outage and job waits take six seconds. */
 const OUTAGE_TIME_SCALE = 0.01
+/**
+ * With --outage: once the events are in, the host keeps running (runEveryMinute included) until the receiver holds
+ * every event, for at most the outage's minutes and this many more.
+ */
+const DRAIN_EXTRA_MINUTES = 15
 /** Each run gets its own folder, so its summary counts only its own rows. */
 const DEFAULT_DATA_DIR = join(PROJECT_PLUGIN_DIR, '.data', 'runs', new Date().toISOString().replace(/[:.]/g, '-'))
 
@@ -40,8 +46,10 @@ Options:
   --setup-retry-scale X  scales the host's waits between setupPlugin attempts (3 s, 6 s, …; default 1)
   --outage SECONDS     the embedded receiver answers 503 for this long from the start (the export path's
                        job queue retries the batches; other eras show what is lost)
-  --time-scale X       runs the host's job waits (6 s, 12 s, … up to about 54 h) and --outage X times as
-                       long: 0.01 makes ten minutes six seconds (default: 1, or 0.01 with --outage)
+  --time-scale X       runs the host's job waits (6 s, 12 s, … up to about 54 h), its minute (runEveryMinute,
+                       cache TTLs) and --outage X times as long: 0.01 makes ten minutes six seconds
+                       (default: 1, or 0.01 with --outage). With --outage the run goes on after the events,
+                       runEveryMinute included, until every event was delivered or ${DRAIN_EXTRA_MINUTES} minutes past the outage
   --count N            number of sample events to generate (default: ${DEFAULT_COUNT})
   --events FILE        send the events in FILE instead (JSON Lines, a JSON array, or PostHog API pages)
   --webhook-url URL    send to a real webhook instead; no receiver is started
@@ -269,8 +277,31 @@ export function formatSummary(result: JobResult, receiver: ReturnType<Receiver['
         ['duration', `${(result.durationMs / 1000).toFixed(1)} s`],
         ['rows are in', receiver ? receiver.rowsFile : 'the external webhook'],
         ...exportRows(result),
+        ...storageRows(result),
     ]
     return summaryText(rows)
+}
+
+/** meta.storage as the install's database saw it, and the scheduled runs, where the era has them. */
+function storageRows(result: JobResult): Array<[string, string]> {
+    const era = getEra(result.era)
+    const { storage, scheduled } = result
+    if (!era.services.storage && !era.services.cache) {
+        return [['storage, cache, runEveryMinute', 'none (this host offers none)']]
+    }
+    return [
+        [
+            'storage writes / deletes / reads',
+            `${storage.writes} / ${storage.deletes} / ${storage.reads}${storage.failedWrites ? ` (${storage.failedWrites} failed)` : ''}`,
+        ],
+        ['storage bytes (peak / at end)', `${storage.peakStoredBytes} / ${storage.storedBytes}`],
+        [
+            'runEveryMinute (runs / failed / debounced)',
+            scheduled
+                ? `${scheduled.runs} / ${scheduled.failures} / ${scheduled.debounced} (minute: ${scheduled.minuteMs} ms)`
+                : 'n/a',
+        ],
+    ]
 }
 
 /** Where the host has an export path: which handler delivered, its jobs, and the metrics its UI showed. */
@@ -409,10 +440,17 @@ async function runWithReceiver(options: CliOptions, receiver: Receiver | null, i
     const webhookUrl = options.webhookUrl ?? receiver?.url ?? ''
     announce(options, receiver, webhookUrl, io)
     const outage = receiver ? startOutage(receiver, options, io) : null
+    const sent = new Set<string>()
     const result = await runJob({
         era: options.era,
         webhookUrl,
-        events: options.eventsFile ? readEventsFile(options.eventsFile) : sampleEvents(options.count, options.seed),
+        events: remembered(
+            options.eventsFile ? readEventsFile(options.eventsFile) : sampleEvents(options.count, options.seed),
+            sent
+        ),
+        minuteMs: MINUTE_MS * options.timeScale,
+        drain:
+            receiver && options.outageSeconds > 0 ? untilDelivered(receiver, sent, options.outageSeconds) : undefined,
         pluginDir: options.pluginDir,
         path: options.path,
         workers: options.workers,
@@ -435,6 +473,28 @@ async function runWithReceiver(options: CliOptions, receiver: Receiver | null, i
     }
     const undelivered = result.exportPath?.metrics.undelivered ?? 0
     return result.failed > 0 || undelivered > 0 || setupFailure ? 1 : 0
+}
+
+/** Passes the events on, keeping each uuid: the drain wait checks the receiver against them. */
+async function* remembered(
+    events: Iterable<ProcessedPluginEvent> | AsyncIterable<ProcessedPluginEvent>,
+    uuids: Set<string>
+): AsyncGenerator<ProcessedPluginEvent> {
+    for await (const event of events) {
+        uuids.add(event.uuid)
+        yield event
+    }
+}
+
+/** Until the receiver holds every event sent, for the outage's minutes and DRAIN_EXTRA_MINUTES more at most. */
+function untilDelivered(receiver: Receiver, sent: Set<string>, outageSeconds: number) {
+    return {
+        until: () => {
+            const stored = receiver.uuidCounts()
+            return [...sent].every((uuid) => stored.has(uuid))
+        },
+        maxMinutes: Math.ceil(outageSeconds / 60) + DRAIN_EXTRA_MINUTES,
+    }
 }
 
 function logLine(line: string): string {

@@ -34,6 +34,35 @@ export const CLASSIC_MICRO_BATCH = 10
 /** How many calls the CDP consumer starts at once: a whole Kafka batch. */
 export const CDP_KAFKA_BATCH = 500
 
+/** What an era offers a plugin besides fetch: `meta.storage`, `meta.cache`, runEveryMinute, `meta.metrics`. */
+export interface HostServices {
+    /** `meta.storage`: posthog_pluginstorage in the install's Postgres. */
+    storage: boolean
+    /** `meta.cache`: Redis, shared by every thread. */
+    cache: boolean
+    /** runEveryMinute, on one thread at a time, debounced. */
+    scheduledTasks: boolean
+    /** `export const metrics` with `meta.metrics[name].increment/max/min` (removed in May 2022). */
+    pluginMetrics: boolean
+}
+
+const CLASSIC_WITH_METRICS: HostServices = { storage: true, cache: true, scheduledTasks: true, pluginMetrics: true }
+const CLASSIC: HostServices = { ...CLASSIC_WITH_METRICS, pluginMetrics: false }
+
+/**
+ * The one table of what each era offers. The CDP executor's meta is { config, global, logger, fetch, geoip,
+ * person } only. Change a row here and every path of the emulator follows.
+ */
+export const HOST_SERVICES: Record<EraName, HostServices> = {
+    vm2021: CLASSIC_WITH_METRICS,
+    vm2022feb: CLASSIC_WITH_METRICS,
+    vm2022: CLASSIC,
+    vm2023: CLASSIC,
+    vm2023aug: CLASSIC,
+    vm2024: CLASSIC,
+    cdp2025: { storage: false, cache: false, scheduledTasks: false, pluginMetrics: false },
+}
+
 const requireModule = createRequire(__filename)
 
 /** Loads a @babel/standalone version on first use: worker threads get code already transpiled and skip it. */
@@ -138,6 +167,8 @@ export interface Era {
     shapeEvent: (event: ProcessedPluginEvent) => { event: unknown; person?: unknown }
     /** How the host buffers and retries for a plugin that exports exportEvents; null: it never calls it. */
     exportPath: ExportPathPolicy | null
+    /** Storage, cache, scheduled tasks and plugin metrics: a row of HOST_SERVICES. */
+    services: HostServices
 }
 
 function asPluginEvent(event: ProcessedPluginEvent): PluginEvent {
@@ -207,6 +238,7 @@ function classicEra(name: EraName, description: string, exportPath: ExportPathPo
         concurrency: CLASSIC_MICRO_BATCH,
         shapeEvent: (event) => ({ event }),
         exportPath,
+        services: HOST_SERVICES[name],
     }
 }
 

@@ -7,6 +7,11 @@ import type { SenderStats } from '../../index'
 import { Era, getEra, setupRetryWaits } from './eras'
 import { emptyMetrics, ExportJob, ExportMetrics, ExportPath, upgradeExportEvents } from './export-path'
 import { createPluginVm, PluginConsole, PluginVm } from './loader'
+import { PluginMetrics } from './plugin-metrics'
+import { DEFAULT_PLUGIN_CONFIG_ID, metaCache, metaStorage, StoreTransport } from './storage'
+
+/** PostHog's minute: runEveryMinute's period, and the clock cache TTLs are measured against. */
+export const MINUTE_MS = 60_000
 
 export interface InstanceOptions {
     era: string
@@ -25,7 +30,22 @@ export interface InstanceOptions {
     onGuard?: () => void
     /** The host's job queue, where the export path re-queues a batch that threw a RetryError. */
     enqueueJob?: (job: ExportJob, seconds: number) => void
+    /** The install's database (storage.ts): this thread's HostStore, or a worker's channel to it. */
+    store: StoreTransport
+    /** The plugin config whose rows meta.storage reads and writes (default 1). */
+    pluginConfigId?: number
+    /** The host's scaled minute (default 60 000 ms): cache TTLs shrink with it. */
+    minuteMs?: number
 }
+
+/** What the host saw of one scheduled run. */
+export type ScheduledOutcome =
+    | { kind: 'ok'; ms: number }
+    | { kind: 'failed'; message: string; ms: number }
+    /** The plugin was not set up: the host does not run its tasks. */
+    | { kind: 'skipped' }
+    /** The plugin exports no runEveryMinute. */
+    | { kind: 'absent' }
 
 /** What the host saw of one onEvent call. */
 export type CallOutcome =
@@ -61,35 +81,34 @@ export function pluginConsole(log: (line: string) => void): PluginConsole {
     }
 }
 
-/** A tiny in-memory `meta.cache`, enough for plugins that count or remember across setup attempts. */
-function memoryCache(): Record<string, (...args: never[]) => Promise<unknown>> {
-    const values = new Map<string, unknown>()
-    return {
-        get: async (key: string, fallback: unknown = null) => (values.has(key) ? values.get(key) : fallback),
-        set: async (key: string, value: unknown) => void values.set(key, value),
-        incr: async (key: string) => {
-            const next = Number(values.get(key) ?? 0) + 1
-            values.set(key, next)
-            return next
-        },
-        expire: async () => true,
-    }
+/** What a VM's meta reaches outside the sandbox: the install's database and this VM's metrics. */
+export interface HostMetaServices {
+    store: StoreTransport
+    pluginConfigId: number
+    minuteMs: number
+    metrics: PluginMetrics
 }
 
-export function hostMetaFor(era: Era, config: Record<string, string>, log: (line: string) => void) {
+export function hostMetaFor(
+    era: Era,
+    config: Record<string, string>,
+    log: (line: string) => void,
+    services: HostMetaServices
+) {
     // Frozen, as PostHog's vm.freeze leaves it: the plugin's writes are ignored.
     const frozenConfig = Object.freeze({ ...config })
     if (era.metaFetch) {
         return { config: frozenConfig, logger: pluginConsole(log), fetch: era.metaFetch, geoip: {} }
     }
-    const storage = memoryCache()
+    const { store, pluginConfigId } = services
+    const offered = era.services
     return {
         config: frozenConfig,
         attachments: {},
-        cache: memoryCache(),
-        storage: { get: storage.get, set: storage.set, del: async () => undefined },
+        ...(offered.cache ? { cache: metaCache(store, pluginConfigId, services.minuteMs / MINUTE_MS) } : {}),
+        ...(offered.storage ? { storage: metaStorage(store, pluginConfigId) } : {}),
         jobs: {},
-        metrics: {},
+        metrics: offered.pluginMetrics ? services.metrics.meta : {},
         utils: {},
         geoip: {},
     }
@@ -108,10 +127,17 @@ export class PluginInstance {
     readonly exportMetrics: ExportMetrics = emptyMetrics()
     /** uuids of the events in batches the export path gave up on (a final error, or no retry left). */
     readonly undeliveredUuids: string[] = []
+    /** meta.metrics values, where the era has plugin metrics. */
+    readonly pluginMetrics = new PluginMetrics()
 
     constructor(readonly options: InstanceOptions) {
         this.era = getEra(options.era)
-        this.hostMeta = hostMetaFor(this.era, options.config, options.log)
+        this.hostMeta = hostMetaFor(this.era, options.config, options.log, {
+            store: options.store,
+            pluginConfigId: options.pluginConfigId ?? DEFAULT_PLUGIN_CONFIG_ID,
+            minuteMs: options.minuteMs ?? MINUTE_MS,
+            metrics: this.pluginMetrics,
+        })
         this.vm = this.attempt()
     }
 
@@ -139,6 +165,9 @@ export class PluginInstance {
                 now: this.options.now,
                 onGuard: this.options.onGuard,
             })
+            if (this.era.services.pluginMetrics) {
+                this.pluginMetrics.declare(vm.metrics, this.options.log)
+            }
             // The host upgrades the plugin before setupPlugin, so setupPlugin already sees its keys on meta.global.
             const upgraded = this.upgrade(vm)
             await upgraded.methods.setupPlugin?.()
@@ -298,6 +327,28 @@ export class PluginInstance {
                     ms: longest,
                 }
             }
+        }
+    }
+
+    /** One runEveryMinute, as the host's scheduler hands it to this VM (guarded by 30 s like any method). */
+    async runEveryMinute(): Promise<ScheduledOutcome> {
+        const vm = await this.vm
+        const run = vm?.methods.runEveryMinute
+        if (!vm) {
+            return { kind: 'skipped' }
+        }
+        if (!run || !this.era.services.scheduledTasks) {
+            return { kind: 'absent' }
+        }
+        const started = Date.now()
+        try {
+            await run()
+            return { kind: 'ok', ms: Date.now() - started }
+        } catch (error) {
+            const e = error as { name?: string; message?: string }
+            const message = `${e.name ?? 'Error'}: ${e.message ?? String(error)}`
+            this.options.log(`host: runEveryMinute failed: ${message}`)
+            return { kind: 'failed', message, ms: Date.now() - started }
         }
     }
 

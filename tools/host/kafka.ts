@@ -11,7 +11,9 @@ import { Worker } from 'node:worker_threads'
 import type { SenderStats } from '../../index'
 import type { ExportJob, ExportMetrics } from './export-path'
 import type { CallOutcome, SetupStatus } from './instance'
-import type { FromWorker, ToWorker, WorkerData, WorkerTask } from './worker'
+import type { PluginMetricValues } from './plugin-metrics'
+import type { StoreTransport } from './storage'
+import type { FromWorker, StoreAnswer, ToWorker, WorkerData, WorkerTask } from './worker'
 
 /** The 2021 host's defaults: one worker thread per core, 10 tasks in flight per worker. */
 export const DEFAULT_WORKERS = Math.max(1, cpus().length)
@@ -41,6 +43,7 @@ export interface WorkerReport {
     setup: SetupStatus
     exportMetrics: ExportMetrics
     undeliveredUuids: string[]
+    pluginMetrics: PluginMetricValues
 }
 
 /**
@@ -64,7 +67,9 @@ export class WorkerPool {
         readonly tasksPerWorker: number,
         data: WorkerData,
         log: (line: string, worker: number) => void,
-        enqueueJob: (job: ExportJob, seconds: number) => void = () => undefined
+        enqueueJob: (job: ExportJob, seconds: number) => void,
+        /** The install's database: every thread's storage and cache calls come here. */
+        store: StoreTransport
     ) {
         const started: Promise<void>[] = []
         for (let n = 0; n < workers; n++) {
@@ -80,6 +85,8 @@ export class WorkerPool {
                             log(message.line, n)
                         } else if (message.type === 'job') {
                             enqueueJob(message.job, message.seconds)
+                        } else if (message.type === 'store') {
+                            void answerStore(worker, store, message)
                         } else if (message.type === 'ready') {
                             resolve()
                         } else {
@@ -193,6 +200,23 @@ export class WorkerPool {
         pending.resolve(value)
         this.dispatch()
     }
+}
+
+/** Runs a worker's storage or cache call on the install's database and posts the answer back to that worker. */
+async function answerStore(
+    worker: Worker,
+    store: StoreTransport,
+    call: Extract<FromWorker, { type: 'store' }>
+): Promise<void> {
+    let answer: StoreAnswer
+    try {
+        answer = { type: 'store', id: call.id, ok: true, value: await store(call.op, call.args) }
+    } catch (error) {
+        const e = error as { message?: string; code?: unknown }
+        const code = typeof e.code === 'string' ? e.code : null
+        answer = { type: 'store', id: call.id, ok: false, message: e.message ?? String(error), code }
+    }
+    worker.postMessage(answer satisfies ToWorker)
 }
 
 /** Cuts a batch into micro-batches of `size`, as the consumer's groupIntoBatches does. */

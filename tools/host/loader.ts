@@ -64,7 +64,14 @@ export interface SandboxOptions {
     onGuard?: () => void
 }
 
-export const METHOD_NAMES = ['setupPlugin', 'teardownPlugin', 'exportEvents', 'onEvent', 'processEvent'] as const
+export const METHOD_NAMES = [
+    'setupPlugin',
+    'teardownPlugin',
+    'exportEvents',
+    'onEvent',
+    'processEvent',
+    'runEveryMinute',
+] as const
 export type MethodName = (typeof METHOD_NAMES)[number]
 export type PluginMethod = (...args: unknown[]) => Promise<unknown>
 export type PluginMethods = Partial<Record<MethodName, PluginMethod>>
@@ -76,6 +83,8 @@ export interface PluginVm {
     global: Record<string, unknown>
     /** Calls a method with more fields in its meta (the CDP executor's per-event `person`). */
     callWith: (name: MethodName, extraMeta: Record<string, unknown>, args: unknown[]) => Promise<unknown>
+    /** `export const metrics`: the plugin's metric names and kinds ('sum', 'max', 'min'), copied out; null if none. */
+    metrics: Record<string, string> | null
 }
 
 /** Reads plugin.json `main` (or index.js) from a plugin folder. */
@@ -142,7 +151,9 @@ const BIND_METHODS = `((__guard, __names) => {
         const __place = __places.find((d) => d[name])
         return __guard(__place[name](...args, Object.assign({}, __meta, extra)))
     }
-    return { methods: __methods, global: __meta.global, callWith }
+    const __declared = __places.find((d) => d.metrics && typeof d.metrics === 'object')
+    const metrics = __declared ? JSON.parse(JSON.stringify(__declared.metrics)) : null
+    return { methods: __methods, global: __meta.global, callWith, metrics }
 })`
 
 /** Runs transpiled plugin code in a fresh vm2 sandbox with the era's globals and returns its bound methods. */

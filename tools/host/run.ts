@@ -8,10 +8,21 @@ import type { ProcessedPluginEvent } from '@posthog/plugin-scaffold'
 import type { PatternsConfig, SenderStats } from '../../index'
 import { Era, getEra } from './eras'
 import { addMetrics, emptyMetrics, ExportJob, ExportMetrics, metricsLine } from './export-path'
-import { CallOutcome, hostMetaFor, pluginConsole, PluginInstance, SetupStatus } from './instance'
+import { Install, InstallFigures, InstallOptions } from './install'
+import {
+    CallOutcome,
+    hostMetaFor,
+    MINUTE_MS,
+    pluginConsole,
+    PluginInstance,
+    ScheduledOutcome,
+    SetupStatus,
+} from './instance'
 import { JobQueue, QueueFigures } from './jobs'
 import { DEFAULT_TASKS_PER_WORKER, DEFAULT_WORKERS, eachMessage, microBatches, WorkerPool, WorkerReport } from './kafka'
 import { createPluginVm, PluginLoadError, PluginVm, readPluginSource, transpileForEra } from './loader'
+import { PluginMetrics, PluginMetricValues } from './plugin-metrics'
+import { DEFAULT_PLUGIN_CONFIG_ID, HostStore } from './storage'
 
 /** Microtask turns between two calls of the same burst on the direct path. */
 export const CALL_STAGGER_MICROTASKS = 2
@@ -21,7 +32,7 @@ export const KAFKA_BATCH_MESSAGES = 500
 export const PATHS = ['kafka', 'direct'] as const
 export type HostPath = (typeof PATHS)[number]
 
-export interface JobOptions {
+export interface JobOptions extends InstallOptions {
     era: string
     webhookUrl: string
     /** Other plugin config fields, as strings like PostHog passes them. */
@@ -56,7 +67,7 @@ export interface JobOptions {
     log?: (line: string) => void
 }
 
-export interface JobResult {
+export interface JobResult extends InstallFigures {
     era: string
     path: HostPath
     events: number
@@ -134,22 +145,36 @@ export function failureCause(label: string, message: string): string {
 
 /** Loads the plugin for an era into one VM, without setup: for tests that drive the methods themselves. */
 export function loadForEra(
-    options: { era: string; pluginDir: string; source?: string; now?: () => number; config?: Record<string, string> },
+    options: {
+        era: string
+        pluginDir: string
+        source?: string
+        now?: () => number
+        config?: Record<string, string>
+        /** The database behind meta.storage and meta.cache; default: a new one, started at its first call. */
+        store?: HostStore
+    },
     logs: string[],
     echo?: (line: string) => void
-): { era: Era; methods: PluginVm['methods']; vm: PluginVm } {
+): { era: Era; methods: PluginVm['methods']; vm: PluginVm; store: HostStore } {
     const era = getEra(options.era)
     const code = transpileForEra(options.source ?? readPluginSource(options.pluginDir), era)
     const log = (line: string): void => {
         logs.push(line)
         echo?.(line)
     }
-    const hostMeta = hostMetaFor(era, options.config ?? {}, log)
+    const store = options.store ?? new HostStore()
+    const hostMeta = hostMetaFor(era, options.config ?? {}, log, {
+        store: store.call,
+        pluginConfigId: DEFAULT_PLUGIN_CONFIG_ID,
+        minuteMs: MINUTE_MS,
+        metrics: new PluginMetrics(),
+    })
     const vm = createPluginVm(code, era, { console: pluginConsole(log), hostMeta, now: options.now })
     if (!vm.methods.onEvent) {
         throw new PluginLoadError('the plugin exports no onEvent')
     }
-    return { era, methods: vm.methods, vm }
+    return { era, methods: vm.methods, vm, store }
 }
 
 function addStats(total: SenderStats | null, more: SenderStats | null): SenderStats | null {
@@ -219,7 +244,8 @@ class JobHost {
         private readonly options: JobOptions,
         private readonly era: Era,
         private readonly code: string,
-        private readonly log: (line: string) => void
+        private readonly log: (line: string) => void,
+        private readonly install: Install
     ) {
         this.queue = new JobQueue(options.jobTimeScale ?? 1, (job) => this.run(job))
     }
@@ -227,12 +253,19 @@ class JobHost {
     readonly enqueue = (job: ExportJob, seconds: number): void => this.queue.enqueue(job, seconds)
 
     private run(job: ExportJob): Promise<void> {
+        // A job's fresh VM reaches the same database as every other VM of the install.
         this.instance ??= new PluginInstance({
-            ...instanceOptions(this.options, this.era, this.code),
+            ...instanceOptions(this.options, this.era, this.code, this.install),
             log: this.log,
             enqueueJob: this.enqueue,
+            store: this.install.store.call,
         })
         return this.instance.runExportJob(job)
+    }
+
+    /** The job VM's meta.metrics values, if a job ran. */
+    pluginMetrics() {
+        return this.instance?.pluginMetrics.values ?? {}
     }
 
     /** The job VM's own sender counters: what its exportEvents calls delivered. */
@@ -267,13 +300,18 @@ async function microtaskTurns(count: number): Promise<void> {
     }
 }
 
-/** The direct path: micro-batches of calls started together in this thread, a few microtask turns apart. */
-async function runDirect(options: JobOptions, era: Era, code: string, tally: Tally, log: (line: string) => void) {
-    const jobs = new JobHost(options, era, code, log)
-    const instance = new PluginInstance({ ...instanceOptions(options, era, code), log, enqueueJob: jobs.enqueue })
-    await instance.started()
-    const eventsStarted = Date.now()
-    const cpuStarted = process.cpuUsage()
+/** What a path needs besides the options: the era, the transpiled code, the tally, the log and the install. */
+interface RunContext {
+    options: JobOptions
+    era: Era
+    code: string
+    tally: Tally
+    log: (line: string) => void
+    install: Install
+}
+
+/** The direct path's events: micro-batches of calls started together, a few microtask turns apart. */
+async function feedDirect({ options, era, tally }: RunContext, instance: PluginInstance): Promise<void> {
     const runOne = async (event: ProcessedPluginEvent, position: number): Promise<void> => {
         await microtaskTurns(position * CALL_STAGGER_MICROTASKS)
         const shaped = era.shapeEvent(event)
@@ -298,11 +336,29 @@ async function runDirect(options: JobOptions, era: Era, code: string, tally: Tal
     if (group.length > 0) {
         await flush()
     }
+}
+
+/** The direct path: one VM in this thread gets the events and the scheduled runs. */
+async function runDirect(context: RunContext) {
+    const { options, era, code, tally, log, install } = context
+    const jobs = new JobHost(options, era, code, log, install)
+    const instance = new PluginInstance({
+        ...instanceOptions(options, era, code, install),
+        log,
+        enqueueJob: jobs.enqueue,
+        store: install.store.call,
+    })
+    await instance.started()
+    install.schedule(() => instance.runEveryMinute())
+    const eventsStarted = Date.now()
+    const cpuStarted = process.cpuUsage()
+    await feedDirect(context, instance)
     tally.result.eventsMs = Date.now() - eventsStarted
     tally.result.eventsCpuMs = cpuMs(process.cpuUsage(cpuStarted))
     if (options.settleSetup) {
         await instance.settled()
     }
+    await install.stopScheduling()
     // Teardown flushes the export buffer: the run ends once that batch and any retry jobs were handled.
     await instance.teardown()
     await instance.exportsDrained()
@@ -311,53 +367,65 @@ async function runDirect(options: JobOptions, era: Era, code: string, tally: Tal
     tally.result.deliveredCpuMs = cpuMs(process.cpuUsage(cpuStarted))
     tally.result.sender = addStats(await instance.senderStats(), await jobs.senderStats())
     tally.result.setup = [{ ...instance.setup }]
+    return [instance.pluginMetrics.values, jobs.pluginMetrics()]
+}
+
+type KafkaMessage = { uuid: string; json: string }
+
+/** The Kafka path's events: Kafka batches cut into micro-batches, each message through eachMessage. */
+async function feedKafka({ options, era, tally }: RunContext, pool: WorkerPool, workers: number): Promise<void> {
+    const consume = async (messages: KafkaMessage[]): Promise<void> => {
+        for (const group of microBatches(messages, workers * pool.tasksPerWorker)) {
+            await Promise.all(
+                group.map(async ({ uuid, json }) => {
+                    const calledAt = Date.now()
+                    tally.record(uuid, await eachMessage(pool, json), calledAt)
+                })
+            )
+            tally.progress(options)
+        }
+    }
+    let batch: KafkaMessage[] = []
+    for await (const event of options.events) {
+        tally.result.events++
+        batch.push({ uuid: event.uuid, json: JSON.stringify(era.shapeEvent(event).event) })
+        if (batch.length >= KAFKA_BATCH_MESSAGES) {
+            await consume(batch)
+            batch = []
+        }
+    }
+    await consume(batch)
 }
 
 /** The Kafka path: worker threads, each message's processEvent task before its onEvent task. */
-async function runKafka(options: JobOptions, era: Era, code: string, tally: Tally, log: (line: string) => void) {
+async function runKafka(context: RunContext) {
+    const { options, era, code, tally, log, install } = context
     const workers = options.workers ?? DEFAULT_WORKERS
     const tasksPerWorker = options.tasksPerWorker ?? DEFAULT_TASKS_PER_WORKER
-    const jobs = new JobHost(options, era, code, log)
-    const data = instanceOptions(options, era, code)
-    const pool = new WorkerPool(workers, tasksPerWorker, data, (line) => log(line), jobs.enqueue)
+    const jobs = new JobHost(options, era, code, log, install)
+    const data = instanceOptions(options, era, code, install)
+    const pool = new WorkerPool(workers, tasksPerWorker, data, (line) => log(line), jobs.enqueue, install.store.call)
     let reports: WorkerReport[] = []
     try {
         await pool.started()
+        // Each scheduled run is a task for whichever worker thread has room, as the host handed it to piscina.
+        install.schedule(() => pool.run('runEveryMinute', {}) as Promise<ScheduledOutcome>)
         const eventsStarted = Date.now()
         const cpuStarted = process.cpuUsage()
-        const consume = async (messages: Array<{ uuid: string; json: string }>): Promise<void> => {
-            for (const group of microBatches(messages, workers * tasksPerWorker)) {
-                await Promise.all(
-                    group.map(async ({ uuid, json }) => {
-                        const calledAt = Date.now()
-                        tally.record(uuid, await eachMessage(pool, json), calledAt)
-                    })
-                )
-                tally.progress(options)
-            }
-        }
-        let batch: Array<{ uuid: string; json: string }> = []
-        for await (const event of options.events) {
-            tally.result.events++
-            batch.push({ uuid: event.uuid, json: JSON.stringify(era.shapeEvent(event).event) })
-            if (batch.length >= KAFKA_BATCH_MESSAGES) {
-                await consume(batch)
-                batch = []
-            }
-        }
-        await consume(batch)
+        await feedKafka(context, pool, workers)
         tally.result.eventsMs = Date.now() - eventsStarted
         tally.result.eventsCpuMs = cpuMs(process.cpuUsage(cpuStarted))
         if (options.settleSetup) {
             await pool.reports(true)
         }
+        await install.stopScheduling()
         await pool.teardown()
         reports = await pool.reports()
-        const metrics = reports.map((report) => report.exportMetrics)
+        const undelivered = reports.flatMap((report) => report.undeliveredUuids)
         await jobs.finish(
             tally.result,
-            metrics,
-            reports.flatMap((report) => report.undeliveredUuids)
+            reports.map((report) => report.exportMetrics),
+            undelivered
         )
         tally.result.deliveredMs = Date.now() - eventsStarted
         tally.result.deliveredCpuMs = cpuMs(process.cpuUsage(cpuStarted))
@@ -367,6 +435,7 @@ async function runKafka(options: JobOptions, era: Era, code: string, tally: Tall
     const workerStats = reports.reduce<SenderStats | null>((sum, report) => addStats(sum, report.stats), null)
     tally.result.sender = addStats(workerStats, await jobs.senderStats())
     tally.result.setup = reports.map((report) => report.setup)
+    return [...reports.map((report) => report.pluginMetrics), jobs.pluginMetrics()]
 }
 
 function cpuMs(usage: NodeJS.CpuUsage): number {
@@ -374,8 +443,9 @@ function cpuMs(usage: NodeJS.CpuUsage): number {
 }
 
 /** What each VM is made from: the same on the direct path and in every worker thread. */
-function instanceOptions(options: JobOptions, era: Era, code: string) {
+function instanceOptions(options: JobOptions, era: Era, code: string, install: Install) {
     return {
+        ...install.vmOptions(),
         era: era.name,
         code,
         config: configOf(options),
@@ -399,16 +469,8 @@ export function defaultPath(era: Era): HostPath {
     return era.name === 'cdp2025' ? 'direct' : 'kafka'
 }
 
-export async function runJob(options: JobOptions): Promise<JobResult> {
-    const started = Date.now()
-    const era = getEra(options.era)
-    const path = options.path ?? defaultPath(era)
-    if (path === 'kafka' && era.name === 'cdp2025') {
-        throw new Error('cdp2025 has no classic Kafka path: its consumer starts a whole batch at once (use direct)')
-    }
-    // The host would retry a plugin that fails to transpile like any setup failure; here it stops the run at once.
-    const code = transpileForEra(options.source ?? readPluginSource(options.pluginDir), era)
-    const result: JobResult = {
+function emptyResult(era: Era, path: HostPath): JobResult {
+    return {
         era: era.name,
         path,
         events: 0,
@@ -431,16 +493,43 @@ export async function runJob(options: JobOptions): Promise<JobResult> {
         deliveredMs: 0,
         deliveredCpuMs: 0,
         exportPath: null,
+        storage: {
+            reads: 0,
+            writes: 0,
+            deletes: 0,
+            failedWrites: 0,
+            cacheCalls: 0,
+            storedBytes: 0,
+            peakStoredBytes: 0,
+        },
+        scheduled: null,
+        pluginMetrics: null,
     }
+}
+
+export async function runJob(options: JobOptions): Promise<JobResult> {
+    const started = Date.now()
+    const era = getEra(options.era)
+    const path = options.path ?? defaultPath(era)
+    if (path === 'kafka' && era.name === 'cdp2025') {
+        throw new Error('cdp2025 has no classic Kafka path: its consumer starts a whole batch at once (use direct)')
+    }
+    // The host would retry a plugin that fails to transpile like any setup failure; here it stops the run at once.
+    const code = transpileForEra(options.source ?? readPluginSource(options.pluginDir), era)
+    const result = emptyResult(era, path)
     const log = (line: string): void => {
         result.logs.push(line)
         options.log?.(line)
     }
     const tally = new Tally(result)
-    if (path === 'kafka') {
-        await runKafka(options, era, code, tally, log)
-    } else {
-        await runDirect(options, era, code, tally, log)
+    const install = new Install(options, era, log)
+    const context: RunContext = { options, era, code, tally, log, install }
+    let metrics: PluginMetricValues[] = []
+    try {
+        metrics = path === 'kafka' ? await runKafka(context) : await runDirect(context)
+    } finally {
+        // Stops the scheduler and closes the run's own database, whatever happened.
+        Object.assign(result, await install.finish(metrics))
     }
     tally.latencies.sort((a, b) => a - b)
     result.latencyP50Ms = percentile(tally.latencies, 50)

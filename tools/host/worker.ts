@@ -7,21 +7,53 @@ import { parentPort, workerData } from 'node:worker_threads'
 
 import type { ExportJob } from './export-path'
 import { InstanceOptions, PluginInstance } from './instance'
+import { StorageError, StoreTransport } from './storage'
+import type { DbOp } from './storage-db'
 
-export type WorkerTask = 'processEvent' | 'onEvent' | 'ingestEvent'
+export type WorkerTask = 'processEvent' | 'onEvent' | 'ingestEvent' | 'runEveryMinute'
+
+/** The main thread's answer to a storage or cache call. */
+export type StoreAnswer =
+    | { type: 'store'; id: number; ok: true; value: unknown }
+    | { type: 'store'; id: number; ok: false; message: string; code: string | null }
 
 export type ToWorker =
     | { type: 'task'; id: number; task: WorkerTask; args: { event: Record<string, unknown> } }
     | { type: 'report'; id: number; settle: boolean }
     | { type: 'teardown'; id: number }
+    | StoreAnswer
 
 export type FromWorker =
     | { type: 'log'; line: string }
     | { type: 'ready' }
     | { type: 'result'; id: number; value: unknown }
     | { type: 'job'; job: ExportJob; seconds: number }
+    /** A storage or cache call for the install's database, which the main thread holds. */
+    | { type: 'store'; id: number; op: DbOp; args: unknown[] }
 
-export type WorkerData = Omit<InstanceOptions, 'log' | 'now' | 'onGuard' | 'enqueueJob'>
+export type WorkerData = Omit<InstanceOptions, 'log' | 'now' | 'onGuard' | 'enqueueJob' | 'store'>
+
+/** meta.storage and meta.cache in a worker thread: each call goes to the main thread and waits for its answer. */
+function remoteStore(send: (message: FromWorker) => void) {
+    const waiting = new Map<number, { resolve: (value: unknown) => void; reject: (error: Error) => void }>()
+    let nextId = 1
+    const transport: StoreTransport = (op, args) =>
+        new Promise((resolve, reject) => {
+            const id = nextId++
+            waiting.set(id, { resolve, reject })
+            send({ type: 'store', id, op, args })
+        })
+    const answer = (message: StoreAnswer): void => {
+        const call = waiting.get(message.id)
+        waiting.delete(message.id)
+        if (message.ok) {
+            call?.resolve(message.value)
+        } else {
+            call?.reject(new StorageError(message.message, message.code))
+        }
+    }
+    return { transport, answer }
+}
 
 /** The host copies each task's result, key by key, out of any VM proxies before sending it back. */
 export function plainCopy(value: unknown): unknown {
@@ -44,19 +76,24 @@ function main(): void {
         throw new Error('host/worker.ts runs only as a worker thread')
     }
     const send = (message: FromWorker): void => port.postMessage(message)
+    const store = remoteStore(send)
     const instance = new PluginInstance({
         ...(workerData as WorkerData),
         log: (line) => send({ type: 'log', line }),
         enqueueJob: (job, seconds) => send({ type: 'job', job, seconds }),
+        store: store.transport,
     })
     const tasks: Record<WorkerTask, (args: { event: Record<string, unknown> }) => Promise<unknown>> = {
         processEvent: (args) => instance.processEvent(args.event),
         onEvent: (args) => instance.onEvent(args.event),
         // Writing the event to the database is out of scope; the task's round trip is not.
         ingestEvent: async () => null,
+        runEveryMinute: () => instance.runEveryMinute(),
     }
     port.on('message', (message: ToWorker) => {
-        if (message.type === 'task') {
+        if (message.type === 'store') {
+            store.answer(message)
+        } else if (message.type === 'task') {
             void tasks[message.task](message.args).then((value) =>
                 send({ type: 'result', id: message.id, value: plainCopy(value) })
             )
@@ -70,6 +107,7 @@ function main(): void {
                         setup: { ...instance.setup },
                         exportMetrics: { ...instance.exportMetrics },
                         undeliveredUuids: instance.undeliveredUuids,
+                        pluginMetrics: instance.pluginMetrics.values,
                     }
                     send({ type: 'result', id: message.id, value })
                 })

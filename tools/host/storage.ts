@@ -1,0 +1,267 @@
+/**
+ * `meta.storage` and `meta.cache` as PostHog gave them: one database for the whole emulated install (storage-db.ts,
+ * real Postgres in a thread of its own), shared by the main thread and every Kafka-path worker thread, which reach
+ * it through the main thread over their message channel. The main thread's HostStore is where tests look in:
+ * what a plugin config stored, how many reads and writes it made, and injected write failures and latency.
+ */
+import { join } from 'node:path'
+import { Worker } from 'node:worker_threads'
+
+import type { DbData, DbOp, FromDb } from './storage-db'
+
+/** What a VM's meta.storage and meta.cache send: an operation and its arguments, answered by the database. */
+export type StoreTransport = (op: DbOp, args: unknown[]) => Promise<unknown>
+
+/** The plugin config every emulated install runs, unless told otherwise. */
+export const DEFAULT_PLUGIN_CONFIG_ID = 1
+
+/** What an injected write failure says: Postgres's text and SQLSTATE for a full disk. */
+export const INJECTED_WRITE_ERROR = {
+    message: 'could not extend file "base/16384/16402": No space left on device',
+    code: '53100',
+}
+
+/** One write the host is about to make, as a fault predicate sees it. */
+export interface StorageWrite {
+    op: 'set' | 'del'
+    pluginConfigId: number
+    key: string
+    /** The JSON text `set` would store. */
+    value: string | null
+    /** Writes (set and del) made so far in this install, this one included. */
+    n: number
+}
+
+export interface StorageFaults {
+    /** true: this write fails with INJECTED_WRITE_ERROR and never reaches the database. */
+    failWrite?: (write: StorageWrite) => boolean
+    /** Real ms every storage call (get, set, del) waits before it reaches the database. */
+    latencyMs?: number
+}
+
+export interface StorageFigures {
+    reads: number
+    /** set calls the database took. */
+    writes: number
+    deletes: number
+    /** Writes that failed, injected or not. */
+    failedWrites: number
+    cacheCalls: number
+    /** Bytes (key and JSON text) in posthog_pluginstorage now, and the most it held during this host's life. */
+    storedBytes: number
+    peakStoredBytes: number
+}
+
+export interface HostStoreOptions {
+    /** A folder for the database, so a later HostStore can open the same data (a host restart); default: memory. */
+    dataDir?: string
+    faults?: StorageFaults
+}
+
+/** The error a database operation failed with, carrying Postgres's SQLSTATE code when it has one. */
+export class StorageError extends Error {
+    constructor(
+        message: string,
+        readonly code: string | null
+    ) {
+        super(message)
+    }
+}
+
+const WRITES: ReadonlySet<DbOp> = new Set(['storage.set', 'storage.del'])
+
+function sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => setTimeout(resolve, ms))
+}
+
+/**
+ * The install's database as the main thread holds it. The thread starts at the first call, so a plugin that never
+ * touches storage or cache costs nothing; it is unref'd, so a store nobody closed does not keep the process alive.
+ */
+export class HostStore {
+    private worker: Worker | null = null
+    private ready: Promise<void> | null = null
+    private readonly pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>()
+    private nextId = 1
+    private faults: StorageFaults
+    private readonly counts = { reads: 0, writes: 0, deletes: 0, failedWrites: 0, cacheCalls: 0, writeCalls: 0 }
+
+    constructor(private readonly options: HostStoreOptions = {}) {
+        this.faults = options.faults ?? {}
+    }
+
+    /** Replaces the injected faults from now on (a test can fail writes for a window of its choosing). */
+    setFaults(faults: StorageFaults): void {
+        this.faults = faults
+    }
+
+    /** The transport every VM of this install uses, in this thread or (through kafka.ts) in a worker thread. */
+    readonly call: StoreTransport = async (op, args) => {
+        const isStorage = op.startsWith('storage.')
+        if (isStorage && op !== 'storage.all') {
+            await sleep(this.faults.latencyMs ?? 0)
+        }
+        if (WRITES.has(op)) {
+            return this.write(op, args)
+        }
+        if (op === 'storage.get') {
+            this.counts.reads++
+        } else if (!isStorage) {
+            this.counts.cacheCalls++
+        }
+        return this.db(op, args)
+    }
+
+    private async write(op: DbOp, args: unknown[]): Promise<unknown> {
+        const n = ++this.counts.writeCalls
+        const [pluginConfigId, key, value] = args as [number, string, string | undefined]
+        const write: StorageWrite = { op: op === 'storage.set' ? 'set' : 'del', pluginConfigId, key, value: null, n }
+        write.value = write.op === 'set' ? (value ?? null) : null
+        if (this.faults.failWrite?.(write)) {
+            this.counts.failedWrites++
+            throw new StorageError(INJECTED_WRITE_ERROR.message, INJECTED_WRITE_ERROR.code)
+        }
+        try {
+            const stored = await this.db(op, args)
+            this.counts[write.op === 'set' ? 'writes' : 'deletes']++
+            return stored
+        } catch (error) {
+            this.counts.failedWrites++
+            throw error
+        }
+    }
+
+    /** Every key a plugin config stored, with its value parsed from JSON: what a test reads. */
+    async contents(pluginConfigId = DEFAULT_PLUGIN_CONFIG_ID): Promise<Record<string, unknown>> {
+        const rows = (await this.db('storage.all', [pluginConfigId])) as Array<{ key: string; value: string }>
+        return Object.fromEntries(rows.map((row) => [row.key, JSON.parse(row.value) as unknown]))
+    }
+
+    async figures(): Promise<StorageFigures> {
+        const { reads, writes, deletes, failedWrites, cacheCalls } = this.counts
+        // A store that never started holds what its data dir held; a fresh one holds nothing.
+        const bytes =
+            this.ready || this.options.dataDir
+                ? ((await this.db('bytes', [])) as { stored: number; peak: number })
+                : null
+        return {
+            reads,
+            writes,
+            deletes,
+            failedWrites,
+            cacheCalls,
+            storedBytes: bytes?.stored ?? 0,
+            peakStoredBytes: bytes?.peak ?? 0,
+        }
+    }
+
+    /** Closes the database (its files are complete on disk after this) and ends its thread. */
+    async close(): Promise<void> {
+        const worker = this.worker
+        if (!worker || !this.ready) {
+            return
+        }
+        await this.ready.catch(() => undefined)
+        const exited = new Promise((resolve) => worker.once('exit', resolve))
+        // Held open until the database has written its files and the thread ended.
+        worker.ref()
+        worker.postMessage('close')
+        await exited
+        this.worker = null
+        this.ready = null
+    }
+
+    private async db(op: DbOp, args: unknown[]): Promise<unknown> {
+        const worker = this.start()
+        await this.ready
+        const id = this.nextId++
+        return new Promise((resolve, reject) => {
+            this.pending.set(id, { resolve, reject })
+            worker.postMessage({ id, op, args })
+        })
+    }
+
+    private start(): Worker {
+        if (this.worker) {
+            return this.worker
+        }
+        const data: DbData = { dataDir: this.options.dataDir ?? null }
+        const worker = new Worker(join(__dirname, 'storage-entry.js'), { workerData: data })
+        worker.unref()
+        this.worker = worker
+        this.ready = new Promise((resolve, reject) => {
+            worker.once('error', reject)
+            worker.on('message', (message: FromDb) => {
+                if (message.type === 'ready') {
+                    resolve()
+                    return
+                }
+                const pending = this.pending.get(message.id)
+                this.pending.delete(message.id)
+                if (message.type === 'result') {
+                    pending?.resolve(message.value)
+                } else {
+                    pending?.reject(new StorageError(message.message, message.code))
+                }
+            })
+        })
+        worker.on('error', (error) => this.failAll(error))
+        return worker
+    }
+
+    private failAll(error: Error): void {
+        for (const pending of this.pending.values()) {
+            pending.reject(new StorageError(`the storage database stopped: ${error.message}`, null))
+        }
+        this.pending.clear()
+    }
+}
+
+/** JSON text, as PostHog stores a value; undefined (which JSON cannot hold) is refused like Postgres's NOT NULL. */
+function serialise(key: string, value: unknown): string {
+    const text = JSON.stringify(value) as string | undefined
+    if (text === undefined) {
+        throw new StorageError(
+            `null value in column "value" of relation "posthog_pluginstorage" violates not-null constraint (key "${key}")`,
+            '23502'
+        )
+    }
+    return text
+}
+
+function parsed(text: unknown, defaultValue: unknown): unknown {
+    return typeof text === 'string' ? (JSON.parse(text) as unknown) : defaultValue
+}
+
+/** `meta.storage`: get/set/del on posthog_pluginstorage for one plugin config. */
+export function metaStorage(send: StoreTransport, pluginConfigId: number) {
+    return {
+        get: async (key: string, defaultValue: unknown = null): Promise<unknown> =>
+            parsed(await send('storage.get', [pluginConfigId, key]), defaultValue),
+        set: async (key: string, value: unknown): Promise<void> => {
+            await send('storage.set', [pluginConfigId, key, serialise(key, value)])
+        },
+        del: async (key: string): Promise<void> => {
+            await send('storage.del', [pluginConfigId, key])
+        },
+    }
+}
+
+/**
+ * `meta.cache` with Redis semantics. TTLs run on the host's clock: `ttlScale` (minuteMs / 60 000) shortens them
+ * as much as the scaled minute, so a lease taken in runEveryMinute lasts the same number of scaled minutes.
+ */
+export function metaCache(send: StoreTransport, pluginConfigId: number, ttlScale: number) {
+    const ms = (seconds: number): number => seconds * 1000 * ttlScale
+    return {
+        get: async (key: string, defaultValue: unknown = null): Promise<unknown> =>
+            parsed(await send('cache.get', [pluginConfigId, key]), defaultValue),
+        set: async (key: string, value: unknown, ttlSeconds?: number): Promise<void> => {
+            const ttl = typeof ttlSeconds === 'number' && ttlSeconds > 0 ? ms(ttlSeconds) : null
+            await send('cache.set', [pluginConfigId, key, JSON.stringify(value) ?? 'null', ttl])
+        },
+        incr: async (key: string): Promise<number> => Number(await send('cache.incr', [pluginConfigId, key])),
+        expire: async (key: string, ttlSeconds: number): Promise<boolean> =>
+            (await send('cache.expire', [pluginConfigId, key, ms(Number(ttlSeconds))])) === true,
+    }
+}
