@@ -240,3 +240,27 @@ test('SIGTERM during an outage stops within 10 s with the checkpoint held, and t
         expect(receiver.uuidCounts().get(event.uuid as string) ?? 0).toBeGreaterThanOrEqual(1)
     }
 })
+
+test('an outage of PostHog is waited out too: /healthz turns 503 and posthog_up 0, then back, and every event arrives', async () => {
+    const since = new Date(Date.now() - 1_000)
+    const before = receiver.uuidCounts().size
+    const batch = events(30, 3)
+    await standin.insertEvents(batch)
+    standin.setFaults({ rate500: 1 })
+    const service = run(followArgs(join(dir, 'posthog-down.ckpt'), ['--metrics-port', '0'], since))
+    await waitFor(() => service.metricsUrl() !== null, 30_000)
+    const base = service.metricsUrl() as string
+    // Three failed queries in a row (retries with backoff) make the process unhealthy, not gone.
+    await eventually(async () => (await fetch(`${base}/healthz`)).status === 503, 30_000)
+    expect(await metric(base, 'patterns_connector_posthog_up')).toBe(0)
+    expect(service.child.exitCode).toBeNull()
+
+    standin.setFaults({})
+    await waitFor(() => receiver.uuidCounts().size === before + batch.length, 90_000)
+    expect((await fetch(`${base}/healthz`)).status).toBe(200)
+    expect(await metric(base, 'patterns_connector_posthog_up')).toBe(1)
+    expect((await stopWithSigterm(service)).code).toBe(143)
+    const parsed = expectJsonLines(service.lines())
+    expect(parsed.some((e) => e.level === 'warn' && /PostHog has been failing since/.test(String(e.msg)))).toBe(true)
+    expect(parsed.some((e) => /PostHog answers again/.test(String(e.msg)))).toBe(true)
+})
