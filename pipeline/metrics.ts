@@ -13,7 +13,6 @@ import { HealthState } from './outage'
 import type { PipelineProgress } from './types'
 
 export const METRIC_PREFIX = 'patterns_connector_'
-export const DEFAULT_METRICS_HOST = '127.0.0.1'
 /** /healthz turns 503 once PostHog has failed this many queries in a row (a few polls, retries included). */
 export const UNHEALTHY_AFTER_FAILED_QUERIES = 3
 

@@ -6,9 +6,11 @@
 import { Outcome, SenderEnv } from '../index'
 import { CliOutput, LOG_FORMATS, LogFormat, seconds } from './cli-output'
 import { UsageError } from './errors'
-import { DEFAULT_METRICS_HOST, FeedMetrics, feedMetrics, FeedState, MetricsServer, startMetricsServer } from './metrics'
+import type { FeedMetrics, FeedState, MetricsServer } from './metrics'
 import { HealthChange, HealthState } from './outage'
 import type { PipelineProgress } from './types'
+
+export const DEFAULT_METRICS_HOST = '127.0.0.1'
 
 /** The service flags both commands take, as node:util parseArgs options. */
 export const SERVICE_OPTIONS = {
@@ -147,9 +149,12 @@ export async function startService(options: ServiceOptions): Promise<Service> {
         lagSeconds: options.lagSeconds,
         lastSuccessMs: () => lastSuccessMs,
     }
-    const metrics = settings.metricsPort === null ? null : feedMetrics(state)
+    let metrics: FeedMetrics | null = null
     let server: MetricsServer | null = null
-    if (metrics && settings.metricsPort !== null) {
+    if (settings.metricsPort !== null) {
+        // Loaded only when asked for: prom-client and the process metrics cost a run about 12 MB.
+        const { feedMetrics, startMetricsServer } = await import('./metrics')
+        metrics = feedMetrics(state)
         server = await startMetricsServer(settings.metricsHost, settings.metricsPort, metrics, state)
         output.line(`Serving metrics on ${server.url}/metrics and health on ${server.url}/healthz`)
     }
