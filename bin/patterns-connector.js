@@ -3,6 +3,7 @@
 // installed; never a bare `npx` in the checkout, which would fetch a package of this name from the registry.
 const { existsSync } = require('node:fs')
 const { join } = require('node:path')
+const { setTimeout } = require('node:timers')
 
 const ROOT = join(__dirname, '..')
 
@@ -38,7 +39,10 @@ function load(modulePath) {
     return require(file)
 }
 
-const { runReplayCli } = load('replay/cli')
+/** After a stop signal, the requests in flight get this long; then the process exits with the checkpoint as saved. */
+const STOP_GRACE_MS = 10_000
+/** The exit code for each stop signal: 128 + its number, as shells report it. */
+const SIGNAL_EXIT = { SIGINT: 130, SIGTERM: 143 }
 
 const USAGE = `Usage: patterns-connector <command> [options]
 
@@ -61,23 +65,56 @@ async function main() {
         process.stderr.write(`error: unknown command "${command}".${hint}\n${USAGE}`)
         return 2
     }
-    // Ctrl-C: stop reading, let the requests in flight finish, write the checkpoint. A second Ctrl-C quits at once.
-    const controller = new AbortController()
-    process.once('SIGINT', () => {
-        process.stderr.write('\nInterrupted: finishing the requests in flight, then writing the checkpoint...\n')
-        controller.abort()
-        process.once('SIGINT', () => process.exit(130))
-    })
-    // Loaded on demand, so each command only loads its own code.
-    const run = command === 'sync' ? load('sync/cli').runSyncCli : runReplayCli
+    const controller = stopOnSignals(rest)
+    // Loaded on demand, so each command only loads its own code (replay's readers are no part of a sync).
+    const run = command === 'sync' ? load('sync/cli').runSyncCli : load('replay/cli').runReplayCli
     const code = await run(rest, process.env, process, controller.signal)
-    return controller.signal.aborted ? 130 : code
+    return controller.signal.aborted ? SIGNAL_EXIT[controller.signal.reason] : code
+}
+
+/**
+ * Ctrl-C (SIGINT) and SIGTERM (docker stop, Kubernetes, systemd): stop reading, let the requests in flight finish
+ * within STOP_GRACE_MS, write the checkpoint. The checkpoint only ever holds acknowledged batches, so exiting when
+ * the grace runs out loses nothing: a resume sends what was still out. A second signal quits at once.
+ */
+function stopOnSignals(argv) {
+    const { logFormatIn } = load('pipeline/service')
+    const { jsonLogLine } = load('pipeline/cli-output')
+    const say = (level, text) =>
+        process.stderr.write(logFormatIn(argv) === 'json' ? jsonLogLine(level, text, {}, (t) => t) : `\n${text}\n`)
+    const controller = new AbortController()
+    const onSignal = (signal) => {
+        say(
+            'info',
+            `${signal === 'SIGINT' ? 'Interrupted' : 'Stopping (SIGTERM)'}: finishing the requests in flight, then writing the checkpoint...`
+        )
+        controller.abort(signal)
+        setTimeout(() => {
+            say(
+                'warn',
+                `stopping now: requests still in flight after ${STOP_GRACE_MS / 1000} s are sent again on resume`
+            )
+            process.exit(SIGNAL_EXIT[signal])
+        }, STOP_GRACE_MS).unref()
+        for (const name of Object.keys(SIGNAL_EXIT)) {
+            process.removeAllListeners(name)
+            process.once(name, () => process.exit(SIGNAL_EXIT[signal]))
+        }
+    }
+    for (const name of Object.keys(SIGNAL_EXIT)) {
+        process.once(name, () => onSignal(name))
+    }
+    return controller
 }
 
 main().then(
     (code) => process.exit(code),
     (error) => {
-        process.stderr.write(`error: ${error && error.message ? error.message : String(error)}\n`)
+        const message = `error: ${error && error.message ? error.message : String(error)}`
+        const json = load('pipeline/service').logFormatIn(process.argv.slice(3)) === 'json'
+        process.stderr.write(
+            json ? load('pipeline/cli-output').jsonLogLine('error', message.slice(7), {}, (t) => t) : `${message}\n`
+        )
         process.exit(1)
     }
 )

@@ -158,6 +158,8 @@ export function webhookUrlFrom(values: DeliveryValues, env: Record<string, strin
 
 export interface DeliverySettings {
     config: ParsedConfig
+    /** --retry-for in ms: how long one batch may keep failing (Infinity: no limit). */
+    retryForMs: number
     concurrency: number
     checkpointFile: string | null
     deadLetterFile: string | null
@@ -172,9 +174,12 @@ export function deliverySettings(
     values: DeliveryValues,
     env: Record<string, string | undefined>,
     webhookUrl: string,
-    retryForIsBudget: boolean
+    retryForIsBudget: boolean,
+    defaultRetryForMs: number = DEFAULT_RETRY_FOR_MS
 ): DeliverySettings {
-    const retryForMs = wholeNumber('retry-for', values['retry-for'], DEFAULT_RETRY_FOR_MS / 1000) * 1000
+    // Infinity by default for a feed that follows: it waits out any outage (pipeline/outage.ts).
+    const given = values['retry-for']
+    const retryForMs = given === undefined ? defaultRetryForMs : wholeNumber('retry-for', given, 1) * 1000
     const overrides = {
         requestTimeoutMs: wholeNumber('timeout', values.timeout, DEFAULT_REQUEST_TIMEOUT_MS / 1000) * 1000,
         deadlineMs: retryForMs,
@@ -202,6 +207,7 @@ export function deliverySettings(
     }
     return {
         config,
+        retryForMs,
         concurrency: wholeNumber('concurrency', values.concurrency, DEFAULT_CONCURRENCY),
         checkpointFile: values.checkpoint ?? null,
         deadLetterFile: values['dead-letter'] ?? null,

@@ -84,45 +84,131 @@ export interface CliStreams {
     stderr: NodeJS.WritableStream & { isTTY?: boolean }
 }
 
+/** `--log-format`: lines for people (the default), or one JSON object per line for a log shipper. */
+export const LOG_FORMATS = ['human', 'json'] as const
+export type LogFormat = (typeof LOG_FORMATS)[number]
+
+/** Values a JSON log line carries next to `time`, `level` and `msg`. */
+export type LogFields = Record<string, string | number | boolean | null>
+
 export interface CliOutput {
     readonly tty: boolean
-    /** Text on standard output (help, the summary). */
-    out: (text: string) => void
+    readonly format: LogFormat
+    /** Text on standard output (help, the summary); `fields` are the summary's values, for JSON lines. */
+    out: (text: string, fields?: LogFields) => void
     /** A line on standard error, in place of a progress line a terminal may show. */
-    line: (text: string) => void
+    line: (text: string, fields?: LogFields) => void
     /** The progress line: redrawn on a terminal, every PLAIN_PROGRESS_INTERVAL_MS otherwise. */
-    progress: (text: string) => void
+    progress: (text: string, fields?: LogFields) => void
     /** Ends a progress line a terminal shows, so what follows starts on its own line. */
     endProgress: () => void
     /** Secrets learnt once the flags are read (header values, the API key), removed from what follows. */
     addSecrets: (more: readonly string[]) => void
 }
 
-export function cliOutput(io: CliStreams, secrets: ReadonlyArray<string | undefined>): CliOutput {
-    // Longest first, so a secret that contains another is removed whole.
-    const known = secrets.filter((s): s is string => Boolean(s && s.length >= 4)).sort((a, b) => b.length - a.length)
-    const tty = Boolean(io.stderr.isTTY)
+/** A message's level, from how the commands word it: "error: …", "warning: …", anything else is information. */
+export function levelOf(text: string): { level: 'error' | 'warn' | 'info'; msg: string } {
+    const match = /^\s*(error|warning): /.exec(text)
+    const level = match?.[1] === 'error' ? 'error' : match ? 'warn' : 'info'
+    return { level, msg: (match ? text.slice(match[0].length) : text).trim() }
+}
+
+/**
+ * One JSON log line. Every string is redacted before it is encoded, and the encoded line once more with the
+ * secrets as JSON writes them (a secret with a quote or a backslash changes when encoded).
+ */
+export function jsonLogLine(
+    level: string,
+    msg: string,
+    fields: LogFields,
+    redact: (text: string) => string,
+    nowMs: number = Date.now()
+): string {
+    const clean: Record<string, unknown> = { time: new Date(nowMs).toISOString(), level, msg: redact(msg) }
+    for (const [key, value] of Object.entries(fields)) {
+        if (!(key in clean)) {
+            clean[key] = typeof value === 'string' ? redact(value) : value
+        }
+    }
+    return redact(JSON.stringify(clean)) + '\n'
+}
+
+/** A summary's rows as JSON fields: "events read" becomes events_read. */
+export function summaryFields(rows: readonly SummaryRow[]): LogFields {
+    const fields: LogFields = {}
+    for (const row of rows) {
+        if (row) {
+            const key = row[0]
+                .toLowerCase()
+                .replace(/[^a-z0-9]+/g, '_')
+                .replace(/^_|_$/g, '')
+            fields[key === 'events_s' ? 'events_per_second' : key] = row[1]
+        }
+    }
+    return fields
+}
+
+/** Longest first, so a secret that contains another is removed whole; each also as JSON encodes it. */
+function secretList(secrets: ReadonlyArray<string | undefined>): string[] {
+    const known = secrets.filter((s): s is string => Boolean(s && s.length >= 4))
+    const encoded = known.map((s) => JSON.stringify(s).slice(1, -1)).filter((s) => !known.includes(s))
+    return [...known, ...encoded].sort((a, b) => b.length - a.length)
+}
+
+/** True at most once per interval; the first interval starts now (a short run prints only its summary). */
+function intervalGate(intervalMs: number): () => boolean {
+    let last = Date.now()
+    return () => {
+        const due = Date.now() - last >= intervalMs
+        last = due ? Date.now() : last
+        return due
+    }
+}
+
+export function cliOutput(
+    io: CliStreams,
+    secrets: ReadonlyArray<string | undefined>,
+    format: LogFormat = 'human'
+): CliOutput {
+    let known = secretList(secrets)
+    const tty = Boolean(io.stderr.isTTY) && format === 'human'
     // The plugin's sender names its config keys in its reasons (a 401: "check customHeaders"); here they are flags.
+    const redact = (text: string): string => redactText(inFlagWords(text), known)
     const write = (stream: NodeJS.WritableStream, text: string): void => {
-        stream.write(redactText(inFlagWords(text), known))
+        stream.write(redact(text))
+    }
+    const json = (stream: NodeJS.WritableStream, text: string, fields: LogFields = {}, level?: string): void => {
+        const parsed = levelOf(text)
+        stream.write(jsonLogLine(level ?? parsed.level, parsed.msg, fields, redact))
     }
     let drawn = false
-    // Off a terminal the first progress line waits an interval too: a short run prints only its summary.
-    let lastPlain = Date.now()
+    const plainDue = intervalGate(PLAIN_PROGRESS_INTERVAL_MS)
     return {
         tty,
-        out: (text) => write(io.stdout, text),
-        line: (text) => {
+        format,
+        // In JSON, the summary's heading is the message and its rows the fields; help is one message.
+        out: (text, fields) =>
+            format === 'json'
+                ? json(io.stdout, fields ? (text.split('\n')[0] ?? text) : text, fields, 'info')
+                : write(io.stdout, text),
+        line: (text, fields) => {
+            if (format === 'json') {
+                json(io.stderr, text, fields)
+                return
+            }
             write(io.stderr, `${drawn ? CLEAR_LINE : ''}${text}\n`)
             drawn = false
         },
-        progress: (text) => {
+        progress: (text, fields) => {
             if (tty) {
                 write(io.stderr, `${CLEAR_LINE}${text}`)
                 drawn = true
-            } else if (Date.now() - lastPlain >= PLAIN_PROGRESS_INTERVAL_MS) {
-                lastPlain = Date.now()
-                write(io.stderr, `${text}\n`)
+            } else if (plainDue()) {
+                if (format === 'json') {
+                    json(io.stderr, fields ? 'progress' : text, fields, 'info')
+                } else {
+                    write(io.stderr, `${text}\n`)
+                }
             }
         },
         endProgress: () => {
@@ -132,8 +218,7 @@ export function cliOutput(io: CliStreams, secrets: ReadonlyArray<string | undefi
             }
         },
         addSecrets: (more) => {
-            known.push(...more.filter((s) => s.length >= 4))
-            known.sort((a, b) => b.length - a.length)
+            known = secretList([...known, ...more])
         },
     }
 }

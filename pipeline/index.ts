@@ -3,10 +3,10 @@
  * source → filter and shape → batch → K in flight → ordered checkpoint, plus dead letters, progress and a report.
  * See README.md for the contract a source can rely on.
  */
-import { ParsedConfig, SenderEnv } from '../index'
+import { Outcome, ParsedConfig, SenderEnv } from '../index'
 import { batchItems } from './batch'
 import { Commit, orderedCheckpoint } from './checkpoint'
-import { sendBatch } from './send'
+import { sendBatch, WaitOut } from './send'
 import { shapeRecords } from './shape'
 import { DeadLetter, emptyReport, PipelineProgress, PipelineReport, Source } from './types'
 import { runWindow } from './window'
@@ -37,6 +37,10 @@ export interface PipelineOptions<P> {
     dryRun?: boolean
     /** Aborting stops reading; batches in flight finish and are committed. */
     signal?: AbortSignal
+    /** Told of every webhook attempt's outcome (health, metrics). */
+    onOutcome?: (outcome: Outcome) => void
+    /** A batch the webhook will not take is retried in capped rounds within this budget (see send.ts). */
+    waitOut?: WaitOut
 }
 
 function throttledProgress(report: PipelineReport<unknown>, onProgress?: (progress: PipelineProgress) => void) {
@@ -44,8 +48,8 @@ function throttledProgress(report: PipelineReport<unknown>, onProgress?: (progre
     return (force = false): void => {
         if (onProgress && (force || Date.now() - last >= PROGRESS_INTERVAL_MS)) {
             last = Date.now()
-            const { read, delivered, filtered, deadLettered, retries, requests, inFlight } = report
-            onProgress({ read, delivered, filtered, deadLettered, retries, requests, inFlight })
+            const { read, delivered, filtered, deadLettered, malformed, retries, requests, inFlight } = report
+            onProgress({ read, delivered, filtered, deadLettered, malformed, retries, requests, inFlight })
         }
     }
 }

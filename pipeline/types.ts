@@ -54,6 +54,8 @@ export interface PipelineProgress {
     delivered: number
     filtered: number
     deadLettered: number
+    /** Unreadable records (dead-lettered too); the pipeline always reports it. */
+    malformed?: number
     retries: number
     requests: number
     inFlight: number

@@ -26,6 +26,7 @@ import {
     seconds,
     summaryText,
 } from '../pipeline/cli-output'
+import { logFormatIn, Service, SERVICE_HELP, SERVICE_OPTIONS, serviceSettings, startService } from '../pipeline/service'
 import { DEDUPE_WINDOW, isExportInput, runExportsCli } from './exports/cli'
 import { INPUT_FORMATS, InputError, InputFormat } from './input'
 import {
@@ -68,10 +69,13 @@ Options (secrets can come from the environment instead, so they stay out of shel
                                report what would be sent; either way send nothing
   -h, --help                   show this help
 
+${SERVICE_HELP}
+
 Exit codes: 0 every event was delivered or deliberately filtered; 1 anything else (see the summary);
 2 bad usage: a flag, a missing or unreadable input, a checkpoint of another input or of a file that
 changed since. Compressed standard input: gunzip -c FILE | patterns-connector replay - [options]
-Ctrl-C finishes the requests in flight, writes the checkpoint and exits.
+Ctrl-C (exit 130) or SIGTERM (exit 143) finishes the requests in flight within 10 s, writes the
+checkpoint and exits.
 `
 
 export { nodeEnv, UsageError }
@@ -84,6 +88,7 @@ export const REPLAY_MAX_ATTEMPTS = TIME_BUDGET_MAX_ATTEMPTS
 
 const OPTIONS = {
     ...DELIVERY_OPTIONS,
+    ...SERVICE_OPTIONS,
     format: { type: 'string', default: 'auto' },
     'dry-run': { type: 'boolean', default: false },
     dedupe: { type: 'boolean', default: false },
@@ -122,6 +127,7 @@ export function parseReplayArgs(argv: string[], env: Record<string, string | und
         // --retry-for is the whole budget of a batch: retries and Retry-After waits go on until it is spent.
         ...deliverySettings(values, env, webhookUrl ?? 'https://dry-run.invalid/', true),
         dryRun: values['dry-run'],
+        service: serviceSettings(values),
     }
 }
 
@@ -214,7 +220,8 @@ export async function runReplayCli(
     io: CliStreams & { stdin: Readable },
     signal?: AbortSignal
 ): Promise<number> {
-    const output = cliOutput(io, [env.PATTERNS_WEBHOOK_URL, env.PATTERNS_CUSTOM_HEADERS, env.PATTERNS_SIGNING_SECRET])
+    const secrets = [env.PATTERNS_WEBHOOK_URL, env.PATTERNS_CUSTOM_HEADERS, env.PATTERNS_SIGNING_SECRET]
+    const output = cliOutput(io, secrets, logFormatIn(argv))
     let parsed
     try {
         parsed = parseReplayArgs(argv, env)
@@ -227,14 +234,36 @@ export async function runReplayCli(
         return 0
     }
     output.addSecrets(parsed.config.secrets)
-    if (isExportInput(parsed.inputs)) {
-        return runExportsCli(parsed, output, signal)
+    let service: Service
+    try {
+        service = await startService({ settings: parsed.service, output, env: nodeEnv() })
+    } catch (error) {
+        output.line(`error: ${(error as Error).message}`)
+        return 2
     }
+    try {
+        if (isExportInput(parsed.inputs)) {
+            return await runExportsCli(parsed, output, signal, service)
+        }
+        return await replayOneInput(parsed, output, io.stdin, service, signal)
+    } finally {
+        await service.close()
+    }
+}
+
+/** One JSON file or standard input. */
+async function replayOneInput(
+    parsed: NonNullable<ReturnType<typeof parseReplayArgs>>,
+    output: CliOutput,
+    stdin: Readable,
+    service: Service,
+    signal?: AbortSignal
+): Promise<number> {
     if (parsed.dedupe) {
         output.line('error: --dedupe reads export files (a folder, several files, a manifest); not one JSON file')
         return 2
     }
-    const opened = openInput(parsed.input, io.stdin)
+    const opened = openInput(parsed.input, stdin)
     if (typeof opened === 'string') {
         output.line(`error: ${opened}`)
         return 2
@@ -244,7 +273,19 @@ export async function runReplayCli(
     try {
         const inputLabel = parsed.input === '-' ? null : parsed.input
         const input = opened.input
-        report = await replay({ ...parsed, input, inputLabel, env: nodeEnv(), signal, onProgress, onWarning })
+        report = await replay({
+            ...parsed,
+            input,
+            inputLabel,
+            env: service.env,
+            signal,
+            onProgress: (p) => {
+                service.onProgress(p)
+                onProgress(p)
+            },
+            onWarning,
+            onOutcome: service.onOutcome,
+        })
     } catch (error) {
         output.endProgress()
         output.line(`error: ${(error as Error).message}`)

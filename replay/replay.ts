@@ -3,7 +3,7 @@
  * filters, shaping, signing, retries and redaction; K requests in flight; an ordered checkpoint), with a
  * checkpoint file bound to its input and a dead-letter file for what the webhook refused.
  */
-import { ParsedConfig, SenderEnv } from '../index'
+import { Outcome, ParsedConfig, SenderEnv } from '../index'
 import { PipelineProgress, PipelineReport, runPipeline, Source, SourceRecord } from '../pipeline'
 import { DEFAULT_RETRY_FOR_MS } from '../pipeline/cli-options'
 import { deadLetterWriter } from '../pipeline/dead-letter'
@@ -47,6 +47,8 @@ export interface ReplayOptions {
     onProgress?: (progress: ReplayProgress) => void
     /** Told of each unreadable record and each refused batch, so they are reported and not only counted. */
     onWarning?: (message: string) => void
+    /** Told of every webhook attempt's outcome (health, metrics). */
+    onOutcome?: (outcome: Outcome) => void
 }
 
 /** The source stage: input records the checkpoint does not cover, positioned by their ordinal. */

@@ -29,8 +29,21 @@ import {
     eventsPerSecond,
     progressParts,
     seconds,
+    summaryFields,
+    SummaryRow,
     summaryText,
 } from '../pipeline/cli-output'
+import { HealthState } from '../pipeline/outage'
+import {
+    failingPart,
+    logFormatIn,
+    Service,
+    SERVICE_HELP,
+    SERVICE_OPTIONS,
+    ServiceSettings,
+    serviceSettings,
+    startService,
+} from '../pipeline/service'
 import { CheckpointError, resumeFrom, SourceBinding } from './checkpoint'
 import {
     DEFAULT_QUERIES_PER_HOUR,
@@ -43,6 +56,7 @@ import {
     QueryClient,
 } from './posthog'
 import { MAX_QUERY_ROWS } from './query'
+import { newSyncWatch, postHogOutcome, syncLagMs, syncProgressFields, SyncWatch } from './service'
 import { DEFAULT_LAG_MS, DEFAULT_LATE_WINDOW_MS, DEFAULT_PAGE_SIZE, DEFAULT_POLL_INTERVAL_MS } from './source'
 import { sync, SyncProgress, SyncReport } from './sync'
 
@@ -84,10 +98,15 @@ Delivery (as replay):
   --batch-bytes N              bytes per request at most (default: ${DEFAULT_MAX_BATCH_BYTES})
   --timeout SECONDS            per webhook request (default: ${DEFAULT_REQUEST_TIMEOUT_MS / 1000})
   --retry-for SECONDS          the whole budget of one batch: retries with backoff and Retry-After waits
-                               until it is spent, then the run stops (default: ${DEFAULT_RETRY_FOR_MS / 1000})
-  --checkpoint FILE            resume from FILE and keep it up to date (bound to URL, project, filters, --since)
+                               until it is spent, then the run stops (default: ${DEFAULT_RETRY_FOR_MS / 1000}; with
+                               --follow: no limit, an outage of the webhook or of PostHog is waited out, retried
+                               at least once a minute, with the checkpoint held)
+  --checkpoint FILE            resume from FILE and keep it up to date (bound to URL, project, filters, --since);
+                               never share one file between two syncs running at once
   --dead-letter FILE           append refused events and unreadable rows here (JSON Lines)
   -h, --help                   show this help
+
+${SERVICE_HELP}
 
 A first run needs --since (copy history from then, and stop once caught up), --follow (send new events as
 they arrive), or both. The same command with the same --checkpoint resumes where the last run stopped; it
@@ -101,7 +120,7 @@ With --follow and the defaults, an event is sent within about ${(DEFAULT_LAG_MS 
 Exit codes: 0 everything read was delivered or deliberately filtered; 1 some events were refused or the
 run stopped early (see the summary; the same command resumes); 2 bad usage or configuration (API key,
 scope, project, a --posthog-url that is not PostHog, a checkpoint of another source); 130 interrupted
-(Ctrl-C; the checkpoint is written).
+(Ctrl-C), 143 stopped by SIGTERM: the requests in flight get up to 10 s, the checkpoint is written.
 `
 
 /** "500ms", "30s", "2m", "1h", "7d", or a bare number of seconds, in milliseconds. */
@@ -186,10 +205,14 @@ export interface SyncArgs {
     concurrency: number
     checkpointFile: string | null
     deadLetterFile: string | null
+    /** How long one batch, or one query, may keep failing (Infinity with --follow unless --retry-for is given). */
+    retryForMs: number
+    service: ServiceSettings
 }
 
 const OPTIONS = {
     ...DELIVERY_OPTIONS,
+    ...SERVICE_OPTIONS,
     'posthog-url': { type: 'string' },
     'project-id': { type: 'string' },
     'posthog-api-key': { type: 'string' },
@@ -215,6 +238,7 @@ const NUMERIC_FLAGS = [
     'page-size',
     'max-queries-per-minute',
     'max-queries-per-hour',
+    'metrics-port',
 ]
 
 function readFlags(argv: string[]) {
@@ -286,7 +310,8 @@ export function parseSyncArgs(argv: string[], env: Record<string, string | undef
     }
     const range = timeRange(values, nowMs)
     // --retry-for is the whole budget of a batch, as in replay: not cut short by the plugin's count of attempts.
-    const delivery = deliverySettings(values, env, webhookUrl, true)
+    // A feed that follows is a service: by default it outlasts any outage instead of exiting.
+    const delivery = deliverySettings(values, env, webhookUrl, true, range.follow ? Infinity : DEFAULT_RETRY_FOR_MS)
     return {
         origin,
         projectId,
@@ -302,6 +327,8 @@ export function parseSyncArgs(argv: string[], env: Record<string, string | undef
         concurrency: delivery.concurrency,
         checkpointFile: delivery.checkpointFile,
         deadLetterFile: delivery.deadLetterFile,
+        retryForMs: delivery.retryForMs,
+        service: serviceSettings(values),
     }
 }
 
@@ -315,13 +342,20 @@ export function behindNowMs(
 }
 
 /** read, sent, rate, where the feed stands and how far behind now, queries, retries, failures, in flight. */
-export function syncProgressLine(p: SyncProgress, elapsedMs: number, nowMs: number): string {
+export function syncProgressLine(
+    p: SyncProgress,
+    elapsedMs: number,
+    nowMs: number,
+    health: { webhook?: HealthState | null; posthog?: HealthState } = {}
+): string {
     const behind = behindNowMs(p, nowMs)
     const behindText = behind === null ? null : `${seconds(behind)} behind now${p.caughtUp ? ' (caught up)' : ''}`
     return progressParts({ ...p, retries: p.retries + p.queryRetries }, elapsedMs, [
         p.cursorMs === null ? 'no events yet' : `at ${new Date(p.cursorMs).toISOString()}`,
         behindText,
         `queries ${p.queries}`,
+        health.webhook ? failingPart('webhook', health.webhook) : null,
+        health.posthog ? failingPart('PostHog', health.posthog) : null,
     ])
 }
 
@@ -330,10 +364,17 @@ export function syncSummaryText(
     report: SyncReport,
     run: { checkpointFile: string | null; deadLetterFile: string | null }
 ): string {
+    return summaryText(syncSummaryRows(report, run))
+}
+
+function syncSummaryRows(
+    report: SyncReport,
+    run: { checkpointFile: string | null; deadLetterFile: string | null }
+): SummaryRow[] {
     const cursor = report.cursor.uuid
         ? `${new Date(report.cursor.ms).toISOString()} ${report.cursor.uuid}`
         : `${new Date(report.cursor.ms).toISOString()} (its start: nothing sent yet)`
-    return summaryText([
+    return [
         ['events read', report.read],
         ...deliveryRows(report, run.deadLetterFile),
         ['webhook requests', report.requests],
@@ -344,7 +385,7 @@ export function syncSummaryText(
         ['events/s', eventsPerSecond(report.delivered, report.durationMs)],
         run.checkpointFile ? ['checkpoint at', cursor] : null,
         ['stopped early', report.stopped ?? 'no'],
-    ])
+    ]
 }
 
 export type SyncIO = CliStreams
@@ -359,19 +400,37 @@ function bindingOf(args: SyncArgs): SourceBinding {
     }
 }
 
-function queryClient(args: SyncArgs, output: CliOutput, signal?: AbortSignal): QueryClient {
+interface QueryClientWiring {
+    args: SyncArgs
+    output: CliOutput
+    watch: SyncWatch
+    /** The checkpoint's cursor has events: PostHog answered this source before. */
+    answeredBefore: boolean
+    signal?: AbortSignal
+}
+
+function queryClient({ args, output, watch, answeredBefore, signal }: QueryClientWiring): QueryClient {
     return new QueryClient({
         origin: args.origin,
         projectId: args.projectId,
         apiKey: args.apiKey,
         timeoutMs: args.queryTimeoutMs,
-        retryForMs: DEFAULT_QUERY_RETRY_FOR_MS,
+        // Following: as long as the webhook's budget (no limit by default), with a service's capped waits.
+        retryForMs: args.follow ? args.retryForMs : DEFAULT_QUERY_RETRY_FOR_MS,
+        outage: args.follow,
+        answeredBefore: args.follow && answeredBefore,
         limits: { perMinute: args.perMinute, perHour: args.perHour },
         signal,
         onWait: (reason, waitMs) => {
             // Short waits for the client-side limit are routine; retries and long waits are worth a line.
             if (reason !== 'client-side rate limit' || waitMs >= 5_000) {
                 output.line(`waiting ${seconds(waitMs)}: ${reason}`)
+            }
+        },
+        onOutcome: (ok, reason) => {
+            const line = postHogOutcome(watch, ok, reason, Date.now())
+            if (line) {
+                output.line(line)
             }
         },
     })
@@ -438,28 +497,80 @@ export async function runSyncCli(
     io: SyncIO,
     signal?: AbortSignal
 ): Promise<number> {
-    const output = cliOutput(io, [env.POSTHOG_API_KEY, env.PATTERNS_WEBHOOK_URL])
+    const output = cliOutput(io, [env.POSTHOG_API_KEY, env.PATTERNS_WEBHOOK_URL], logFormatIn(argv))
     const prepared = prepare(argv, env, output)
     if ('exit' in prepared) {
         return prepared.exit
     }
     const { args, start } = prepared
     announce(args, start, output)
+    const watch = newSyncWatch(start.cursor.uuid === null ? null : start.cursor.ms)
+    let service: Service
+    try {
+        service = await startService({
+            settings: args.service,
+            output,
+            env: nodeEnv(),
+            posthog: watch.posthog,
+            lagSeconds: () => {
+                const lag = syncLagMs(watch, Date.now())
+                return lag === null ? null : lag / 1000
+            },
+        })
+    } catch (error) {
+        output.line(`error: ${(error as Error).message}`)
+        return 2
+    }
+    watch.webhook = service.webhook
+    try {
+        return await runSync({ args, start, output, watch, service, signal })
+    } finally {
+        await service.close()
+    }
+}
+
+interface SyncRun {
+    args: SyncArgs
+    start: ReturnType<typeof resumeFrom>
+    output: CliOutput
+    watch: SyncWatch
+    service: Service
+    signal?: AbortSignal
+}
+
+/** The sync itself, wired to the output and the service; returns the exit code. */
+async function runSync({ args, start, output, watch, service, signal }: SyncRun): Promise<number> {
     const started = Date.now()
+    const answeredBefore = start.cursor.uuid !== null
     let report: SyncReport
     try {
         report = await sync({
             ...args,
-            client: queryClient(args, output, signal),
+            client: queryClient({ args, output, watch, answeredBefore, signal }),
             start: start.cursor,
             teamId: Number(args.projectId),
             allowedEvents: start.binding.allowedEvents,
             excludedEvents: start.binding.excludedEvents,
-            env: nodeEnv(),
+            env: service.env,
             binding: start.binding,
             signal,
-            onProgress: (p) => output.progress(syncProgressLine(p, Date.now() - started, Date.now())),
+            onProgress: (p) => {
+                watch.inFlight = p.inFlight
+                service.onProgress(p)
+                const now = Date.now()
+                const line = syncProgressLine(p, now - started, now, watch)
+                output.progress(line, syncProgressFields(p, watch, now - started, now))
+            },
+            onPage: (page) => {
+                watch.page = page
+                if (page.caughtUp && service.webhook.up) {
+                    service.succeeded()
+                }
+            },
+            onCommit: (cursor) => (watch.committedMs = cursor.ms),
             onWarning: (message) => output.line(`warning: ${message}`),
+            onOutcome: service.onOutcome,
+            waitOut: args.follow ? { budgetMs: args.retryForMs, signal } : undefined,
         })
     } catch (error) {
         output.endProgress()
@@ -478,6 +589,7 @@ function finish(report: SyncReport, args: SyncArgs, output: CliOutput, aborted: 
     if (report.read === 0 && !report.stopped) {
         output.line(`PostHog has no events for project ${args.projectId} in that time: nothing to send`)
     }
-    output.out(`Sync ${report.stopped ? 'stopped' : 'finished'}\n${syncSummaryText(report, args)}\n`)
+    const rows = syncSummaryRows(report, args)
+    output.out(`Sync ${report.stopped ? 'stopped' : 'finished'}\n${summaryText(rows)}\n`, summaryFields(rows))
     return syncExitCode(report, aborted)
 }

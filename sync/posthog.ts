@@ -5,6 +5,7 @@
  */
 import { backoffDelay, parseRetryAfter, redactText } from '../index'
 import { seconds } from '../pipeline/cli-output'
+import { outageWaitMs } from '../pipeline/outage'
 import { BodyBuffers, BodyTooLargeError, readPage } from './body'
 import { PostAnswer, postJson } from './http'
 
@@ -344,6 +345,18 @@ export interface QueryClientOptions {
     signal?: AbortSignal
     /** Told of each retry and each wait for the rate limit, with the reason (never the key). */
     onWait?: (reason: string, waitMs: number) => void
+    /** Told of each attempt's outcome: answered well, or failing with a reason (for health and metrics). */
+    onOutcome?: (ok: boolean, reason: string) => void
+    /**
+     * A service's retries (sync --follow): waits capped at a minute, honouring Retry-After, as for the webhook
+     * (pipeline/outage.ts), instead of the query's own 30 s backoff.
+     */
+    outage?: boolean
+    /**
+     * PostHog answered this source before (a resumed checkpoint): a refused connection is then an outage to wait
+     * out, not a --posthog-url to check within seconds.
+     */
+    answeredBefore?: boolean
 }
 
 export class AbortedError extends Error {
@@ -375,8 +388,8 @@ export class QueryClient {
     readonly target: QueryTarget
     private readonly starts: number[] = []
     private readonly buffers = new BodyBuffers()
-    private readonly options: Required<Omit<QueryClientOptions, 'signal' | 'onWait'>> &
-        Pick<QueryClientOptions, 'signal' | 'onWait'>
+    private readonly options: Required<Omit<QueryClientOptions, 'signal' | 'onWait' | 'onOutcome'>> &
+        Pick<QueryClientOptions, 'signal' | 'onWait' | 'onOutcome'>
     queries = 0
     retries = 0
     /** Whether PostHog has answered a query well once: failures before that point at the URL, not an outage. */
@@ -391,8 +404,11 @@ export class QueryClient {
             now: () => Date.now(),
             sleep: abortableSleep,
             random: Math.random,
+            outage: false,
+            answeredBefore: false,
             ...options,
         }
+        this.answered = this.options.answeredBefore
         this.url = `${options.origin}/api/projects/${encodeURIComponent(options.projectId)}/query/`
         this.endpoint = new URL(this.url)
         this.target = { origin: options.origin, projectId: options.projectId }
@@ -405,6 +421,9 @@ export class QueryClient {
         for (let attempt = 0; ; attempt++) {
             await this.waitForRateLimit()
             const outcome = await this.attempt(hogql)
+            if (outcome.kind !== 'fatal') {
+                this.options.onOutcome?.(outcome.kind === 'ok', outcome.kind === 'retry' ? outcome.reason : '')
+            }
             if (outcome.kind === 'ok') {
                 this.answered = true
                 return outcome.response
@@ -412,7 +431,9 @@ export class QueryClient {
             if (outcome.kind === 'fatal') {
                 throw this.answered ? outcome.error : firstContactError(origin, outcome.error)
             }
-            const waitMs = outcome.waitMs ?? queryBackoffMs(attempt, this.options.random)
+            const waitMs = this.options.outage
+                ? outageWaitMs(attempt, outcome.waitMs, this.options.random)
+                : (outcome.waitMs ?? queryBackoffMs(attempt, this.options.random))
             if (now() + waitMs - started > this.retryBudgetMs(outcome)) {
                 throw gaveUpError(origin, outcome, attempt + 1, now() - started, this.answered)
             }

@@ -2,9 +2,10 @@
  * `sync` as a composition: the PostHog source feeds the shared delivery pipeline, and the pipeline's in-order
  * commits become the checkpoint. This file only wires the two together.
  */
-import { ParsedConfig, SenderEnv } from '../index'
+import { Outcome, ParsedConfig, SenderEnv } from '../index'
 import { runPipeline } from '../pipeline'
 import { deadLetterWriter } from '../pipeline/dead-letter'
+import type { WaitOut } from '../pipeline/send'
 import type { PipelineProgress, PipelineReport } from '../pipeline/types'
 import { SourceBinding, writeSyncCheckpoint } from './checkpoint'
 import { QueryClient } from './posthog'
@@ -41,10 +42,22 @@ export interface SyncOptions extends Omit<SourceOptions, 'run' | 'onPage' | 'sig
     signal?: AbortSignal
     onProgress?: (progress: SyncProgress) => void
     onWarning?: (message: string) => void
+    /** Told of each page the source reads (where the feed stands, whether it caught up). */
+    onPage?: (page: PageInfo) => void
+    /** Told of each position committed to the checkpoint. */
+    onCommit?: (cursor: Cursor) => void
+    /** Told of every webhook attempt's outcome. */
+    onOutcome?: (outcome: Outcome) => void
+    /** With --follow: a batch the webhook will not take waits out the outage within this budget. */
+    waitOut?: WaitOut
 }
 
 /** One progress report from the pipeline's counters and the source's latest page. */
-function progressReporter(client: QueryClient, onProgress?: (progress: SyncProgress) => void) {
+function progressReporter(
+    client: QueryClient,
+    onProgress?: (progress: SyncProgress) => void,
+    onPage?: (page: PageInfo) => void
+) {
     let page: PageInfo | null = null
     let latest: PipelineProgress | null = null
     const report = (): void => {
@@ -62,6 +75,7 @@ function progressReporter(client: QueryClient, onProgress?: (progress: SyncProgr
     return {
         onPage: (info: PageInfo) => {
             page = info
+            onPage?.(info)
             report()
         },
         onProgress: (progress: PipelineProgress) => {
@@ -74,7 +88,7 @@ function progressReporter(client: QueryClient, onProgress?: (progress: SyncProgr
 export async function sync(options: SyncOptions): Promise<SyncReport> {
     const { client } = options
     const now = options.now ?? (() => Date.now())
-    const progress = progressReporter(client, options.onProgress)
+    const progress = progressReporter(client, options.onProgress, options.onPage)
     let committed = options.start
     if (options.checkpointFile) {
         // Saved before anything is read, so a first run that finds nothing still pins --since and the source.
@@ -110,6 +124,7 @@ export async function sync(options: SyncOptions): Promise<SyncReport> {
         // In order, and only over acknowledged batches: a crash resumes from here and replays, never skips.
         commit: (position) => {
             committed = position
+            options.onCommit?.(position)
             if (options.checkpointFile) {
                 writeSyncCheckpoint(options.checkpointFile, options.binding, position, now())
             }
@@ -117,6 +132,8 @@ export async function sync(options: SyncOptions): Promise<SyncReport> {
         deadLetter: deadLetterWriter<Cursor>(options.deadLetterFile),
         onProgress: progress.onProgress,
         onWarning: options.onWarning,
+        onOutcome: options.onOutcome,
+        waitOut: options.waitOut,
     })
     return { ...report, queries: client.queries, queryRetries: client.retries, cursor: committed, sourceError }
 }

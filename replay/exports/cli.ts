@@ -15,6 +15,7 @@ import {
     summaryText,
 } from '../../pipeline/cli-output'
 import { CheckpointError } from '../../pipeline/errors'
+import type { Service } from '../../pipeline/service'
 import { InputError } from '../input'
 import { checkBinding, readExportsCheckpoint, resumePlan } from './checkpoint'
 import { DEDUPE_WINDOW } from './dedupe'
@@ -184,7 +185,12 @@ async function listOrExplain(run: ExportsRun, output: CliOutput): Promise<Export
     return null
 }
 
-export async function runExportsCli(run: ExportsRun, output: CliOutput, signal?: AbortSignal): Promise<number> {
+export async function runExportsCli(
+    run: ExportsRun,
+    output: CliOutput,
+    signal?: AbortSignal,
+    service?: Service
+): Promise<number> {
     if (run.format !== 'auto') {
         output.line(
             'error: --format is for one JSON file or standard input; export files are read for what their bytes are'
@@ -206,10 +212,14 @@ export async function runExportsCli(run: ExportsRun, output: CliOutput, signal?:
         report = await replayExports({
             ...run,
             files: listing.files,
-            env: nodeEnv(),
+            env: service?.env ?? nodeEnv(),
             signal,
             onFile: (index) => (file = listing.files[index]?.name ?? ''),
-            onProgress: (p) => output.progress(joinParts([progressParts(p, Date.now() - started), file])),
+            onProgress: (p) => {
+                service?.onProgress(p)
+                output.progress(joinParts([progressParts(p, Date.now() - started), file]))
+            },
+            onOutcome: service?.onOutcome,
             onWarning: boundedWarnings(output, run.deadLetterFile),
         })
     } catch (error) {

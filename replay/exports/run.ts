@@ -4,7 +4,7 @@
  */
 import { createHash } from 'node:crypto'
 
-import { ParsedConfig, SenderEnv } from '../../index'
+import { Outcome, ParsedConfig, SenderEnv } from '../../index'
 import { PipelineProgress, PipelineReport, runPipeline } from '../../pipeline'
 import { deadLetterWriter } from '../../pipeline/dead-letter'
 import {
@@ -37,6 +37,8 @@ export interface ExportsOptions {
     onWarning?: (message: string) => void
     /** Told when the run starts reading a file, by its index in `files`. */
     onFile?: (index: number) => void
+    /** Told of every webhook attempt's outcome (health, metrics). */
+    onOutcome?: (outcome: Outcome) => void
 }
 
 export interface ExportsReport extends PipelineReport<FilePosition>, SourceCounts {

@@ -6,6 +6,8 @@
  *   not: HogQL parsing and a ClickHouse query per page, JSON results, and rebuilding each event.
  * - Peak RSS of the sync process (VmHWM from /proc), against an idle Node process with the same TypeScript loader
  *   (baseline) and a ceiling of 250 MB. The stand-in runs in a child process of its own, the receiver in this one.
+ * - Peak RSS of the CLI as users install it (`npm pack`, no loader) syncing the first 100,000 of those events with
+ *   the default page size, against an idle Node process (baseline) and a ceiling of 200 MB.
  *
  * `benchSync()` is exported so `npm run bench` can add it.
  */
@@ -21,15 +23,20 @@ import { sampleEvent } from '../host/sample-events'
 import { seededRandom, startReceiver } from '../receiver/receiver'
 import { StandInEvent } from '../standin/server'
 import { spawnPostHogStandIn } from '../standin/spawn'
+import { installPackedCli } from './installed'
 import { cpuMsOf, measureProcess, measureReplayRss, peakRssMb } from './replay'
 
 export const SYNC_THROUGHPUT_TARGET = 0.5
 export const SYNC_RSS_CEILING_MB = 250
+/** The installed CLI at this many events with the default page size stays under INSTALLED_RSS_CEILING_MB. */
+export const INSTALLED_RSS_EVENTS = 100_000
+export const INSTALLED_RSS_CEILING_MB = 200
 const BIN = join(__dirname, '..', '..', 'bin', 'patterns-connector.js')
 const PROJECT_ID = 1
 /** Rows per insert into the stand-in while seeding. */
 const INSERT_CHUNK = 25_000
 /** Events are 250 ms apart (sampleEvent); PostHog stores each 1.5 s after its timestamp. */
+const EVENT_SPACING_MS = 250
 const INGESTION_DELAY_MS = 1_500
 
 export interface SyncBench {
@@ -38,6 +45,8 @@ export interface SyncBench {
     replay: { ms: number; peakMb: number; rows: number } & CpuSplit
     idleMb: number
     pageSize: number
+    /** The installed CLI (npm pack) syncing the first `events` events with the default page size. */
+    installed: { events: number; peakMb: number; rows: number; idleMb: number }
 }
 
 /** CPU time (ms) each process spent during a run: the CLI, the receiver (this process) and the stand-in. */
@@ -130,6 +139,27 @@ async function measureSync(url: string, apiKey: string, sinceMs: number, pageSiz
     return { ms, peakMb, rows: summary.rows, requests: summary.requests, cpuMs, receiverCpuMs, standInCpuMs }
 }
 
+/**
+ * The installed CLI's peak RSS over the first `count` events: --until at the next event's created_at, so exactly
+ * those are read, with the default page size and no loader in the process.
+ */
+async function measureInstalled(url: string, apiKey: string, startMs: number, count: number) {
+    const cli = installPackedCli()
+    const rx = await startReceiver({ dataDir: mkdtempSync(join(tmpdir(), 'bench-sync-installed-')), persist: false })
+    try {
+        const untilMs = startMs + count * EVENT_SPACING_MS + INGESTION_DELAY_MS
+        const args = [cli.bin, 'sync', '--posthog-url', url, '--project-id', String(PROJECT_ID)]
+        args.push('--since', new Date(startMs - 60_000).toISOString(), '--until', new Date(untilMs).toISOString())
+        const env = { ...process.env, NODE_OPTIONS: '', POSTHOG_API_KEY: apiKey, PATTERNS_WEBHOOK_URL: rx.url }
+        const { peakMb } = await measureProcess(args, env)
+        const idleMb = await peakRssMb(['-e', 'setTimeout(() => {}, 300)'], { ...process.env, NODE_OPTIONS: '' })
+        return { events: count, peakMb, rows: rx.summary().rows, idleMb }
+    } finally {
+        await rx.close()
+        cli.remove()
+    }
+}
+
 export async function benchSync(events: number, pageSize = DEFAULT_PAGE_SIZE): Promise<SyncBench> {
     const workDir = mkdtempSync(join(tmpdir(), 'bench-sync-'))
     const apiKey = 'phx_bench_key_0123456789abcdef'
@@ -137,10 +167,12 @@ export async function benchSync(events: number, pageSize = DEFAULT_PAGE_SIZE): P
     const posthog = await spawnPostHogStandIn({ apiKey, projectId: PROJECT_ID })
     try {
         // 250 ms apart, the last stored well before now: the whole history is there when sync starts.
-        const startMs = Date.now() - events * 250 - 3_600_000
+        const startMs = Date.now() - events * EVENT_SPACING_MS - 3_600_000
         const file = join(workDir, 'events.jsonl')
         await seedBoth((chunk) => posthog.insertEvents(chunk), file, events, startMs)
         const sync = await measureSync(posthog.url, apiKey, startMs - 60_000, pageSize, posthog.pid)
+        const installedEvents = Math.min(events, INSTALLED_RSS_EVENTS)
+        const installed = await measureInstalled(posthog.url, apiKey, startMs, installedEvents)
         const replayed = await measureReplayRss(file, events)
         const idleMb = await peakRssMb(['-e', 'require("tsx/cjs"); setTimeout(() => {}, 300)'], process.env)
         return {
@@ -155,6 +187,7 @@ export async function benchSync(events: number, pageSize = DEFAULT_PAGE_SIZE): P
             },
             idleMb,
             pageSize,
+            installed,
         }
     } finally {
         await posthog.close()
@@ -188,6 +221,10 @@ export function syncBenchText(bench: SyncBench): string {
             `${cores} cores during sync`,
         `  sync peak RSS ${bench.sync.peakMb} MB (baseline: idle Node with the same loader ${bench.idleMb} MB; ` +
             `ceiling ${SYNC_RSS_CEILING_MB} MB: ${verdict(bench.sync.peakMb <= SYNC_RSS_CEILING_MB)})`,
+        `  installed CLI (npm pack), sync of the first ${bench.installed.events} events, pages of ` +
+            `${DEFAULT_PAGE_SIZE}: peak RSS ${bench.installed.peakMb} MB, ${bench.installed.rows} rows received ` +
+            `(baseline: idle Node ${bench.installed.idleMb} MB; ceiling ${INSTALLED_RSS_CEILING_MB} MB: ` +
+            `${verdict(bench.installed.peakMb <= INSTALLED_RSS_CEILING_MB && bench.installed.rows === bench.installed.events)})`,
         '',
     ].join('\n')
 }

@@ -28,6 +28,8 @@ export interface Faults {
     latencyMs: number
     /** Once this many rows are stored, every request gets 503, as if the webhook went down. 0 means never. */
     downAfterRows: number
+    /** Retry-After sent with 503s, in seconds, as a webhook down for maintenance may; 0 means none. */
+    retryAfterOn503Seconds: number
 }
 
 export const NO_FAULTS: Faults = {
@@ -42,6 +44,7 @@ export const NO_FAULTS: Faults = {
     notFound: false,
     latencyMs: 0,
     downAfterRows: 0,
+    retryAfterOn503Seconds: 0,
 }
 
 /** Named fault mixes for `--faults`. `default` is the acceptance matrix's mix. */
@@ -256,6 +259,10 @@ class FaultyWebhook {
             this.count('reset')
             req.socket.destroy()
             return
+        }
+        if (fate === '503' && faults.retryAfterOn503Seconds > 0) {
+            const headers = { 'Content-Type': 'text/html', 'Retry-After': String(faults.retryAfterOn503Seconds) }
+            return this.answer(res, fate, 503, headers)
         }
         if (fate === '503' || fate === '500') {
             return this.answer(res, fate, Number(fate), { 'Content-Type': 'text/html' })
