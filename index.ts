@@ -2068,6 +2068,8 @@ export class Outbox {
         if (this.io.env.now() - started >= DRAIN_START_WITHIN_MS) {
             return 'paused'
         }
+        // The lease lasts as long as the drain goes on, however slow each entry is.
+        await this.io.cache?.expire(OUTBOX_DRAIN_KEY, OUTBOX_DRAIN_TTL_SECONDS)
         const outcome = await this.drainEntry(entry, started + DRAIN_DEADLINE_MS)
         if (outcome.kind === 'failed') {
             return 'failed'
