@@ -24,11 +24,22 @@ import {
 } from './export-path'
 import type { BabelStandalone } from './transforms'
 
-export const ERA_NAMES = ['vm2021', 'vm2022feb', 'vm2022', 'vm2023', 'vm2023aug', 'vm2024', 'cdp2025'] as const
+export const ERA_NAMES = [
+    'vm2021',
+    'vm2022feb',
+    'vm2022',
+    'vm2023',
+    'vm2023aug',
+    'vm2024',
+    'vm2025',
+    'cdp2025',
+] as const
 export type EraName = (typeof ERA_NAMES)[number]
 
 /** The undici host's own fetch timeout, which replaces any signal the plugin passes. */
 export const VM2024_FETCH_TIMEOUT_MS = 10_000
+/** The same fetch's timeout in 2025. */
+export const VM2025_FETCH_TIMEOUT_MS = 3_000
 /** Calls the classic consumers start together with Promise.all. */
 export const CLASSIC_MICRO_BATCH = 10
 /** How many calls the CDP consumer starts at once: a whole Kafka batch. */
@@ -60,6 +71,8 @@ export const HOST_SERVICES: Record<EraName, HostServices> = {
     vm2023: CLASSIC,
     vm2023aug: CLASSIC,
     vm2024: CLASSIC,
+    // PR #29352 (February 2025) removed jobs and scheduled tasks; storage and cache stayed.
+    vm2025: { ...CLASSIC, scheduledTasks: false },
     cdp2025: { storage: false, cache: false, scheduledTasks: false, pluginMetrics: false },
 }
 
@@ -182,12 +195,11 @@ function asPluginEvent(event: ProcessedPluginEvent): PluginEvent {
 }
 
 /** undici, with the signal replaced by the host's own timeout and redirects not followed. */
-const vm2024Fetch = (url: string, init: Record<string, unknown> = {}): Promise<Response> =>
-    fetch(url, {
-        ...(init as RequestInit),
-        redirect: 'manual',
-        signal: AbortSignal.timeout(VM2024_FETCH_TIMEOUT_MS),
-    })
+const undiciFetch =
+    (timeoutMs: number) =>
+    (url: string, init: Record<string, unknown> = {}): Promise<Response> =>
+        fetch(url, { ...(init as RequestInit), redirect: 'manual', signal: AbortSignal.timeout(timeoutMs) })
+const vm2024Fetch = undiciFetch(VM2024_FETCH_TIMEOUT_MS)
 
 /** The CDP executor's fetch: `{ status, headers, text(), json() }` with plain lowercase headers and no `ok`. */
 export const cdpMetaFetch: MetaFetch = async (url, init) => {
@@ -315,10 +327,20 @@ const ERAS: Record<EraName, () => Era> = {
         withUndici(
             classicEra(
                 'vm2024',
-                'Dec 2023–2025: no export path (exportEvents ignored); undici fetch with the host 10 s timeout, no host retry',
+                'Dec 2023 to Feb 2025: no export path (exportEvents ignored); undici fetch with the host 10 s timeout, no host retry',
                 null
             )
         ),
+    vm2025: () => ({
+        ...withUndici(
+            classicEra(
+                'vm2025',
+                'March 2025 on, classic VM: as vm2024, with no scheduled tasks (runEveryMinute never runs) and a 3 s fetch timeout',
+                null
+            )
+        ),
+        fetch: undiciFetch(VM2025_FETCH_TIMEOUT_MS),
+    }),
     cdp2025,
 }
 
