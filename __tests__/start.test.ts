@@ -91,6 +91,23 @@ describe('npm start', () => {
         expect(stdout).toMatch(/storage writes \/ deletes \/ reads\s+[1-9]\d* \/ [1-9]\d* \/ [1-9]/)
     })
 
+    it(
+        '--outage without scheduled tasks: the last events come after the outage, and a call drains the outbox',
+        async () => {
+            // 30 s of real outage: longer than any one call may retry, so only a later call can deliver.
+            const args = ['--era', 'cdp2025', '--outage', '3000', '--time-scale', '0.01', '--count', '50', '--quiet']
+            const { code, stdout } = await start(args)
+            expect(code).toBe(0)
+            expect(stdout).toContain(
+                'No scheduled tasks in this era: the last 5 events are sent after the outage, as traffic goes on'
+            )
+            expect(stdout).toMatch(/events\s+50\n/)
+            expect(stdout).toMatch(/rows stored\s+50 \(0 duplicates\)/)
+        },
+        // The plugin tries a webhook it knows to be down once a minute of real time, whatever the time scale.
+        150_000
+    )
+
     it('--outage needs the embedded receiver and a positive --time-scale', () => {
         expect(usageError(['--outage', '600', '--webhook-url', 'https://example.com/x'])).toContain(
             '--outage needs the embedded receiver'

@@ -19,6 +19,7 @@ import { DEFAULT_TASKS_PER_WORKER, DEFAULT_WORKERS } from './kafka'
 import { PluginLoadError, PROJECT_PLUGIN_DIR } from './loader'
 import { defaultPath, HostPath, JobResult, PATHS, runJob } from './run'
 import { sampleEvents } from './sample-events'
+import { heldBackCount, holdBack, TRAFFIC_BOUND_MS, trafficAfterOutage } from './schedule'
 
 const DEFAULT_COUNT = 1_000
 /** With --outage and no --time-scale: ten minutes of outage and job waits take six seconds. */
@@ -49,7 +50,10 @@ Options:
   --time-scale X       runs the host's job waits (6 s, 12 s, … up to about 54 h), its minute (runEveryMinute,
                        cache TTLs) and --outage X times as long: 0.01 makes ten minutes six seconds
                        (default: 1, or 0.01 with --outage). With --outage the run goes on after the events,
-                       runEveryMinute included, until every event was delivered or ${DRAIN_EXTRA_MINUTES} minutes past the outage
+                       runEveryMinute included, until every event was delivered or ${DRAIN_EXTRA_MINUTES} minutes past the outage.
+                       Eras without scheduled tasks (vm2025, cdp2025) drain only at calls, as traffic goes on:
+                       there the last 10% of the events are sent after the outage, one call every few seconds,
+                       until every event was delivered or ${TRAFFIC_BOUND_MS / 1000} s (real time) past the outage
   --count N            number of sample events to generate (default: ${DEFAULT_COUNT})
   --events FILE        send the events in FILE instead (JSON Lines, a JSON array, or PostHog API pages)
   --webhook-url URL    send to a real webhook instead; no receiver is started
@@ -359,8 +363,14 @@ export function formatSetupFailure(result: JobResult, era: string): string {
     return [bar, ...lines.map((line) => `! ${line.padEnd(width)} !`), bar].join('\n') + '\n'
 }
 
+/** An outage under way: its timer, and when the webhook came back (real ms), null while it is down. */
+interface Outage {
+    timer: NodeJS.Timeout
+    backUpAt: () => number | null
+}
+
 /** --outage: the receiver answers 503 from now on, and its faults come back after the (scaled) outage. */
-function startOutage(receiver: Receiver, options: CliOptions, io: CliIO): NodeJS.Timeout | null {
+function startOutage(receiver: Receiver, options: CliOptions, io: CliIO): Outage | null {
     if (options.outageSeconds <= 0) {
         return null
     }
@@ -370,10 +380,13 @@ function startOutage(receiver: Receiver, options: CliOptions, io: CliIO): NodeJS
     io.stdout.write(
         `Webhook down (503) for ${options.outageSeconds} s, run ${options.timeScale}× as long: ${realSeconds.toFixed(1)} s\n`
     )
-    return setTimeout(() => {
+    let backUpAt: number | null = null
+    const timer = setTimeout(() => {
         receiver.setFaults(faults)
+        backUpAt = Date.now()
         io.stdout.write('Webhook back up\n')
     }, realSeconds * 1000)
+    return { timer, backUpAt: () => backUpAt }
 }
 
 export interface CliIO {
@@ -441,16 +454,15 @@ async function runWithReceiver(options: CliOptions, receiver: Receiver | null, i
     announce(options, receiver, webhookUrl, io)
     const outage = receiver ? startOutage(receiver, options, io) : null
     const sent = new Set<string>()
+    const drain = receiver && outage ? untilDelivered(receiver, sent, options.outageSeconds) : undefined
+    const { events, lateEvents } = eventSources(options, sent, outage && drain ? { outage, drain } : null, io)
     const result = await runJob({
         era: options.era,
         webhookUrl,
-        events: remembered(
-            options.eventsFile ? readEventsFile(options.eventsFile) : sampleEvents(options.count, options.seed),
-            sent
-        ),
+        events,
+        lateEvents,
         minuteMs: MINUTE_MS * options.timeScale,
-        drain:
-            receiver && options.outageSeconds > 0 ? untilDelivered(receiver, sent, options.outageSeconds) : undefined,
+        drain,
         pluginDir: options.pluginDir,
         path: options.path,
         workers: options.workers,
@@ -461,7 +473,7 @@ async function runWithReceiver(options: CliOptions, receiver: Receiver | null, i
         onProgress: progressWriter(options.eventsFile ? null : options.count, io),
     })
     if (outage) {
-        clearTimeout(outage)
+        clearTimeout(outage.timer)
     }
     if (io.stderr.isTTY) {
         io.stderr.write('\r\x1b[K')
@@ -473,6 +485,32 @@ async function runWithReceiver(options: CliOptions, receiver: Receiver | null, i
     }
     const undelivered = result.exportPath?.metrics.undelivered ?? 0
     return result.failed > 0 || undelivered > 0 || setupFailure ? 1 : 0
+}
+
+/**
+ * The events to send, each uuid kept in `sent`. During an outage in an era without scheduled tasks, only calls
+ * drain the plugin's outbox, and in production they keep coming: the last events are held back and sent after the
+ * outage, one call at a time, so that a call finds the webhook back (and the plugin drains what it kept).
+ */
+function eventSources(
+    options: CliOptions,
+    sent: Set<string>,
+    late: { outage: Outage; drain: ReturnType<typeof untilDelivered> } | null,
+    io: CliIO
+) {
+    const all = options.eventsFile ? readEventsFile(options.eventsFile) : sampleEvents(options.count, options.seed)
+    if (!late || getEra(options.era).services.scheduledTasks) {
+        return { events: remembered(all, sent), lateEvents: undefined }
+    }
+    const held = heldBackCount(options.eventsFile ? null : options.count)
+    io.stdout.write(
+        `No scheduled tasks in this era: the last ${options.eventsFile ? 'up to ' : ''}${held} events are sent ` +
+            'after the outage, as traffic goes on, ' +
+            'so a call finds the webhook back\n'
+    )
+    const { leading, tail } = holdBack(all, held)
+    const traffic = { backUpAt: late.outage.backUpAt, caughtUp: late.drain.until }
+    return { events: remembered(leading, sent), lateEvents: remembered(trafficAfterOutage(tail, traffic), sent) }
 }
 
 /** Passes the events on, keeping each uuid: the drain wait checks the receiver against them. */

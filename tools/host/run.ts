@@ -38,6 +38,11 @@ export interface JobOptions extends InstallOptions {
     /** Other plugin config fields, as strings like PostHog passes them. */
     config?: Partial<PatternsConfig> & Record<string, string | undefined>
     events: Iterable<ProcessedPluginEvent> | AsyncIterable<ProcessedPluginEvent>
+    /**
+     * Events that come after `events`, one at a time: each is handed to the plugin as its own call as soon as it
+     * comes, as traffic that goes on (where a host has no scheduled tasks, only calls drain the plugin's outbox).
+     */
+    lateEvents?: AsyncIterable<ProcessedPluginEvent>
     /** Plugin folder (plugin.json + main). Defaults to the project root. */
     pluginDir: string
     /** Plugin source to load instead of the folder's main file. */
@@ -336,6 +341,11 @@ async function feedDirect({ options, era, tally }: RunContext, instance: PluginI
     if (group.length > 0) {
         await flush()
     }
+    for await (const event of options.lateEvents ?? []) {
+        tally.result.events++
+        group.push(event)
+        await flush()
+    }
 }
 
 /** The direct path: one VM in this thread gets the events and the scheduled runs. */
@@ -385,16 +395,22 @@ async function feedKafka({ options, era, tally }: RunContext, pool: WorkerPool, 
             tally.progress(options)
         }
     }
+    const message = (event: ProcessedPluginEvent): KafkaMessage => {
+        tally.result.events++
+        return { uuid: event.uuid, json: JSON.stringify(era.shapeEvent(event).event) }
+    }
     let batch: KafkaMessage[] = []
     for await (const event of options.events) {
-        tally.result.events++
-        batch.push({ uuid: event.uuid, json: JSON.stringify(era.shapeEvent(event).event) })
+        batch.push(message(event))
         if (batch.length >= KAFKA_BATCH_MESSAGES) {
             await consume(batch)
             batch = []
         }
     }
     await consume(batch)
+    for await (const event of options.lateEvents ?? []) {
+        await consume([message(event)])
+    }
 }
 
 /** The Kafka path: worker threads, each message's processEvent task before its onEvent task. */
