@@ -99,8 +99,12 @@ export const OUTBOX_LOCK_TTL_SECONDS = 20
 export const OUTBOX_DRAIN_TTL_SECONDS = 60
 /** How long a write waits for the outbox lock before the batch is treated as "storage could not take it". */
 export const OUTBOX_LOCK_WAIT_MS = 5_000
-/** Where timers exist, a write waiting for the lock tries again after this long. */
+/**
+ * A write waiting for the lock tries again after OUTBOX_LOCK_RETRY_MS (or, without timers, one event-loop turn),
+ * the wait doubling up to OUTBOX_LOCK_BACKOFF_MAX times that.
+ */
 export const OUTBOX_LOCK_RETRY_MS = 10
+export const OUTBOX_LOCK_BACKOFF_MAX = 32
 /** Time kept free at the end of an onEvent call for the outbox write, when the webhook could not take its batch. */
 export const OUTBOX_WRITE_RESERVE_MS = 5_000
 /** A drain starts no new entry after this long, and each entry must finish by DRAIN_DEADLINE_MS: PostHog's 30 s limit. */
@@ -1978,7 +1982,7 @@ export class Outbox {
      * A lock shared by every worker and server: the first `incr` of a key gets 1 and holds it; the holder sets
      * it back to 0 when done, and its TTL frees it if the holder dies. Waits until `waitUntil`, then gives up.
      */
-    private async lock(key: string, ttlSeconds: number, waitUntil: number): Promise<boolean> {
+    private async lock(key: string, ttlSeconds: number, waitUntil: number, backoff = 1): Promise<boolean> {
         const { cache, env } = this.io
         if (!cache) {
             return true
@@ -1994,8 +1998,21 @@ export class Outbox {
         if (env.now() >= waitUntil) {
             return false
         }
-        await (env.sleep ? env.sleep(OUTBOX_LOCK_RETRY_MS) : env.yieldTurn())
-        return this.lock(key, ttlSeconds, waitUntil)
+        // Tries spaced out and growing, so waiting writers do not flood the cache the holder is using too.
+        await this.pause(backoff)
+        return this.lock(key, ttlSeconds, waitUntil, Math.min(backoff * 2, OUTBOX_LOCK_BACKOFF_MAX))
+    }
+
+    /**
+     * A wait that grows with `backoff`: a sleep where the host has timers; otherwise that many event-loop turns,
+     * each short, so the holder's own calls keep being answered in between.
+     */
+    private pause(backoff: number): Promise<void> {
+        const { env } = this.io
+        if (env.sleep) {
+            return env.sleep(OUTBOX_LOCK_RETRY_MS * backoff)
+        }
+        return backoff <= 1 ? env.yieldTurn() : env.yieldTurn().then(() => this.pause(backoff - 1))
     }
 
     private async unlock(key: string): Promise<void> {

@@ -213,6 +213,23 @@ describe('bounds', () => {
     })
 })
 
+describe('two VMs writing at once', () => {
+    it('keeps both batches: the second waits for the lock, and neither overwrites the other', async () => {
+        const s = await serve(() => ({ status: 503 }))
+        const h = host()
+        const vms = [0, 1, 2].map(() => withOutbox(s.url, h, testEnv({ timers: false })))
+        await Promise.all(vms.map((vm, i) => vm.exportBatch([makeEvent(i * 2), makeEvent(i * 2 + 1)])))
+        expect(await state(h)).toMatchObject({ head: 0, tail: 3, events: 6 })
+        const stored = await contents(h)
+        const kept = [0, 1, 2].flatMap((entry) =>
+            (JSON.parse((stored[`outbox/${entry}/0`] as { body: string }).body) as Array<{ uuid: string }>).map(
+                (e) => e.uuid
+            )
+        )
+        expect(kept.sort()).toEqual([0, 1, 2, 3, 4, 5].map((n) => makeEvent(n).uuid).sort())
+    })
+})
+
 describe('draining', () => {
     it('sends each entry once when two drains overlap, from two VMs over one storage and cache', async () => {
         const down = { value: true }
