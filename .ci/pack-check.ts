@@ -5,15 +5,15 @@
  *
  *     npx tsx .ci/pack-check.ts
  */
-import { execFileSync, spawn, spawnSync } from 'node:child_process'
-import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
+import { spawn, spawnSync } from 'node:child_process'
+import { existsSync, lstatSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
+import { packAndInstall } from '../tools/bench/installed'
 import { sampleEvents } from '../tools/host/sample-events'
 import { startReceiver } from '../tools/receiver/receiver'
 
-const ROOT = join(__dirname, '..')
 const EVENTS = 1000
 /**
  * The installed package, dependencies included, must stay small enough to install anywhere in seconds. prom-client
@@ -42,24 +42,6 @@ function megabytes(bytes: number): string {
 }
 
 /** Packs the checkout into `dir` and installs the tarball there with --omit=dev; returns the prefix. */
-function packAndInstall(dir: string): { prefix: string; tarballBytes: number } {
-    const tarball = execFileSync('npm', ['pack', '--silent', '--pack-destination', dir], {
-        cwd: ROOT,
-        encoding: 'utf8',
-    })
-        .trim()
-        .split('\n')
-        .pop()
-    if (!tarball) {
-        throw new Error('npm pack printed no tarball name')
-    }
-    const prefix = join(dir, 'prefix')
-    mkdirSync(prefix)
-    const args = ['install', '--omit=dev', '--prefer-offline', '--no-audit', '--no-fund', '--prefix', prefix]
-    execFileSync('npm', [...args, join(dir, tarball)], { cwd: dir, stdio: ['ignore', 'ignore', 'inherit'] })
-    return { prefix, tarballBytes: lstatSync(join(dir, tarball)).size }
-}
-
 function installedBin(prefix: string): string {
     return join(prefix, 'node_modules', '.bin', 'patterns-connector')
 }

@@ -4,7 +4,7 @@
  * the product's own.
  */
 import { execFileSync } from 'node:child_process'
-import { mkdirSync, mkdtempSync, rmSync } from 'node:fs'
+import { lstatSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
@@ -16,8 +16,8 @@ export interface InstalledCli {
     remove: () => void
 }
 
-export function installPackedCli(): InstalledCli {
-    const dir = mkdtempSync(join(tmpdir(), 'bench-installed-'))
+/** `npm pack` into `dir`, then the tarball installed with `--omit=dev` into `dir/prefix`, as a user installs it. */
+export function packAndInstall(dir: string): { prefix: string; tarballBytes: number } {
     const packed = execFileSync('npm', ['pack', '--silent', '--pack-destination', dir], { cwd: ROOT, encoding: 'utf8' })
     const tarball = packed.trim().split('\n').pop()
     if (!tarball) {
@@ -27,6 +27,12 @@ export function installPackedCli(): InstalledCli {
     mkdirSync(prefix)
     const args = ['install', '--omit=dev', '--prefer-offline', '--no-audit', '--no-fund', '--prefix', prefix]
     execFileSync('npm', [...args, join(dir, tarball)], { cwd: dir, stdio: ['ignore', 'ignore', 'inherit'] })
+    return { prefix, tarballBytes: lstatSync(join(dir, tarball)).size }
+}
+
+export function installPackedCli(): InstalledCli {
+    const dir = mkdtempSync(join(tmpdir(), 'bench-installed-'))
+    const { prefix } = packAndInstall(dir)
     return {
         bin: join(prefix, 'node_modules', 'patterns-connector', 'bin', 'patterns-connector.js'),
         remove: () => rmSync(dir, { recursive: true, force: true }),
