@@ -1317,7 +1317,13 @@ export class Sender {
             cache,
             config: this.config,
             env: this.env,
-            count,
+            count: (metric, value) => {
+                // What a drain sends counts as delivered here too: these counters say what reached the webhook.
+                if (metric === 'outbox_events_delivered') {
+                    this.stats.delivered += value
+                }
+                count(metric, value)
+            },
             deliver: (items, webhookIdFor, deadline) =>
                 deliver(items, this.config, this.env, deadline, {
                     onAttempt: (outcome, _durationMs, attempt) => this.recordAttempt(outcome, attempt),

@@ -91,6 +91,7 @@ describe('keeping what the webhook did not take', () => {
         down.value = false
         const result = await sender.outbox?.drain()
         expect(result).toMatchObject({ kind: 'drained', entries: 1, events: 10, left: 0 })
+        expect(sender.stats).toMatchObject({ kept: 10, delivered: 10, failed: 0 })
         const last = s.received[s.received.length - 1] as ReceivedRequest
         expect(last.headers['webhook-id']).toBe(firstId)
         expect(String(firstId)).toMatch(new RegExp(`^msg_[0-9a-f]{${WEBHOOK_ID_HEX_CHARS}}$`))
