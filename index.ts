@@ -1304,6 +1304,9 @@ export class Sender {
 
     /** Where a batch the webhook could not take waits (PostHog's plugin storage); null: it fails as before. */
     outbox: Outbox | null = null
+    /** The one attempt hook of every POST this sender makes: onEvent's batches, export batches and drains. */
+    private readonly countAttempt: NonNullable<DeliveryHooks['onAttempt']> = (outcome, _durationMs, attempt) =>
+        this.recordAttempt(outcome, attempt)
 
     constructor(
         readonly config: ParsedConfig,
@@ -1326,7 +1329,7 @@ export class Sender {
             },
             deliver: (items, webhookIdFor, deadline) =>
                 deliver(items, this.config, this.env, deadline, {
-                    onAttempt: (outcome, _durationMs, attempt) => this.recordAttempt(outcome, attempt),
+                    onAttempt: this.countAttempt,
                     webhookIdFor,
                 }),
         })
@@ -1423,7 +1426,7 @@ export class Sender {
             results = this.outbox?.skipsWebhook(this.env.now())
                 ? [this.knownDown(batch)]
                 : await deliver(batch, this.config, this.env, deadline, {
-                      onAttempt: (outcome, _durationMs, attempt) => this.recordAttempt(outcome, attempt),
+                      onAttempt: this.countAttempt,
                   })
             if (this.outbox && results.some((result) => result.error && result.retryable)) {
                 results = await this.keepFailed(results, callDeadline)
@@ -1524,7 +1527,7 @@ export class Sender {
         const sent: Promise<Settled<ExportItem>[]> = this.outbox?.skipsWebhook(this.env.now())
             ? Promise.resolve([this.knownDown(items)])
             : deliver(items, this.config, this.env, deadline, {
-                  onAttempt: (outcome, _durationMs, attempt) => this.recordAttempt(outcome, attempt),
+                  onAttempt: this.countAttempt,
                   webhookIdFor: batchWebhookId,
               })
         // One `.then` on the clean path: the host guards each one.
