@@ -353,17 +353,20 @@ describe('odd inputs and flags', () => {
         expect(piped.stderr).toContain('this input is gzip: pipe it through gunzip (gunzip -c FILE |')
     })
 
-    it.each(['concurrency', 'batch-events', 'batch-bytes', 'timeout', 'retry-for'])(
-        'names --%s when its value is negative, instead of Node\'s "argument is ambiguous"',
-        async (flag) => {
-            for (const value of ['-1', '-0.5']) {
-                const { code, stderr } = await cli(['in.jsonl', '--dry-run', `--${flag}`, value])
-                expect(code).toBe(2)
-                expect(stderr).toContain(`--${flag}: expected a whole number of at least 1, got "${value}"`)
-                expect(stderr).not.toContain('ambiguous')
-            }
+    it.each([
+        ['concurrency', 'a whole number of at least 1, got'],
+        ['batch-events', 'a whole number of at least 1, got'],
+        ['batch-bytes', 'a whole number of at least 1, got'],
+        ['timeout', 'a duration such as 500ms, 30s, 2m, 1h or 7d (a bare number is seconds); got'],
+        ['retry-for', 'a duration such as 500ms, 30s, 2m, 1h or 7d (a bare number is seconds); got'],
+    ])('names --%s when its value is negative, instead of Node\'s "argument is ambiguous"', async (flag, expected) => {
+        for (const value of ['-1', '-0.5']) {
+            const { code, stderr } = await cli(['in.jsonl', '--dry-run', `--${flag}`, value])
+            expect(code).toBe(2)
+            expect(stderr).toContain(`--${flag}: expected ${expected} "${value}"`)
+            expect(stderr).not.toContain('ambiguous')
         }
-    )
+    })
 
     it('names the flag whose value is missing', async () => {
         const { code, stderr } = await cli(['in.jsonl', '--dead-letter', '--dry-run'])

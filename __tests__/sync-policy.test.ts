@@ -3,9 +3,11 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
+import { parseDuration } from '../pipeline/cli-options'
+import { parseReplayArgs } from '../replay/cli'
 import { BodyBuffers, BodyTooLargeError, readPage } from '../sync/body'
 import { bindingDifferences, resumeFrom, SourceBinding, writeSyncCheckpoint } from '../sync/checkpoint'
-import { behindNowMs, parseDuration, parsePostHogUrl, parseSyncArgs } from '../sync/cli'
+import { behindNowMs, parsePostHogUrl, parseSyncArgs } from '../sync/cli'
 import { classifyQueryResponse, errorDetail, PostHogQueryError, queryBackoffMs, rateLimitWaitMs } from '../sync/posthog'
 import { afterCursor, buildPageQuery, cursorAfterShortPage, hogqlString, scanUpperMs } from '../sync/query'
 import { isoFromMs, parseProperties, rowToEvent, toIsoUtc } from '../sync/rows'
@@ -330,6 +332,57 @@ describe('flags', () => {
             500, 30_000, 120_000, 3_600_000, 604_800_000, 90_000,
         ])
         expect(() => parseDuration('lag', 'soon')).toThrow('--lag: expected a duration')
+    })
+
+    it('takes one form for every duration flag of sync and replay: 500ms, 30s, 2m, 1h, or bare seconds', () => {
+        const sync = (flag: string, value: string) =>
+            parseSyncArgs([...required, '--follow', `--${flag}`, value], env, Date.parse('2026-12-01T00:00:00Z'))
+        const replay = (flag: string, value: string) =>
+            parseReplayArgs(['in.jsonl', '--dry-run', `--${flag}`, value], {})
+        const forms = [
+            ['500ms', 500],
+            ['1s', 1_000],
+            ['30s', 30_000],
+            ['2m', 120_000],
+            ['1h', 3_600_000],
+            ['90', 90_000],
+            ['1.5', 1_500],
+        ] as const
+        for (const [text, ms] of forms) {
+            expect(sync('poll-interval', text)?.pollIntervalMs).toBe(ms)
+            expect(sync('lag', text)?.lagMs).toBe(ms)
+            expect(sync('late-window', text)?.lateWindowMs).toBe(ms)
+            expect(sync('query-timeout', text)?.queryTimeoutMs).toBe(ms)
+            expect(sync('retry-for', text)?.retryForMs).toBe(ms)
+            expect(sync('retry-for', text)?.config.deadlineMs).toBe(ms)
+            expect(sync('timeout', text)?.config.requestTimeoutMs).toBe(ms)
+            expect(replay('retry-for', text)?.retryForMs).toBe(ms)
+            expect(replay('retry-for', text)?.config.deadlineMs).toBe(ms)
+            expect(replay('timeout', text)?.config.requestTimeoutMs).toBe(ms)
+        }
+        expect(sync('lag', '0s')?.lagMs).toBe(0)
+    })
+
+    it('names the duration flag and the forms it takes when a value is not one, is negative, or is 0', () => {
+        const now = Date.parse('2026-12-01T00:00:00Z')
+        for (const flag of ['poll-interval', 'lag', 'late-window', 'query-timeout', 'retry-for', 'timeout']) {
+            for (const value of ['soon', '-1', '-2s', '5 minutes']) {
+                expect(() => parseSyncArgs([...required, '--follow', `--${flag}`, value], env, now)).toThrow(
+                    `--${flag}: expected a duration such as 500ms, 30s, 2m, 1h or 7d (a bare number is seconds); got "${value}"`
+                )
+            }
+        }
+        for (const flag of ['retry-for', 'timeout']) {
+            expect(() => parseReplayArgs(['in.jsonl', '--dry-run', `--${flag}`, '1x'], {})).toThrow(
+                `--${flag}: expected a duration such as 500ms, 30s, 2m, 1h or 7d`
+            )
+            expect(() => parseReplayArgs(['in.jsonl', '--dry-run', `--${flag}`, '0'], {})).toThrow(
+                `--${flag}: must be more than 0`
+            )
+        }
+        expect(() => parseSyncArgs([...required, '--follow', '--poll-interval', '0ms'], env, now)).toThrow(
+            '--poll-interval: must be more than 0'
+        )
     })
 
     it('refuses plain http except on loopback, and paths, and credentials in the URL', () => {

@@ -67,6 +67,35 @@ export interface DeliveryValues {
 /** The numeric delivery flags: a negative value given to one must reach its range check (joinNegativeNumbers). */
 const NUMERIC_OPTIONS = ['concurrency', 'batch-events', 'batch-bytes', 'timeout', 'retry-for']
 
+/** What every duration flag takes, in its help and its error. */
+export const DURATION_FORMS = '500ms, 30s, 2m, 1h or 7d (a bare number is seconds)'
+
+const DURATION_UNIT_MS: Readonly<Record<string, number>> = { ms: 1, s: 1_000, m: 60_000, h: 3_600_000, d: 86_400_000 }
+
+/**
+ * A duration flag's value in milliseconds: "500ms", "30s", "2m", "1h", "7d", or a bare number of seconds. One
+ * parser for every duration flag of both commands, so each takes the same forms; the message names the flag.
+ */
+export function parseDuration(flag: string, text: string): number {
+    const match = /^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$/.exec(text.trim())
+    if (!match) {
+        throw new UsageError(`--${flag}: expected a duration such as ${DURATION_FORMS}; got "${text}"`)
+    }
+    return Math.round(Number(match[1]) * (DURATION_UNIT_MS[match[2] ?? 's'] ?? 1_000))
+}
+
+/** A duration flag in ms, or `fallback` when it is absent; more than 0 unless `allowZero` (--lag 0s). */
+export function durationFlag(flag: string, text: string | undefined, fallback: number, allowZero = false): number {
+    if (text === undefined) {
+        return fallback
+    }
+    const ms = parseDuration(flag, text)
+    if (ms <= 0 && !allowZero) {
+        throw new UsageError(`--${flag}: must be more than 0 (${DURATION_FORMS}); got "${text}"`)
+    }
+    return ms
+}
+
 /**
  * A whole number from 1 (to `max` if given), or `fallback` when the flag is absent. The message names the flag and
  * repeats what was typed: numeric flags hold no secret.
@@ -178,10 +207,9 @@ export function deliverySettings(
     defaultRetryForMs: number = DEFAULT_RETRY_FOR_MS
 ): DeliverySettings {
     // Infinity by default for a feed that follows: it waits out any outage (pipeline/outage.ts).
-    const given = values['retry-for']
-    const retryForMs = given === undefined ? defaultRetryForMs : wholeNumber('retry-for', given, 1) * 1000
+    const retryForMs = durationFlag('retry-for', values['retry-for'], defaultRetryForMs)
     const overrides = {
-        requestTimeoutMs: wholeNumber('timeout', values.timeout, DEFAULT_REQUEST_TIMEOUT_MS / 1000) * 1000,
+        requestTimeoutMs: durationFlag('timeout', values.timeout, DEFAULT_REQUEST_TIMEOUT_MS),
         deadlineMs: retryForMs,
         ...(retryForIsBudget ? { maxAttempts: TIME_BUDGET_MAX_ATTEMPTS, retryAfterCapMs: retryForMs } : {}),
         maxBatchEvents: wholeNumber('batch-events', values['batch-events'], DEFAULT_MAX_BATCH_EVENTS),

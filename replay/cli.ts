@@ -7,6 +7,7 @@ import { DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_EVENTS, DEFAULT_REQUEST_TIME
 import {
     DELIVERY_OPTIONS,
     deliverySettings,
+    DURATION_FORMS,
     joinNegativeNumbers,
     nodeEnv,
     TIME_BUDGET_MAX_ATTEMPTS,
@@ -56,9 +57,9 @@ Options (secrets can come from the environment instead, so they stay out of shel
   --concurrency K              requests in flight (default: ${DEFAULT_CONCURRENCY})
   --batch-events N             events per request at most (default: ${DEFAULT_MAX_BATCH_EVENTS})
   --batch-bytes N              bytes per request at most (default: ${DEFAULT_MAX_BATCH_BYTES})
-  --timeout SECONDS            per-request timeout (default: ${DEFAULT_REQUEST_TIMEOUT_MS / 1000})
-  --retry-for SECONDS          the whole budget of one batch: retries with backoff and Retry-After waits
-                               until it is spent, then the run stops (default: ${REPLAY_BATCH_DEADLINE_MS / 1000})
+  --timeout DURATION           per-request timeout (default: ${DEFAULT_REQUEST_TIMEOUT_MS / 1000}s)
+  --retry-for DURATION         the whole budget of one batch: retries with backoff and Retry-After waits
+                               until it is spent, then the run stops (default: ${REPLAY_BATCH_DEADLINE_MS / 1000}s)
   --format FORMAT              auto, ${INPUT_FORMATS.join(', ')} (default: auto, from the first bytes)
   --checkpoint FILE            resume from FILE and keep it up to date; the same command resumes. It is
                                bound to this input, its filters and the webhook: another one is refused
@@ -71,6 +72,7 @@ Options (secrets can come from the environment instead, so they stay out of shel
 
 ${SERVICE_HELP}
 
+Every DURATION: ${DURATION_FORMS}.
 Exit codes: 0 every event was delivered or deliberately filtered; 1 anything else (see the summary);
 2 bad usage: a flag, a missing or unreadable input, a checkpoint of another input or of a file that
 changed since. Compressed standard input: gunzip -c FILE | patterns-connector replay - [options]

@@ -13,6 +13,8 @@ import {
     DEFAULT_RETRY_FOR_MS,
     DELIVERY_OPTIONS,
     deliverySettings,
+    DURATION_FORMS,
+    durationFlag,
     joinNegativeNumbers,
     nodeEnv,
     UsageError,
@@ -96,9 +98,9 @@ Delivery (as replay):
   --concurrency K              webhook requests in flight (default: ${DEFAULT_CONCURRENCY})
   --batch-events N             events per request at most (default: ${DEFAULT_MAX_BATCH_EVENTS})
   --batch-bytes N              bytes per request at most (default: ${DEFAULT_MAX_BATCH_BYTES})
-  --timeout SECONDS            per webhook request (default: ${DEFAULT_REQUEST_TIMEOUT_MS / 1000})
-  --retry-for SECONDS          the whole budget of one batch: retries with backoff and Retry-After waits
-                               until it is spent, then the run stops (default: ${DEFAULT_RETRY_FOR_MS / 1000}; with
+  --timeout DURATION           per webhook request (default: ${DEFAULT_REQUEST_TIMEOUT_MS / 1000}s)
+  --retry-for DURATION         the whole budget of one batch: retries with backoff and Retry-After waits
+                               until it is spent, then the run stops (default: ${DEFAULT_RETRY_FOR_MS / 1000}s; with
                                --follow: no limit, an outage of the webhook or of PostHog is waited out, retried
                                at least once a minute, with the checkpoint held)
   --checkpoint FILE            resume from FILE and keep it up to date (bound to URL, project, filters, --since);
@@ -115,23 +117,13 @@ refused for that checkpoint, since events before it were never read: start it wi
 A PostHog that cannot be reached, or that does not answer as PostHog, stops the first query within seconds
 (exit 2); once it has answered, network errors and 5xx are retried for up to ${DEFAULT_QUERY_RETRY_FOR_MS / 60_000} min per query.
 
-Durations: 500ms, 30s, 2m, 1h, 7d (a bare number is seconds).
+Every DURATION: ${DURATION_FORMS}.
 With --follow and the defaults, an event is sent within about ${(DEFAULT_LAG_MS + DEFAULT_POLL_INTERVAL_MS) / 1000 + 15} s of PostHog storing it.
 Exit codes: 0 everything read was delivered or deliberately filtered; 1 some events were refused or the
 run stopped early (see the summary; the same command resumes); 2 bad usage or configuration (API key,
 scope, project, a --posthog-url that is not PostHog, a checkpoint of another source); 130 interrupted
 (Ctrl-C), 143 stopped by SIGTERM: the requests in flight get up to 10 s, the checkpoint is written.
 `
-
-/** "500ms", "30s", "2m", "1h", "7d", or a bare number of seconds, in milliseconds. */
-export function parseDuration(flag: string, text: string): number {
-    const match = /^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$/.exec(text.trim())
-    if (!match) {
-        throw new UsageError(`--${flag}: expected a duration such as 500ms, 30s, 2m, 1h or 7d; got "${text}"`)
-    }
-    const unit = { ms: 1, s: 1_000, m: 60_000, h: 3_600_000, d: 86_400_000 }[match[2] ?? 's'] ?? 1_000
-    return Math.round(Number(match[1]) * unit)
-}
 
 function isoTime(flag: string, text: string): number {
     const ms = Date.parse(text)
@@ -228,8 +220,12 @@ const OPTIONS = {
     'max-queries-per-hour': { type: 'string' },
 } as const
 
-/** The numeric flags, whose negative values must reach the range check that names the flag. */
+/** The numeric and duration flags, whose negative values must reach the check that names the flag. */
 const NUMERIC_FLAGS = [
+    'lag',
+    'poll-interval',
+    'late-window',
+    'query-timeout',
     'concurrency',
     'batch-events',
     'batch-bytes',
@@ -267,7 +263,7 @@ function timeRange(values: SyncFlags, nowMs: number) {
     if (follow && values.until !== undefined) {
         throw new UsageError('--until and --follow cannot be used together: --follow never stops by itself')
     }
-    const lagMs = values.lag === undefined ? DEFAULT_LAG_MS : parseDuration('lag', values.lag)
+    const lagMs = durationFlag('lag', values.lag, DEFAULT_LAG_MS, true)
     const sinceMs = values.since === undefined ? nowMs : isoTime('since', values.since)
     const untilMs = follow ? null : values.until === undefined ? nowMs - lagMs : isoTime('until', values.until)
     if (untilMs !== null && values.until !== undefined && untilMs <= sinceMs) {
@@ -280,19 +276,6 @@ function timeRange(values: SyncFlags, nowMs: number) {
         )
     }
     return { sinceMs, sinceGiven: values.since !== undefined, untilMs, follow, lagMs }
-}
-
-function positiveDuration(
-    values: SyncFlags,
-    flag: 'poll-interval' | 'late-window' | 'query-timeout',
-    fallback: number
-) {
-    const text = values[flag]
-    const ms = text === undefined ? fallback : parseDuration(flag, text)
-    if (ms <= 0) {
-        throw new UsageError(`--${flag}: must be more than 0`)
-    }
-    return ms
 }
 
 /** Validates every flag once, naming the flag and the fix. Returns null for --help. */
@@ -318,9 +301,9 @@ export function parseSyncArgs(argv: string[], env: Record<string, string | undef
         apiKey,
         config: delivery.config,
         ...range,
-        pollIntervalMs: positiveDuration(values, 'poll-interval', DEFAULT_POLL_INTERVAL_MS),
-        lateWindowMs: positiveDuration(values, 'late-window', DEFAULT_LATE_WINDOW_MS),
-        queryTimeoutMs: positiveDuration(values, 'query-timeout', DEFAULT_QUERY_TIMEOUT_MS),
+        pollIntervalMs: durationFlag('poll-interval', values['poll-interval'], DEFAULT_POLL_INTERVAL_MS),
+        lateWindowMs: durationFlag('late-window', values['late-window'], DEFAULT_LATE_WINDOW_MS),
+        queryTimeoutMs: durationFlag('query-timeout', values['query-timeout'], DEFAULT_QUERY_TIMEOUT_MS),
         pageSize: wholeNumber('page-size', values['page-size'], DEFAULT_PAGE_SIZE, MAX_QUERY_ROWS),
         perMinute: wholeNumber('max-queries-per-minute', values['max-queries-per-minute'], DEFAULT_QUERIES_PER_MINUTE),
         perHour: wholeNumber('max-queries-per-hour', values['max-queries-per-hour'], DEFAULT_QUERIES_PER_HOUR),
