@@ -136,6 +136,17 @@ function countingEnv(env: SenderEnv, metrics: FeedMetrics | null): SenderEnv {
     }
 }
 
+/**
+ * metrics.ts, loaded only when asked for: prom-client and the process metrics cost a run about 12 MB. A require,
+ * not an import(): from a checkout, tsx runs the sources through require only, and a native import() of
+ * './metrics' finds no file (ES modules take no extension for granted, and the file is metrics.ts there,
+ * metrics.js in dist/). Compiled to CommonJS an import() is this same require.
+ */
+function loadMetrics(): typeof import('./metrics') {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports -- see above: the one loader both ways run
+    return require('./metrics') as typeof import('./metrics')
+}
+
 /** The health states, the metrics and their server (with --metrics-port), for one run. */
 export async function startService(options: ServiceOptions): Promise<Service> {
     const { settings, output } = options
@@ -152,8 +163,7 @@ export async function startService(options: ServiceOptions): Promise<Service> {
     let metrics: FeedMetrics | null = null
     let server: MetricsServer | null = null
     if (settings.metricsPort !== null) {
-        // Loaded only when asked for: prom-client and the process metrics cost a run about 12 MB.
-        const { feedMetrics, startMetricsServer } = await import('./metrics')
+        const { feedMetrics, startMetricsServer } = loadMetrics()
         metrics = feedMetrics(state)
         server = await startMetricsServer(settings.metricsHost, settings.metricsPort, metrics, state)
         output.line(`Serving metrics on ${server.url}/metrics and health on ${server.url}/healthz`)
