@@ -4,7 +4,14 @@
  * Delivery goes through a real HTTP server on 127.0.0.1.
  */
 import { batchBody, parseConfig, signPayload, takeCount } from '../index'
-import { DeadLetter, runPipeline, SourceRecord } from '../pipeline'
+import {
+    DeadLetter,
+    PipelineProgress,
+    PROGRESS_INTERVAL_MS,
+    progressDelayMs,
+    runPipeline,
+    SourceRecord,
+} from '../pipeline'
 import { batchItems } from '../pipeline/batch'
 import { batchBodyBytes } from '../pipeline/body'
 import { orderedCheckpoint } from '../pipeline/checkpoint'
@@ -231,6 +238,39 @@ describe('runPipeline', () => {
         })
         expect(report.delivered).toBe(4)
         expect(rx.received.map((r) => eventsIn(r).length)).toEqual([2, 1, 1])
+    })
+
+    it('reports progress after the last change: a burst then quiet ends on the true counts, none in flight', async () => {
+        server = await startServer(() => ({ status: 200 }))
+        const reports: PipelineProgress[] = []
+        let quietOver: () => void = () => undefined
+        const quiet = new Promise<void>((resolve) => (quietOver = resolve))
+        async function* burstThenQuiet(): AsyncGenerator<SourceRecord<Cursor>[]> {
+            yield records(1, 0, 12)
+            // A live feed between polls: nothing more comes, and the run goes on.
+            await quiet
+        }
+        const run = runPipeline<Cursor>({
+            source: burstThenQuiet(),
+            config: config(server.url),
+            env: testEnv(),
+            concurrency: 4,
+            flushEachChunk: true,
+            onProgress: (p) => reports.push(p),
+        })
+        const latest = (): PipelineProgress | undefined => reports[reports.length - 1]
+        await waitFor(() => latest()?.delivered === 12 && latest()?.inFlight === 0, 30_000)
+        expect(server.received).toHaveLength(6)
+        expect(latest()).toMatchObject({ read: 12, delivered: 12, requests: 6, inFlight: 0 })
+        quietOver()
+        expect((await run).delivered).toBe(12)
+    })
+
+    it('lets a report out at once, then waits out the rest of the interval since the last one', () => {
+        expect(progressDelayMs(null, 1_000)).toBe(0)
+        expect(progressDelayMs(1_000, 1_000)).toBe(PROGRESS_INTERVAL_MS)
+        expect(progressDelayMs(1_000, 1_100)).toBe(PROGRESS_INTERVAL_MS - 100)
+        expect(progressDelayMs(1_000, 1_000 + PROGRESS_INTERVAL_MS + 5)).toBe(0)
     })
 
     it('commits past a stretch of filtered events without sending anything', async () => {

@@ -16,8 +16,16 @@ export type { AheadRange, Commit } from './checkpoint'
 export * from './types'
 
 export const DEFAULT_CONCURRENCY = 4
-/** Progress is reported at most this often, and once at the end. */
+/**
+ * Progress is reported at most this often, once more after the last change (so a run that goes quiet, a feed
+ * between polls, is never left showing a count from before its last batches), and once at the end.
+ */
 export const PROGRESS_INTERVAL_MS = 250
+
+/** How long until the next progress report may go out: 0 for now, else the rest of the interval since the last. */
+export function progressDelayMs(lastMs: number | null, nowMs: number, intervalMs = PROGRESS_INTERVAL_MS): number {
+    return lastMs === null ? 0 : Math.max(0, lastMs + intervalMs - nowMs)
+}
 
 export interface PipelineOptions<P> {
     source: Source<P>
@@ -43,15 +51,39 @@ export interface PipelineOptions<P> {
     waitOut?: WaitOut
 }
 
+/**
+ * Progress reports, throttled with a trailing report: a change within the interval is reported when it ends,
+ * with the counters as they are then. `final` reports at once and cancels what is pending.
+ */
 function throttledProgress(report: PipelineReport<unknown>, onProgress?: (progress: PipelineProgress) => void) {
-    let last = 0
-    return (force = false): void => {
-        if (onProgress && (force || Date.now() - last >= PROGRESS_INTERVAL_MS)) {
-            last = Date.now()
-            const { read, delivered, filtered, deadLettered, malformed, retries, requests, inFlight } = report
-            onProgress({ read, delivered, filtered, deadLettered, malformed, retries, requests, inFlight })
+    let last: number | null = null
+    let trailing: ReturnType<typeof setTimeout> | null = null
+    const send = (): void => {
+        trailing = null
+        last = Date.now()
+        const { read, delivered, filtered, deadLettered, malformed, retries, requests, inFlight } = report
+        onProgress?.({ read, delivered, filtered, deadLettered, malformed, retries, requests, inFlight })
+    }
+    const changed = (): void => {
+        if (!onProgress || trailing !== null) {
+            return
+        }
+        const delayMs = progressDelayMs(last, Date.now())
+        if (delayMs === 0) {
+            send()
+        } else {
+            trailing = setTimeout(send, delayMs)
         }
     }
+    const final = (): void => {
+        if (trailing !== null) {
+            clearTimeout(trailing)
+        }
+        if (onProgress) {
+            send()
+        }
+    }
+    return { changed, final }
 }
 
 export async function runPipeline<P>(options: PipelineOptions<P>): Promise<PipelineReport<P>> {
@@ -68,7 +100,7 @@ export async function runPipeline<P>(options: PipelineOptions<P>): Promise<Pipel
         const reason = `${record.line != null ? `line ${record.line}: ` : ''}${record.reason}`
         options.onWarning?.(reason)
         options.deadLetter?.({ position: record.position, reason, raw: record.raw, line: record.line })
-        progress()
+        progress.changed()
     })
     const batches = batchItems(shaped, config, options.flushEachChunk)
     const sendOptions = { ...options, counts: report }
@@ -76,13 +108,17 @@ export async function runPipeline<P>(options: PipelineOptions<P>): Promise<Pipel
         await runWindow(batches, {
             concurrency: options.concurrency ?? DEFAULT_CONCURRENCY,
             stopping: () => report.stopped !== null || Boolean(signal?.aborted) || checkpoint.failure() !== null,
-            onInFlight: (count) => (report.inFlight = count),
+            // A batch going out or settling is a change to report: the last one settling brings in flight to 0.
+            onInFlight: (count) => {
+                report.inFlight = count
+                progress.changed()
+            },
             send: async (batch) => {
                 const acknowledge = checkpoint.open(batch.last)
                 if (await sendBatch(batch, sendOptions)) {
                     acknowledge()
                 }
-                progress()
+                progress.changed()
             },
         })
     } catch (error) {
@@ -99,6 +135,6 @@ export async function runPipeline<P>(options: PipelineOptions<P>): Promise<Pipel
     }
     report.inFlight = 0
     report.durationMs = Date.now() - started
-    progress(true)
+    progress.final()
     return report
 }
