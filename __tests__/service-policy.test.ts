@@ -19,7 +19,7 @@ import {
 } from '../pipeline/outage'
 import { healthChangeLine, logFormatIn, serviceSettings, startService } from '../pipeline/service'
 import { parseSyncArgs } from '../sync/cli'
-import { syncLagMs } from '../sync/service'
+import { syncLagMs, WaitingRows } from '../sync/service'
 
 const NOW = Date.parse('2026-12-01T12:00:00Z')
 const ENV = { POSTHOG_API_KEY: 'phx_policy_key_123456', PATTERNS_WEBHOOK_URL: 'https://hooks.example.com/t/s3cr3tpath' }
@@ -89,11 +89,43 @@ describe('health states', () => {
         expect(healthOf({}).healthy).toBe(true)
     })
 
-    test('the lag runs to the cursor while events wait, and to the horizon once caught up with nothing in flight', () => {
-        const page = { rows: 0, cursor: { ms: NOW - 9_000, uuid: 'u' }, horizonMs: NOW - 60_000, caughtUp: true }
-        expect(syncLagMs({ committedMs: NOW - 600_000, page, inFlight: 0 }, NOW)).toBe(60_000)
-        expect(syncLagMs({ committedMs: NOW - 600_000, page, inFlight: 2 }, NOW)).toBe(600_000)
-        expect(syncLagMs({ committedMs: null, page: null, inFlight: 0 }, NOW)).toBeNull()
+    test('the lag runs from the oldest event waiting, to the horizon once caught up with none waiting', () => {
+        const page = { caughtUp: true, horizonMs: NOW - 60_000 }
+        const behind = { caughtUp: false, horizonMs: NOW - 60_000 }
+        // Caught up, every row read delivered: to the horizon, however old the last event is.
+        expect(syncLagMs({ committedMs: NOW - 3_600_000, page, oldestWaitingMs: null }, NOW)).toBe(60_000)
+        // Rows waiting (an outage, or a batch out): to the oldest of them, caught up or not.
+        expect(syncLagMs({ committedMs: NOW - 600_000, page, oldestWaitingMs: NOW - 500_000 }, NOW)).toBe(500_000)
+        // The first batch of a run waits out an outage: nothing committed, and the lag is that of its first event.
+        const threeDays = 3 * 86_400_000
+        expect(syncLagMs({ committedMs: null, page, oldestWaitingMs: NOW - threeDays }, NOW)).toBe(threeDays)
+        // Between pages of a backfill: to the checkpoint's event.
+        expect(syncLagMs({ committedMs: NOW - 600_000, page: behind, oldestWaitingMs: null }, NOW)).toBe(600_000)
+        // Nothing committed, nothing read, no poll yet: unknown, not 0.
+        expect(syncLagMs({ committedMs: null, page: null, oldestWaitingMs: null }, NOW)).toBeNull()
+        expect(syncLagMs({ committedMs: null, page: behind, oldestWaitingMs: null }, NOW)).toBeNull()
+    })
+
+    test('the rows waiting are those read and not yet committed, oldest first, whatever the chunks', () => {
+        const key = (n: number) => ({ ms: NOW + n, uuid: `u${n}` })
+        const waiting = new WaitingRows()
+        expect(waiting.oldest).toBeNull()
+        waiting.read([key(1), key(2), key(3)])
+        waiting.read([])
+        waiting.read([key(4), key(5)])
+        expect(waiting.oldest).toEqual(key(1))
+        waiting.committed(key(2))
+        expect(waiting.oldest).toEqual(key(3))
+        waiting.committed(key(3))
+        expect(waiting.oldest).toEqual(key(4))
+        waiting.read([key(6)])
+        // A commit in a later chunk passes every row before it.
+        waiting.committed(key(6))
+        expect(waiting.oldest).toBeNull()
+        waiting.read([key(7), key(8)])
+        waiting.read([key(9)])
+        waiting.committed(key(8))
+        expect(waiting.oldest).toEqual(key(9))
     })
 })
 
@@ -219,6 +251,34 @@ describe('the metrics server', () => {
             }
             expect((await fetch(`${base}/healthz`)).status).toBe(503)
             expect((await fetch(`${base}/other`)).status).toBe(404)
+        } finally {
+            await service.close()
+        }
+    })
+
+    test('an unknown lag is left out of /metrics, not served as 0; a known one is served', async () => {
+        const stderr = new PassThrough()
+        let text = ''
+        stderr.on('data', (chunk: Buffer) => (text += chunk.toString()))
+        let lag: number | null = null
+        const service = await startService({
+            settings: { metricsPort: 0, metricsHost: '127.0.0.1', logFormat: 'human' },
+            output: cliOutput({ stdout: new PassThrough(), stderr }, []),
+            env: nodeEnv(),
+            posthog: new HealthState(),
+            lagSeconds: () => lag,
+        })
+        try {
+            const base = /Serving metrics on (http:\/\/[^ ]+)\/metrics/.exec(text)?.[1] as string
+            const samples = async () =>
+                (await (await fetch(`${base}/metrics`)).text())
+                    .split('\n')
+                    .filter((line) => line.startsWith(`${METRIC_PREFIX}lag_seconds`))
+            expect(await samples()).toEqual([])
+            lag = 259_200.5
+            expect(await samples()).toEqual([`${METRIC_PREFIX}lag_seconds 259200.5`])
+            lag = null
+            expect(await samples()).toEqual([])
         } finally {
             await service.close()
         }

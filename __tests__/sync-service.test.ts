@@ -3,7 +3,8 @@
  * against the real PostHog stand-in and the real receiver, over loopback HTTP. An outage of the webhook is
  * waited out (longer than an explicit --retry-for that stops a second run), /metrics and /healthz answer while
  * it lasts, every log line is JSON, and SIGTERM stops the run within its 10 s grace with a checkpoint that a
- * resume continues from, losing nothing.
+ * resume continues from, losing nothing. The metrics stay true when the feed goes quiet after a burst and while
+ * the first batch of a run waits out an outage; `replay --metrics-port` is served by the installed CLI too.
  */
 import { ChildProcess, spawn } from 'node:child_process'
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
@@ -73,16 +74,16 @@ interface Running {
     metricsUrl: () => string | null
 }
 
-function run(args: string[]): Running {
-    const child = spawn(process.execPath, [cli.bin, 'sync', ...args], {
+function run(args: string[], webhookUrl = receiver.url, command = 'sync'): Running {
+    const child = spawn(process.execPath, [cli.bin, command, ...args], {
         cwd: dir,
         env: {
             PATH: process.env.PATH ?? '',
             NODE_OPTIONS: '',
             POSTHOG_API_KEY: API_KEY,
-            PATTERNS_WEBHOOK_URL: receiver.url,
+            PATTERNS_WEBHOOK_URL: webhookUrl,
         },
-        stdio: ['ignore', 'pipe', 'pipe'],
+        stdio: [command === 'replay' ? 'pipe' : 'ignore', 'pipe', 'pipe'],
     })
     let text = ''
     child.stdout?.on('data', (chunk: Buffer) => (text += chunk.toString()))
@@ -263,4 +264,137 @@ test('an outage of PostHog is waited out too: /healthz turns 503 and posthog_up 
     const parsed = expectJsonLines(service.lines())
     expect(parsed.some((e) => e.level === 'warn' && /PostHog has been failing since/.test(String(e.msg)))).toBe(true)
     expect(parsed.some((e) => /PostHog answers again/.test(String(e.msg)))).toBe(true)
+})
+
+/** `count` events named `name`, stored (created_at) `ageMs` ago, a millisecond apart. */
+function storedEvents(name: string, count: number, ageMs: number, prefix: number): StandInEvent[] {
+    const at = Date.now() - ageMs
+    return Array.from({ length: count }, (_, n) => {
+        const time = new Date(at + n).toISOString()
+        return {
+            uuid: `0190a1b2-${String(prefix).padStart(4, '0')}-7000-8000-${n.toString(16).padStart(12, '0')}`,
+            event: name,
+            distinct_id: `user-${n % 7}`,
+            timestamp: time,
+            created_at: time,
+            properties: { n },
+        }
+    })
+}
+
+/** A follow run of one event name only, so the other tests' events stay out of it, with metrics and JSON logs. */
+function isolatedArgs(name: string, since: Date, checkpoint: string): string[] {
+    return [
+        '--posthog-url',
+        standin.url,
+        '--project-id',
+        String(PROJECT),
+        '--since',
+        since.toISOString(),
+        '--follow',
+        '--lag',
+        '2s',
+        '--poll-interval',
+        '1s',
+        '--allowed-events',
+        name,
+        '--checkpoint',
+        checkpoint,
+        '--metrics-port',
+        '0',
+        '--log-format',
+        'json',
+    ]
+}
+
+/** The progress lines written so far, as JSON objects. */
+function progressLines(running: Running): Array<Record<string, unknown>> {
+    return expectJsonLines(running.lines()).filter((entry) => entry.msg === 'progress')
+}
+
+async function ownReceiver(name: string, faults: Record<string, number> = {}): Promise<Receiver> {
+    return startReceiver({ dataDir: join(dir, name), path: `/api/v1/webhooks/${TOKEN}`, seed: 5, faults })
+}
+
+test('after a burst, then quiet: delivered_total is what the receiver holds, and the lag falls to the horizon', async () => {
+    const rx = await ownReceiver('rx-burst')
+    try {
+        const burst = storedEvents('burst_then_quiet', 3_000, HOUR, 4)
+        await standin.insertEvents(burst)
+        const args = isolatedArgs('burst_then_quiet', new Date(Date.now() - 2 * HOUR), join(dir, 'burst.ckpt'))
+        const service = run(args, rx.url)
+        await waitFor(() => service.metricsUrl() !== null, 30_000)
+        const base = service.metricsUrl() as string
+        await waitFor(() => rx.summary().rows === burst.length, 120_000)
+
+        // Nothing more comes: the counts and the lag must still reach the truth, not stay where the burst left them.
+        await eventually(
+            async () => (await metric(base, 'patterns_connector_events_delivered_total')) === rx.summary().rows,
+            60_000
+        )
+        await eventually(async () => ((await metric(base, 'patterns_connector_lag_seconds')) ?? HOUR) < 600, 60_000)
+        await eventually(async () => {
+            const last = progressLines(service).pop()
+            return last?.delivered === burst.length && last.in_flight === 0 && last.caught_up === true
+        }, 60_000)
+        const lastProgress = progressLines(service).pop()
+        expect(lastProgress?.lag_seconds as number).toBeLessThan(600)
+        expect(rx.summary().rows).toBe(burst.length)
+        expect(rx.summary().uniqueUuids).toBe(burst.length)
+        expect((await stopWithSigterm(service)).code).toBe(143)
+    } finally {
+        await rx.close()
+    }
+})
+
+test('while the first batch waits out an outage, the lag counts from the oldest waiting event, and progress says since when', async () => {
+    const threeDays = 3 * 86_400_000
+    const rx = await ownReceiver('rx-first-outage', { p503: 1, retryAfterOn503Seconds: 1 })
+    try {
+        const waiting = storedEvents('first_batch_outage', 50, threeDays, 5)
+        await standin.insertEvents(waiting)
+        const args = isolatedArgs('first_batch_outage', new Date(Date.now() - 4 * 86_400_000), join(dir, 'first.ckpt'))
+        const service = run(args, rx.url)
+        await waitFor(() => service.metricsUrl() !== null, 30_000)
+        const base = service.metricsUrl() as string
+        await waitFor(() => (rx.summary().byOutcome['503'] ?? 0) >= 4, 60_000)
+        expect(await metric(base, 'patterns_connector_webhook_up')).toBe(0)
+        expect(await metric(base, 'patterns_connector_events_delivered_total')).toBe(0)
+
+        // Three days behind, from the oldest event waiting: not 0, and not from --since (four days).
+        const lag = (await metric(base, 'patterns_connector_lag_seconds')) as number
+        expect(lag).toBeGreaterThanOrEqual(threeDays / 1000)
+        expect(lag).toBeLessThan(threeDays / 1000 + HOUR / 1000)
+        await eventually(async () => {
+            const last = progressLines(service).pop()
+            return typeof last?.webhook_failing_since === 'string' && (last.lag_seconds as number) >= threeDays / 1000
+        }, 60_000)
+        const failing = progressLines(service).pop()
+        expect(Date.parse(failing?.webhook_failing_since as string)).toBeLessThanOrEqual(Date.now())
+        expect(failing?.delivered).toBe(0)
+
+        rx.setFaults({ p503: 0 })
+        await waitFor(() => rx.summary().rows === waiting.length, 60_000)
+        await eventually(async () => ((await metric(base, 'patterns_connector_lag_seconds')) ?? HOUR) < 600, 60_000)
+        await eventually(async () => (await metric(base, 'patterns_connector_events_delivered_total')) === 50, 60_000)
+        expect((await stopWithSigterm(service)).code).toBe(143)
+    } finally {
+        await rx.close()
+    }
+})
+
+test('the installed replay serves /metrics too', async () => {
+    const rx = await ownReceiver('rx-replay')
+    try {
+        const replay = run(['-', '--metrics-port', '0', '--log-format', 'json'], rx.url, 'replay')
+        await waitFor(() => replay.metricsUrl() !== null, 30_000)
+        const base = replay.metricsUrl() as string
+        expect(await metric(base, 'patterns_connector_events_delivered_total')).toBe(0)
+        const lines = storedEvents('replayed', 3, HOUR, 6).map((event) => JSON.stringify(event))
+        replay.child.stdin?.end(lines.join('\n') + '\n')
+        expect(await replay.exited).toBe(0)
+        expect(rx.summary().rows).toBe(3)
+    } finally {
+        await rx.close()
+    }
 })

@@ -10,6 +10,12 @@ import { inFlagWords } from './usage'
 
 /** Off a terminal (a log file, CI), the progress line is printed at most this often. */
 export const PLAIN_PROGRESS_INTERVAL_MS = 5_000
+/**
+ * A command that runs as a service redraws its progress line this often even when nothing reports, so its
+ * health parts ("webhook failing since …") and the lag stay current, and off a terminal a line is still written
+ * every PLAIN_PROGRESS_INTERVAL_MS.
+ */
+export const PROGRESS_REDRAW_MS = 1_000
 /** Summary labels are padded to this width so the values line up. */
 const LABEL_WIDTH = 26
 /** Erases the line a terminal shows (the progress line), so a message can take its place. */

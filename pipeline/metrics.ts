@@ -7,7 +7,15 @@
 import { createServer, IncomingMessage, Server, ServerResponse } from 'node:http'
 import { AddressInfo } from 'node:net'
 
-import { collectDefaultMetrics, Counter, Gauge, Registry } from 'prom-client'
+import {
+    collectDefaultMetrics,
+    Counter,
+    Gauge,
+    GaugeConfiguration,
+    MetricObjectWithValues,
+    MetricValue,
+    Registry,
+} from 'prom-client'
 
 import { HealthState } from './outage'
 import type { PipelineProgress } from './types'
@@ -23,7 +31,7 @@ export interface FeedState {
     webhook: HealthState
     /** sync only: PostHog's query API. */
     posthog?: HealthState
-    /** sync only: now minus the time of the cursor's stored event, in seconds, or null before one is known. */
+    /** sync only: how far behind now the feed is, in seconds (sync/service.ts), or null while it is unknown. */
     lagSeconds?: () => number | null
     /** When the feed last made good progress (ms), or null. */
     lastSuccessMs: () => number | null
@@ -89,6 +97,28 @@ function upGauge(registry: Registry, side: string, health: HealthState): void {
     })
 }
 
+/**
+ * A gauge with no sample while its value is unknown: prom-client writes a gauge never set as 0, which for the
+ * lag would read "caught up" before anything is known. Prometheus then has no series, and an alert on it waits.
+ */
+class KnownGauge extends Gauge {
+    constructor(
+        configuration: GaugeConfiguration<string>,
+        private readonly read: () => number | null
+    ) {
+        super(configuration)
+    }
+
+    async get(): Promise<MetricObjectWithValues<MetricValue<string>>> {
+        const value = this.read()
+        if (value === null) {
+            return { ...(await super.get()), values: [] }
+        }
+        this.set(value)
+        return super.get()
+    }
+}
+
 /** The registry of one run: the feed's metrics and Node's process metrics. */
 export function feedMetrics(state: FeedState): FeedMetrics {
     const registry = new Registry()
@@ -98,19 +128,15 @@ export function feedMetrics(state: FeedState): FeedMetrics {
     if (state.posthog) {
         upGauge(registry, 'posthog', state.posthog)
     }
-    const lagSeconds = state.lagSeconds
-    if (lagSeconds) {
-        new Gauge({
-            name: `${METRIC_PREFIX}lag_seconds`,
-            help: "Now minus the stored time (created_at) of the checkpoint's cursor; to the horizon once caught up.",
-            registers: [registry],
-            collect() {
-                const lag = lagSeconds()
-                if (lag !== null) {
-                    this.set(lag)
-                }
+    if (state.lagSeconds) {
+        new KnownGauge(
+            {
+                name: `${METRIC_PREFIX}lag_seconds`,
+                help: 'Now minus the stored time (created_at) of the oldest event read and not yet delivered; to the horizon once caught up.',
+                registers: [registry],
             },
-        })
+            state.lagSeconds
+        )
     }
     new Gauge({
         name: `${METRIC_PREFIX}last_success_timestamp_seconds`,

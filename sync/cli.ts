@@ -8,7 +8,7 @@ import {
     LOOPBACK_HOSTS,
     ParsedConfig,
 } from '../index'
-import { DEFAULT_CONCURRENCY } from '../pipeline'
+import { DEFAULT_CONCURRENCY, emptyReport } from '../pipeline'
 import {
     DEFAULT_RETRY_FOR_MS,
     DELIVERY_OPTIONS,
@@ -29,6 +29,7 @@ import {
     CliStreams,
     deliveryRows,
     eventsPerSecond,
+    PROGRESS_REDRAW_MS,
     progressParts,
     seconds,
     summaryFields,
@@ -58,7 +59,7 @@ import {
     QueryClient,
 } from './posthog'
 import { MAX_QUERY_ROWS } from './query'
-import { newSyncWatch, postHogOutcome, syncLagMs, syncProgressFields, SyncWatch } from './service'
+import { newSyncWatch, postHogOutcome, syncProgressFields, SyncWatch, watchLagMs } from './service'
 import { DEFAULT_LAG_MS, DEFAULT_LATE_WINDOW_MS, DEFAULT_PAGE_SIZE, DEFAULT_POLL_INTERVAL_MS } from './source'
 import { sync, SyncProgress, SyncReport } from './sync'
 
@@ -496,7 +497,7 @@ export async function runSyncCli(
             env: nodeEnv(),
             posthog: watch.posthog,
             lagSeconds: () => {
-                const lag = syncLagMs(watch, Date.now())
+                const lag = watchLagMs(watch, Date.now())
                 return lag === null ? null : lag / 1000
             },
         })
@@ -521,10 +522,44 @@ interface SyncRun {
     signal?: AbortSignal
 }
 
+/** The progress line before the first report: nothing read or sent yet. */
+const NO_PROGRESS: SyncProgress = {
+    ...emptyReport<never>(),
+    cursorMs: null,
+    caughtUp: false,
+    horizonMs: null,
+    queries: 0,
+    queryRetries: 0,
+}
+
+/**
+ * The progress line: shown at each report, and redrawn every PROGRESS_REDRAW_MS with the latest counts and each
+ * side's health as they are now, so that off a terminal a line is written every PLAIN_PROGRESS_INTERVAL_MS even
+ * when nothing reports (an outage of the webhook or of PostHog, a quiet feed between polls).
+ */
+function progressView(output: CliOutput, watch: SyncWatch, started: number) {
+    let latest = NO_PROGRESS
+    const show = (): void => {
+        const now = Date.now()
+        const fields = syncProgressFields(latest, watch, now - started, now)
+        output.progress(syncProgressLine(latest, now - started, now, watch), fields)
+    }
+    const timer = setInterval(show, PROGRESS_REDRAW_MS)
+    timer.unref()
+    return {
+        update: (p: SyncProgress): void => {
+            latest = p
+            show()
+        },
+        stop: () => clearInterval(timer),
+    }
+}
+
 /** The sync itself, wired to the output and the service; returns the exit code. */
 async function runSync({ args, start, output, watch, service, signal }: SyncRun): Promise<number> {
     const started = Date.now()
     const answeredBefore = start.cursor.uuid !== null
+    const view = progressView(output, watch, started)
     let report: SyncReport
     try {
         report = await sync({
@@ -538,11 +573,8 @@ async function runSync({ args, start, output, watch, service, signal }: SyncRun)
             binding: start.binding,
             signal,
             onProgress: (p) => {
-                watch.inFlight = p.inFlight
                 service.onProgress(p)
-                const now = Date.now()
-                const line = syncProgressLine(p, now - started, now, watch)
-                output.progress(line, syncProgressFields(p, watch, now - started, now))
+                view.update(p)
             },
             onPage: (page) => {
                 watch.page = page
@@ -550,7 +582,11 @@ async function runSync({ args, start, output, watch, service, signal }: SyncRun)
                     service.succeeded()
                 }
             },
-            onCommit: (cursor) => (watch.committedMs = cursor.ms),
+            onRead: (keys) => watch.waiting.read(keys),
+            onCommit: (cursor) => {
+                watch.committedMs = cursor.ms
+                watch.waiting.committed(cursor)
+            },
             onWarning: (message) => output.line(`warning: ${message}`),
             onOutcome: service.onOutcome,
             waitOut: args.follow ? { budgetMs: args.retryForMs, signal } : undefined,
@@ -559,6 +595,8 @@ async function runSync({ args, start, output, watch, service, signal }: SyncRun)
         output.endProgress()
         output.line(`error: ${(error as Error).message}`)
         return 1
+    } finally {
+        view.stop()
     }
     return finish(report, args, output, Boolean(signal?.aborted))
 }

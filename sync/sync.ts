@@ -44,6 +44,8 @@ export interface SyncOptions extends Omit<SourceOptions, 'run' | 'onPage' | 'sig
     onWarning?: (message: string) => void
     /** Told of each page the source reads (where the feed stands, whether it caught up). */
     onPage?: (page: PageInfo) => void
+    /** Told of the keys of each chunk of rows read, in order, as the pipeline takes it. */
+    onRead?: (keys: Cursor[]) => void
     /** Told of each position committed to the checkpoint. */
     onCommit?: (cursor: Cursor) => void
     /** Told of every webhook attempt's outcome. */
@@ -107,7 +109,10 @@ export async function sync(options: SyncOptions): Promise<SyncReport> {
     // The pipeline keeps only a source error's message; the error itself says whether it is configuration.
     async function* source() {
         try {
-            yield* pages
+            for await (const chunk of pages) {
+                options.onRead?.(chunk.map((record) => record.position))
+                yield chunk
+            }
         } catch (error) {
             sourceError = error
             throw error
