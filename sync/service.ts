@@ -20,9 +20,10 @@ export class WaitingRows {
     /** Where the oldest waiting row is in the first chunk. */
     private next = 0
 
-    read(keys: readonly Cursor[]): void {
+    /** Takes the array as it is: the caller hands over a fresh one per chunk. */
+    read(keys: Cursor[]): void {
         if (keys.length > 0) {
-            this.chunks.push([...keys])
+            this.chunks.push(keys)
         }
     }
 
