@@ -1,0 +1,87 @@
+/**
+ * `npm run image:check`: the Dockerfile built and run for real, on a machine with no Docker daemon and no Docker Hub.
+ * It installs podman, runc and debootstrap from Debian's packages when they are missing, makes the Dockerfile's base
+ * locally (tools/image/base.ts), builds the Dockerfile unchanged with podman, prints the build time and the image
+ * size, then runs the image against the PostHog stand-in and the receiver on this machine (host network) and checks:
+ * --help; not root; sync --follow delivers; the health check healthy, unhealthy once PostHog stops, and healthy for
+ * a command without --metrics-port; `podman stop` exits 143 within 20 s; the same volume resumes with nothing lost.
+ * Behind a TLS-intercepting proxy, NPM_CA_FILE (or NODE_EXTRA_CA_CERTS) names the CA certificates the build's npm
+ * needs; they go in as the `npm_ca` build secret.
+ */
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+
+import { ensureBaseImage, externalBases, fullImageName } from './base'
+import { BUILD_FLAGS, DEBIAN_PACKAGES, ensureDebianTools, podmanLogged, podmanOk } from './podman'
+import { ImageRun, runChecks } from './run'
+
+const ROOT = join(__dirname, '..', '..')
+const IMAGE = 'localhost/patterns-connector:check'
+const CACHE_DIR = process.env.PATTERNS_IMAGE_CACHE ?? '/var/cache/patterns-connector-image'
+const MB = 1_000_000
+
+function seconds(since: number): string {
+    return `${((Date.now() - since) / 1000).toFixed(1)} s`
+}
+
+/** The build secret that carries extra CA certificates to npm, when this machine has some. */
+export function caSecretFlags(env: NodeJS.ProcessEnv): string[] {
+    const file = env.NPM_CA_FILE ?? env.NODE_EXTRA_CA_CERTS
+    return file && existsSync(file) ? ['--secret', `id=npm_ca,src=${file}`] : []
+}
+
+async function build(log: (line: string) => void): Promise<void> {
+    const dir = mkdtempSync(join(tmpdir(), 'image-build-'))
+    const logFile = join(dir, 'build.log')
+    const secret = caSecretFlags(process.env)
+    log(`build: podman build ${[...BUILD_FLAGS, ...secret].join(' ')} --tag ${IMAGE} . (log: ${logFile})`)
+    const started = Date.now()
+    const code = await podmanLogged(['build', ...BUILD_FLAGS, ...secret, '--tag', IMAGE, ROOT], logFile)
+    const text = readFileSync(logFile, 'utf8')
+    if (code !== 0) {
+        throw new Error(`podman build exited ${code}:\n${text.trim().split('\n').slice(-25).join('\n')}`)
+    }
+    const cached = (text.match(/^--> Using cache/gm) ?? []).length
+    log(`build: ${seconds(started)} (${cached} steps from podman's layer cache)`)
+    rmSync(dir, { recursive: true, force: true })
+}
+
+function imageSizes(base: string, log: (line: string) => void): void {
+    const size = (image: string) => Number(podmanOk(['image', 'inspect', '--format', '{{.Size}}', image]))
+    const image = size(IMAGE)
+    const from = size(base)
+    log(`size: ${(image / MB).toFixed(1)} MB, of which ${((image - from) / MB).toFixed(1)} MB over the base ${base}`)
+}
+
+async function main(): Promise<number> {
+    const started = Date.now()
+    const log = (line: string) => process.stdout.write(`${line}\n`)
+    const installed = ensureDebianTools(Object.fromEntries(DEBIAN_PACKAGES.map((pkg) => [pkg, pkg])))
+    log(
+        `tools: ${installed.length ? `installed ${installed.join(', ')} (apt-get)` : `${DEBIAN_PACKAGES.join(', ')} present`}`
+    )
+    const bases = externalBases(readFileSync(join(ROOT, 'Dockerfile'), 'utf8'))
+    if (bases.length !== 1) {
+        throw new Error(`expected one base image in the Dockerfile, found: ${bases.join(', ')}`)
+    }
+    const base = fullImageName(bases[0] as string)
+    const baseStarted = Date.now()
+    log(`base: ${ensureBaseImage(base, CACHE_DIR, log)} in ${seconds(baseStarted)}`)
+    await build(log)
+    imageSizes(base, log)
+    const run: ImageRun = { image: IMAGE, log }
+    const { passed, failed } = await runChecks(run)
+    log(`image check: ${passed} passed, ${failed} failed, ${seconds(started)} in all`)
+    return failed === 0 ? 0 : 1
+}
+
+if (require.main === module) {
+    main().then(
+        (code) => process.exit(code),
+        (error: unknown) => {
+            process.stderr.write(`image check: ${error instanceof Error ? error.message : String(error)}\n`)
+            process.exit(1)
+        }
+    )
+}
