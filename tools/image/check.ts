@@ -12,8 +12,9 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
+import { ensureDebianTools } from '../debian'
 import { ensureBaseImage, externalBases, fullImageName } from './base'
-import { BUILD_FLAGS, DEBIAN_PACKAGES, ensureDebianTools, podmanLogged, podmanOk } from './podman'
+import { BUILD_FLAGS, DEBIAN_PACKAGES, podmanLogged, podmanOk } from './podman'
 import { ImageRun, runChecks } from './run'
 
 const ROOT = join(__dirname, '..', '..')

@@ -79,21 +79,3 @@ export function podmanLogged(args: string[], logFile: string): Promise<number | 
         child.on('close', (code) => log.end(() => resolve(code)))
     })
 }
-
-/** Installs the Debian packages whose commands are missing (we are root; apt waits for another apt's lock). */
-export function ensureDebianTools(commands: Record<string, string>): string[] {
-    const missing = Object.entries(commands)
-        .filter(([command]) => spawnSync('sh', ['-c', `command -v ${command}`]).status !== 0)
-        .map(([, pkg]) => pkg)
-    if (missing.length === 0) {
-        return []
-    }
-    const apt = (args: string[]) =>
-        execFileSync('apt-get', ['-o', 'DPkg::Lock::Timeout=600', ...args], {
-            stdio: ['ignore', 'ignore', 'inherit'],
-            env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' },
-        })
-    apt(['update'])
-    apt(['install', '-y', '--no-install-recommends', ...missing])
-    return missing
-}
