@@ -26,6 +26,10 @@ const STOP_TIMEOUT_S = 30
 const DELIVERY_TIMEOUT_MS = 120_000
 const UNHEALTHY_TIMEOUT_MS = 90_000
 const POLL_MS = 500
+/** The containers' names: the first sync, a replay without metrics, and the sync resumed on the same volume. */
+const SYNC_CONTAINER = 'patterns-connector-check-sync'
+const REPLAY_CONTAINER = 'patterns-connector-check-replay'
+const RESUME_CONTAINER = 'patterns-connector-check-resume'
 
 export interface ImageRun {
     image: string
@@ -95,7 +99,9 @@ function syncArgs(env: Env): string[] {
 
 function startContainer(run: ImageRun, env: Env, name: string, args: string[], extra: string[] = []): void {
     const secrets = ['-e', 'PATTERNS_WEBHOOK_URL', '-e', 'POSTHOG_API_KEY']
-    const flags = ['--detach', '--name', name, '--network', 'host', ...runFlags(), ...secrets, ...extra]
+    // The checks run the health check themselves (`podman healthcheck run`): no timer, which needs systemd.
+    const health = ['--health-interval', 'disable']
+    const flags = ['--detach', '--name', name, '--network', 'host', ...runFlags(), ...health, ...secrets, ...extra]
     podmanOk(['run', ...flags, '--volume', `${env.volume}:/data`, run.image, ...args], { env: env.podmanEnv })
     env.containers.push(name)
 }
@@ -140,20 +146,20 @@ const help: Check = async (run) => {
 const delivers: Check = async (run, env) => {
     const first = events(FIRST_EVENTS, 1)
     await env.standin.insertEvents(first)
-    startContainer(run, env, 'patterns-connector-check-sync', syncArgs(env))
+    startContainer(run, env, SYNC_CONTAINER, syncArgs(env))
     const ms = await until(
         'every event at the receiver',
         DELIVERY_TIMEOUT_MS,
         () => missing(env.receiver, first) === 0
     ).catch((error: Error) => {
-        throw new Error(`${error.message}; its last lines:\n${lastLogs('patterns-connector-check-sync')}`)
+        throw new Error(`${error.message}; its last lines:\n${lastLogs(SYNC_CONTAINER)}`)
     })
     const summary = env.receiver.summary()
     return `${summary.uniqueUuids} of ${FIRST_EVENTS} events at the receiver in ${(ms / 1000).toFixed(1)} s (${summary.requests} POSTs)`
 }
 
 const notRoot: Check = async (run) => {
-    const uid = podmanOk(['exec', 'patterns-connector-check-sync', 'id', '-u'])
+    const uid = podmanOk(['exec', SYNC_CONTAINER, 'id', '-u'])
     const user = podmanOk(['image', 'inspect', '--format', '{{.Config.User}}', run.image])
     if (uid === '0') {
         throw new Error(`the sync runs as uid 0 (USER ${user})`)
@@ -162,7 +168,7 @@ const notRoot: Check = async (run) => {
 }
 
 const healthyThenUnhealthy: Check = async (_run, env) => {
-    const name = 'patterns-connector-check-sync'
+    const name = SYNC_CONTAINER
     const before = healthcheck(name)
     if (!before.healthy) {
         throw new Error(`unhealthy while PostHog answers: ${before.said}`)
@@ -184,7 +190,7 @@ const healthyThenUnhealthy: Check = async (_run, env) => {
 }
 
 const healthyWithoutMetrics: Check = async (run, env) => {
-    const name = 'patterns-connector-check-replay'
+    const name = REPLAY_CONTAINER
     // replay reading standard input, kept open: a command that serves no metrics, running.
     startContainer(run, env, name, ['replay', '-'], ['--interactive'])
     const result = healthcheck(name)
@@ -196,7 +202,7 @@ const healthyWithoutMetrics: Check = async (run, env) => {
 }
 
 const stopsWith143: Check = async () => {
-    const { seconds, code } = stop('patterns-connector-check-sync')
+    const { seconds, code } = stop(SYNC_CONTAINER)
     if (code !== 143 || seconds > STOP_WITHIN_S) {
         throw new Error(`exit ${code} after ${seconds.toFixed(1)} s (want 143 within ${STOP_WITHIN_S} s)`)
     }
@@ -207,16 +213,16 @@ const resumes: Check = async (run, env) => {
     const all = [...events(FIRST_EVENTS, 1), ...events(MORE_EVENTS, 2)]
     await env.standin.insertEvents(all.slice(FIRST_EVENTS))
     const rowsBefore = env.receiver.summary().rows
-    startContainer(run, env, 'patterns-connector-check-resume', syncArgs(env))
+    startContainer(run, env, RESUME_CONTAINER, syncArgs(env))
     const ms = await until(
         'every event after the resume',
         DELIVERY_TIMEOUT_MS,
         () => missing(env.receiver, all) === 0
     ).catch((error: Error) => {
-        throw new Error(`${error.message}; its last lines:\n${lastLogs('patterns-connector-check-resume')}`)
+        throw new Error(`${error.message}; its last lines:\n${lastLogs(RESUME_CONTAINER)}`)
     })
     await sleep(2_000)
-    const { seconds, code } = stop('patterns-connector-check-resume')
+    const { seconds, code } = stop(RESUME_CONTAINER)
     const summary = env.receiver.summary()
     if (code !== 143) {
         throw new Error(`the resumed sync exited ${code} on podman stop`)
@@ -235,12 +241,28 @@ const CHECKS: Array<[string, Check]> = [
     ['the same volume resumes with nothing lost', resumes],
 ]
 
+/** Every container a check starts; a run that was killed may have left them behind. */
+const CONTAINERS = [SYNC_CONTAINER, REPLAY_CONTAINER, RESUME_CONTAINER]
+const VOLUME_LABEL = 'org.patterns-connector.check'
+
+/** What a killed run left: its containers (their names would clash) and its volumes. */
+function removeLeftovers(): void {
+    for (const name of CONTAINERS) {
+        podman(['rm', '--force', '--time', '0', name])
+    }
+    const volumes = podman(['volume', 'ls', '--quiet', '--filter', `label=${VOLUME_LABEL}`]).stdout.trim()
+    for (const volume of volumes ? volumes.split('\n') : []) {
+        podman(['volume', 'rm', '--force', volume])
+    }
+}
+
 async function setUp(): Promise<Env> {
+    removeLeftovers()
     const dir = mkdtempSync(join(tmpdir(), 'image-check-'))
     const standin = await startPostHogStandIn({ apiKey: API_KEY, projectId: PROJECT, dataDir: join(dir, 'standin') })
     const receiver = await startReceiver({ dataDir: join(dir, 'rx'), path: `/api/v1/webhooks/${TOKEN}` })
     const volume = `patterns-connector-check-${process.pid}`
-    podmanOk(['volume', 'create', volume])
+    podmanOk(['volume', 'create', '--label', VOLUME_LABEL, volume])
     return {
         dir,
         standin,
