@@ -8,13 +8,13 @@
  * Behind a TLS-intercepting proxy, NPM_CA_FILE (or NODE_EXTRA_CA_CERTS) names the CA certificates the build's npm
  * needs; they go in as the `npm_ca` build secret.
  */
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import { ensureDebianTools } from '../debian'
 import { ensureBaseImage, externalBases, fullImageName } from './base'
-import { BUILD_FLAGS, DEBIAN_PACKAGES, podmanLogged, podmanOk } from './podman'
+import { BUILD_FLAGS, DEBIAN_PACKAGES, podman, podmanLogged, podmanOk, runFlags } from './podman'
 import { ImageRun, runChecks } from './run'
 
 const ROOT = join(__dirname, '..', '..')
@@ -48,6 +48,46 @@ async function build(log: (line: string) => void): Promise<void> {
     rmSync(dir, { recursive: true, force: true })
 }
 
+/** Files .dockerignore must keep out of the build: event data, coverage, logs, packs, checkpoints, git. */
+const KEPT_OUT = ['.data/SENTINEL.jsonl', 'coverage/SENTINEL.json', 'SENTINEL.log', 'SENTINEL.tgz', 'SENTINEL.ckpt']
+
+/**
+ * Builds the first stage (from the layer cache: files left out do not change the context) with a marked file of
+ * each kind .dockerignore leaves out, and lists what of them, and of .git, reached /src.
+ */
+async function contextLeavesOut(): Promise<string> {
+    const mark = `image-check-${process.pid}`
+    const files = KEPT_OUT.map((path) => join(ROOT, path.replace('SENTINEL', mark)))
+    const madeDirs = ['.data', 'coverage'].map((dir) => join(ROOT, dir)).filter((dir) => !existsSync(dir))
+    const tag = `${IMAGE}-pack`
+    try {
+        for (const file of files) {
+            mkdirSync(join(file, '..'), { recursive: true })
+            writeFileSync(file, '{"uuid":"event data that must not reach an image"}\n')
+        }
+        const logFile = join(tmpdir(), `${mark}-pack.log`)
+        const secret = caSecretFlags(process.env)
+        const code = await podmanLogged(
+            ['build', ...BUILD_FLAGS, ...secret, '--target', 'pack', '--tag', tag, ROOT],
+            logFile
+        )
+        if (code !== 0) {
+            throw new Error(`podman build --target pack exited ${code} (log: ${logFile})`)
+        }
+        rmSync(logFile, { force: true })
+        const script = `cd /src && for f in .git ${KEPT_OUT.map((p) => p.replace('SENTINEL', mark)).join(' ')}; do [ -e "$f" ] && echo "$f"; done; true`
+        const found = podmanOk(['run', '--rm', ...runFlags(), '--entrypoint', 'sh', tag, '-c', script])
+        if (found) {
+            throw new Error(`in the build context: ${found.split('\n').join(', ')}`)
+        }
+        return `none of .git, ${KEPT_OUT.map((p) => p.replace('SENTINEL', '…')).join(', ')} reached the build`
+    } finally {
+        files.forEach((file) => rmSync(file, { force: true }))
+        madeDirs.forEach((dir) => rmSync(dir, { recursive: true, force: true }))
+        podman(['rmi', '--force', tag])
+    }
+}
+
 function imageSizes(base: string, log: (line: string) => void): void {
     const size = (image: string) => Number(podmanOk(['image', 'inspect', '--format', '{{.Size}}', image]))
     const image = size(IMAGE)
@@ -72,7 +112,14 @@ async function main(): Promise<number> {
     await build(log)
     imageSizes(base, log)
     const run: ImageRun = { image: IMAGE, log }
-    const { passed, failed } = await runChecks(run)
+    const context = await contextLeavesOut().then(
+        (detail) => ({ ok: true, line: `ok    .dockerignore: ${detail}` }),
+        (error: Error) => ({ ok: false, line: `FAIL  .dockerignore: ${error.message}` })
+    )
+    log(context.line)
+    const checks = await runChecks(run)
+    const passed = checks.passed + (context.ok ? 1 : 0)
+    const failed = checks.failed + (context.ok ? 0 : 1)
     log(`image check: ${passed} passed, ${failed} failed, ${seconds(started)} in all`)
     return failed === 0 ? 0 : 1
 }
