@@ -5,9 +5,10 @@
  * size, then runs the image against the PostHog stand-in and the receiver on this machine (host network) and checks:
  * --help; not root; sync --follow delivers; the health check healthy, unhealthy once PostHog stops, and healthy for
  * a command without --metrics-port; `podman stop` exits 143 within 20 s; the same volume resumes with nothing lost.
- * Behind a TLS-intercepting proxy, NPM_CA_FILE (or NODE_EXTRA_CA_CERTS) names the CA certificates the build's npm
- * needs; they go in as the `npm_ca` build secret.
+ * Behind a TLS-intercepting proxy, the CA certificates this machine's npm trusts (NPM_CA_FILE, NODE_EXTRA_CA_CERTS
+ * or npm's `cafile`) go in as the `npm_ca` build secret.
  */
+import { spawnSync } from 'node:child_process'
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -26,9 +27,19 @@ function seconds(since: number): string {
     return `${((Date.now() - since) / 1000).toFixed(1)} s`
 }
 
-/** The build secret that carries extra CA certificates to npm, when this machine has some. */
-export function caSecretFlags(env: NodeJS.ProcessEnv): string[] {
-    const file = env.NPM_CA_FILE ?? env.NODE_EXTRA_CA_CERTS
+/** The CA file npm is configured with here (`npm config get cafile`), or null. */
+function npmCafile(): string | null {
+    const result = spawnSync('npm', ['config', 'get', 'cafile'], { encoding: 'utf8' })
+    const file = result.status === 0 ? result.stdout.trim() : ''
+    return file && file !== 'null' && file !== 'undefined' ? file : null
+}
+
+/**
+ * The build secret that carries CA certificates to the build's npm, when this machine's npm needs some (behind a
+ * TLS-intercepting proxy): NPM_CA_FILE, else NODE_EXTRA_CA_CERTS, else npm's own `cafile` setting.
+ */
+export function caSecretFlags(env: NodeJS.ProcessEnv, cafile: () => string | null = npmCafile): string[] {
+    const file = env.NPM_CA_FILE ?? env.NODE_EXTRA_CA_CERTS ?? cafile()
     return file && existsSync(file) ? ['--secret', `id=npm_ca,src=${file}`] : []
 }
 
