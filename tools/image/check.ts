@@ -109,10 +109,12 @@ function imageSizes(base: string, log: (line: string) => void): void {
 async function main(): Promise<number> {
     const started = Date.now()
     const log = (line: string) => process.stdout.write(`${line}\n`)
+    const toolsStarted = Date.now()
     const installed = ensureDebianTools(Object.fromEntries(DEBIAN_PACKAGES.map((pkg) => [pkg, pkg])))
-    log(
-        `tools: ${installed.length ? `installed ${installed.join(', ')} (apt-get)` : `${DEBIAN_PACKAGES.join(', ')} present`}`
-    )
+    const tools = installed.length
+        ? `installed ${installed.join(', ')} (apt-get)`
+        : `${DEBIAN_PACKAGES.join(', ')} present`
+    log(`tools: ${tools} in ${seconds(toolsStarted)}`)
     const bases = externalBases(readFileSync(join(ROOT, 'Dockerfile'), 'utf8'))
     if (bases.length !== 1) {
         throw new Error(`expected one base image in the Dockerfile, found: ${bases.join(', ')}`)
