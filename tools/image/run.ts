@@ -194,7 +194,7 @@ const healthyWithoutMetrics: Check = async (run, env) => {
     // replay reading standard input, kept open: a command that serves no metrics, running.
     startContainer(run, env, name, ['replay', '-'], ['--interactive'])
     const result = healthcheck(name)
-    podman(['rm', '--force', '--time', '0', name])
+    podman(['rm', '--force', '--volumes', '--time', '0', name])
     if (!result.healthy) {
         throw new Error(`replay without --metrics-port is unhealthy: ${result.said}`)
     }
@@ -248,7 +248,7 @@ const VOLUME_LABEL = 'org.patterns-connector.check'
 /** What a killed run left: its containers (their names would clash) and its volumes. */
 function removeLeftovers(): void {
     for (const name of CONTAINERS) {
-        podman(['rm', '--force', '--time', '0', name])
+        podman(['rm', '--force', '--volumes', '--time', '0', name])
     }
     const volumes = podman(['volume', 'ls', '--quiet', '--filter', `label=${VOLUME_LABEL}`]).stdout.trim()
     for (const volume of volumes ? volumes.split('\n') : []) {
@@ -278,7 +278,7 @@ async function setUp(): Promise<Env> {
 
 async function tearDown(env: Env): Promise<void> {
     for (const name of env.containers) {
-        podman(['rm', '--force', '--time', '0', name])
+        podman(['rm', '--force', '--volumes', '--time', '0', name])
     }
     podman(['volume', 'rm', '--force', env.volume])
     await env.receiver.close()
