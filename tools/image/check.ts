@@ -9,7 +9,7 @@
  * or npm's `cafile`) go in as the `npm_ca` build secret.
  */
 import { spawnSync } from 'node:child_process'
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
@@ -66,7 +66,17 @@ const KEPT_OUT = ['.data/SENTINEL.jsonl', 'coverage/SENTINEL.json', 'SENTINEL.lo
  * Builds the first stage (from the layer cache: files left out do not change the context) with a marked file of
  * each kind .dockerignore leaves out, and lists what of them, and of .git, reached /src.
  */
+/** Marked files a killed run left behind (their names start with `image-check-`). */
+function removeOldMarks(): void {
+    for (const dir of [ROOT, join(ROOT, '.data'), join(ROOT, 'coverage')].filter((path) => existsSync(path))) {
+        readdirSync(dir)
+            .filter((name) => name.startsWith('image-check-'))
+            .forEach((name) => rmSync(join(dir, name), { force: true }))
+    }
+}
+
 async function contextLeavesOut(): Promise<string> {
+    removeOldMarks()
     const mark = `image-check-${process.pid}`
     const files = KEPT_OUT.map((path) => join(ROOT, path.replace('SENTINEL', mark)))
     const madeDirs = ['.data', 'coverage'].map((dir) => join(ROOT, dir)).filter((dir) => !existsSync(dir))
