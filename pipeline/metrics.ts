@@ -119,10 +119,24 @@ class KnownGauge extends Gauge {
     }
 }
 
+/**
+ * prom-client's default metrics include three gauges whose names end in `_total`, a suffix Prometheus keeps for
+ * counters: `promtool check metrics` fails on them, and a rate() over a gauge misleads. The handle and request
+ * counts are left out; the rest of Node's process metrics stay.
+ */
+const GAUGES_NAMED_LIKE_COUNTERS = [
+    'nodejs_active_handles_total',
+    'nodejs_active_requests_total',
+    'nodejs_active_resources_total',
+]
+
 /** The registry of one run: the feed's metrics and Node's process metrics. */
 export function feedMetrics(state: FeedState): FeedMetrics {
     const registry = new Registry()
     collectDefaultMetrics({ register: registry })
+    for (const name of GAUGES_NAMED_LIKE_COUNTERS) {
+        registry.removeSingleMetric(name)
+    }
     const requests = deliveryCounters(registry, state)
     upGauge(registry, 'webhook', state.webhook)
     if (state.posthog) {
