@@ -357,6 +357,8 @@ export interface QueryClientOptions {
      * out, not a --posthog-url to check within seconds.
      */
     answeredBefore?: boolean
+    /** HogQL query modifiers sent with every query (they take precedence over the project's settings). */
+    modifiers?: Record<string, string>
 }
 
 export class AbortedError extends Error {
@@ -388,8 +390,8 @@ export class QueryClient {
     readonly target: QueryTarget
     private readonly starts: number[] = []
     private readonly buffers = new BodyBuffers()
-    private readonly options: Required<Omit<QueryClientOptions, 'signal' | 'onWait' | 'onOutcome'>> &
-        Pick<QueryClientOptions, 'signal' | 'onWait' | 'onOutcome'>
+    private readonly options: Required<Omit<QueryClientOptions, 'signal' | 'onWait' | 'onOutcome' | 'modifiers'>> &
+        Pick<QueryClientOptions, 'signal' | 'onWait' | 'onOutcome' | 'modifiers'>
     queries = 0
     retries = 0
     /** Whether PostHog has answered a query well once: failures before that point at the URL, not an outage. */
@@ -485,6 +487,7 @@ export class QueryClient {
     }
 
     private post(hogql: string, signal: AbortSignal): Promise<PostAnswer> {
+        const { modifiers } = this.options
         // Bytes, not text, into a kept buffer: a page's rows are cut out and parsed one by one (body.ts).
         return postJson(this.endpoint, {
             headers: {
@@ -493,7 +496,10 @@ export class QueryClient {
                 'User-Agent': 'patterns-connector/1.0.0 (sync)',
             },
             // force_blocking: always compute, never a cached result that predates the newest events.
-            body: JSON.stringify({ query: { kind: 'HogQLQuery', query: hogql }, refresh: 'force_blocking' }),
+            body: JSON.stringify({
+                query: { kind: 'HogQLQuery', query: hogql, ...(modifiers ? { modifiers } : {}) },
+                refresh: 'force_blocking',
+            }),
             signal,
             connectTimeoutMs: CONNECT_TIMEOUT_MS,
             read: (stream, expectedBytes) => this.buffers.read(stream, this.options.maxResponseBytes, expectedBytes),
