@@ -214,16 +214,13 @@ export class EventStore {
         }
     }
 
-    /**
-     * Runs a SELECT and returns ClickHouse's output bytes as they are (no decoding into a JS string), with the rows
-     * ClickHouse read to answer it.
-     */
-    async runBytes(sql: string, format = 'JSONCompactEachRow'): Promise<{ bytes: Buffer; rowsRead: number }> {
+    /** Runs a SELECT and returns ClickHouse's output bytes as they are (no decoding into a JS string). */
+    async runBytes(sql: string, format = 'JSONCompactEachRow'): Promise<Buffer> {
         try {
             const result = await this.session.queryAsync(sql, { format })
             // A view, not a copy: a page is megabytes.
             const bytes = result.bytes()
-            return { bytes: Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength), rowsRead: result.rowsRead }
+            return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)
         } catch (error) {
             throw engineError(error)
         }

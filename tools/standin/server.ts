@@ -191,9 +191,8 @@ export interface StandInStats {
     faults: { '429': number; '500': number; slow: number }
     /** Late events stored by the `late` fault. */
     lateEvents: number
-    /** Rows the queries returned (in `results`), and rows ClickHouse read to answer them. */
+    /** Rows the queries returned (in `results`): what a client read through the query budget. */
     rowsReturned: number
-    rowsRead: number
 }
 
 /** The interface shared by the in-process stand-in and the spawned one. */
@@ -280,7 +279,6 @@ class StandIn {
         faults: { '429': 0, '500': 0, slow: 0 },
         lateEvents: 0,
         rowsReturned: 0,
-        rowsRead: 0,
     }
     private limits: StandInLimits
     private faults: StandInFaults = {}
@@ -569,9 +567,8 @@ class StandIn {
             const select = compiled.aliases.map((alias, i) => formatColumn(alias, types[i]?.[1] ?? 'String'))
             const sql = `SELECT ${select.join(', ')}\nFROM (\n${compiled.sql}\n)\n${settings}`
             this.counters.queries += 1
-            const { bytes, rowsRead } = await this.store.runBytes(sql)
-            const { json, hasMore, rows } = rowsToJsonArray(bytes, compiled.paginator?.pageSize ?? null)
-            this.counters.rowsRead += rowsRead
+            const output = await this.store.runBytes(sql)
+            const { json, hasMore, rows } = rowsToJsonArray(output, compiled.paginator?.pageSize ?? null)
             this.counters.rowsReturned += rows
             return {
                 at: this.clock(),
