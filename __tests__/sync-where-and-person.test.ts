@@ -9,6 +9,7 @@ import { join } from 'node:path'
 
 import { bindingDifferences, readSyncCheckpoint, SourceBinding } from '../sync/checkpoint'
 import { runSyncCli } from '../sync/cli'
+import { DETAIL_CHARS, shortDetail } from '../sync/posthog'
 import { buildPageQuery, buildProbeQuery, PERSONS_ON_EVENTS_MODE, whereProblem } from '../sync/query'
 import { personDisplayName } from '../sync/rows'
 import { Receiver, startReceiver } from '../tools/receiver/receiver'
@@ -145,6 +146,9 @@ describe('--where: PostHog filters, and the query budget reads only what is sent
         expect(syntax.stderr).toMatch(
             /--where: PostHog refused the expression \(HTTP 400: no viable alternative at input/
         )
+        // The parser quotes the query up to the error: the quote keeps its end, where the expression is.
+        expect(syntax.stderr).toContain(' … ')
+        expect(syntax.stderr).toContain("AND (\\n    event = 'a' AND\\n)')")
         expect(standin.log.map((entry) => entry.status)).toEqual([400, 400])
         expect(receiver?.rows()).toHaveLength(0)
         expect(() => readFileSync(checkpoint)).toThrow()
@@ -356,6 +360,16 @@ describe('the pure parts', () => {
         expect(whereProblem('a /* ) */')).toMatch(/comment/)
         expect(whereProblem('a; b')).toBe('has a ;')
         expect(whereProblem('  ')).toBe('is empty')
+    })
+
+    it('cuts a long detail in the middle, keeping the end where a parser says what failed', () => {
+        const detail = `no viable alternative at input '${'x'.repeat(400)} AND (bad'`
+        const short = shortDetail(detail)
+        expect(short.length).toBeLessThanOrEqual(DETAIL_CHARS)
+        expect(short.length).toBeGreaterThan(DETAIL_CHARS - 3)
+        expect(short.startsWith('no viable alternative at input')).toBe(true)
+        expect(short.endsWith("AND (bad'")).toBe(true)
+        expect(shortDetail('short')).toBe('short')
     })
 
     it('names a person by the first name-like property set, else the distinct_id, as PostHog does', () => {

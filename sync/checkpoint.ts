@@ -143,9 +143,9 @@ export function resumeFrom(
     if (differences.length > 0 && differences.every((d) => SHAPE_FLAGS.some((flag) => d.startsWith(`${flag} `)))) {
         throw new CheckpointError(
             `--checkpoint: ${file} was written for another filter or shape (${differences.join('; ')}): the events ` +
-                'before its position were sent with the old ones, so resuming would change the feed halfway and miss ' +
-                'the earlier events the new filter lets through. ' +
-                'Run with the same --where and --with-person to resume, or start over with a new --checkpoint file ' +
+                'before its position were sent with the old ones, so resuming would change the feed halfway (and a ' +
+                'new --where would miss the earlier events it lets through). Run with the same --where and ' +
+                '--with-person to resume, or start over with a new --checkpoint file ' +
                 '(and --since where the new feed should begin).'
         )
     }

@@ -40,7 +40,19 @@ export const CONNECT_TIMEOUT_MS = 5_000
  */
 export const MAX_RESPONSE_BYTES = 512 * 1024 * 1024
 /** Quoted from an error body at most, e.g. PostHog's `detail`. */
-const DETAIL_CHARS = 300
+export const DETAIL_CHARS = 300
+
+/**
+ * A detail cut to DETAIL_CHARS, keeping its start and its end: a parser's message quotes the query up to the point
+ * where it failed, so the end is where the error is (a --where comes last in the query).
+ */
+export function shortDetail(text: string): string {
+    if (text.length <= DETAIL_CHARS) {
+        return text
+    }
+    const half = Math.floor((DETAIL_CHARS - 3) / 2)
+    return `${text.slice(0, half)} … ${text.slice(text.length - half)}`
+}
 /** Of an error body, only this much is read for its `detail` (PostHog's are a few hundred bytes). */
 const ERROR_TEXT_BYTES = 64 * 1024
 
@@ -119,7 +131,7 @@ export function errorDetail(body: string): string {
         const parsed = JSON.parse(body) as { detail?: unknown; error?: unknown }
         const detail = parsed.detail ?? parsed.error
         if (typeof detail === 'string' && detail) {
-            return detail.slice(0, DETAIL_CHARS)
+            return shortDetail(detail)
         }
     } catch {
         // Not JSON: quote the start of the text.
