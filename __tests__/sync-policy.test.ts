@@ -83,6 +83,8 @@ describe('rows to events', () => {
         elements_chain: 5,
         created_at_ms: 6,
         timestamp_ms: -1,
+        person_id: -1,
+        person_properties: -1,
     }
 
     it('builds the event the plugin sends, with $set and $set_once lifted from properties', () => {

@@ -19,7 +19,14 @@ export interface SourceBinding {
     excludedEvents: string[]
     /** The --since of the first run, ISO 8601. */
     since: string
+    /** `--where`: the events PostHog lets through. Absent in checkpoints from before the flag: none. */
+    where?: string | null
+    /** `--with-person`: the shape of what was sent. Absent in checkpoints from before the flag: false. */
+    withPerson?: boolean
 }
+
+/** The filter and the shape: what a resume must keep, or the feed would mix two kinds of events. */
+const SHAPE_FLAGS = ['--where', '--with-person']
 
 export interface SyncCheckpoint {
     version: number
@@ -35,7 +42,23 @@ export function normaliseBinding(binding: SourceBinding): SourceBinding {
         ...binding,
         allowedEvents: binding.allowedEvents ? [...new Set(binding.allowedEvents)].sort() : null,
         excludedEvents: [...new Set(binding.excludedEvents)].sort(),
+        where: binding.where?.trim() || null,
+        withPerson: binding.withPerson === true,
     }
+}
+
+/** --where and --with-person as they differ between the checkpoint's run and this one. */
+function shapeDifferences(a: SourceBinding, b: SourceBinding): string[] {
+    const differences: string[] = []
+    const where = (w: string | null | undefined): string => (w ? JSON.stringify(w) : 'none')
+    if (a.where !== b.where) {
+        differences.push(`--where ${where(a.where)} then, ${where(b.where)} now`)
+    }
+    if (a.withPerson !== b.withPerson) {
+        const person = (on: boolean | undefined): string => (on ? 'on' : 'off')
+        differences.push(`--with-person ${person(a.withPerson)} then, ${person(b.withPerson)} now`)
+    }
+    return differences
 }
 
 /** The fields that differ between the checkpoint's source and this run's, described for the error message. */
@@ -61,7 +84,7 @@ export function bindingDifferences(saved: SourceBinding, current: SourceBinding,
     if (sinceGiven && Date.parse(a.since) !== Date.parse(b.since)) {
         differences.push(`--since ${a.since} then, ${b.since} now`)
     }
-    return differences
+    return [...differences, ...shapeDifferences(a, b)]
 }
 
 function isCursor(value: unknown): value is Cursor {
@@ -115,6 +138,15 @@ export function resumeFrom(
             `--checkpoint: ${file} started from --since ${saved.source.since}, and resumes from there; ` +
                 `--since ${current.since} would leave a gap or read twice. Leave --since out to resume, or use a ` +
                 'new --checkpoint file to start from the new --since.'
+        )
+    }
+    if (differences.length > 0 && differences.every((d) => SHAPE_FLAGS.some((flag) => d.startsWith(`${flag} `)))) {
+        throw new CheckpointError(
+            `--checkpoint: ${file} was written for another filter or shape (${differences.join('; ')}): the events ` +
+                'before its position were sent with the old ones, so resuming would change the feed halfway (and a ' +
+                'new --where would miss the earlier events it lets through). Run with the same --where and ' +
+                '--with-person to resume, or start over with a new --checkpoint file ' +
+                '(and --since where the new feed should begin).'
         )
     }
     if (differences.length > 0) {

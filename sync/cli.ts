@@ -49,6 +49,7 @@ import {
 } from '../pipeline/service'
 import { CheckpointError, resumeFrom, SourceBinding } from './checkpoint'
 import {
+    AbortedError,
     DEFAULT_QUERIES_PER_HOUR,
     DEFAULT_QUERIES_PER_MINUTE,
     DEFAULT_QUERY_RETRY_FOR_MS,
@@ -58,7 +59,7 @@ import {
     PostHogQueryError,
     QueryClient,
 } from './posthog'
-import { MAX_QUERY_ROWS } from './query'
+import { buildProbeQuery, FUTURE_WINDOW_MS, MAX_QUERY_ROWS, PERSONS_ON_EVENTS_MODE, whereProblem } from './query'
 import { newSyncWatch, postHogOutcome, syncProgressFields, SyncWatch, watchLagMs } from './service'
 import { DEFAULT_LAG_MS, DEFAULT_LATE_WINDOW_MS, DEFAULT_PAGE_SIZE, DEFAULT_POLL_INTERVAL_MS } from './source'
 import { sync, SyncProgress, SyncReport } from './sync'
@@ -89,6 +90,13 @@ Source:
   --query-timeout DURATION     one query's time limit before it is retried (default: ${DEFAULT_QUERY_TIMEOUT_MS / 1000}s)
   --max-queries-per-minute N   client-side limit (default: ${DEFAULT_QUERIES_PER_MINUTE}; PostHog allows ${POSTHOG_QUERIES_PER_MINUTE} per team)
   --max-queries-per-hour N     client-side limit (default: ${DEFAULT_QUERIES_PER_HOUR}; PostHog allows ${POSTHOG_QUERIES_PER_HOUR} per team)
+
+Filter and shape (PostHog does the filtering: only matching events are read from the query budget):
+  --where EXPR                 a HogQL boolean expression, as in PostHog's SQL editor, e.g.
+                               "properties.plan = 'pro'" or "person.properties.email ILIKE '%@acme.com'";
+                               tried once at start (a bad one exits 2 with PostHog's message)
+  --with-person                add each event's person: {id, properties, name, url}, its properties as they
+                               were when the event was stored (what PostHog's webhook destination sends)
 
 Delivery (as replay):
   --allowed-events LIST        comma-separated event names to send (default: all); read by the query itself
@@ -201,6 +209,10 @@ export interface SyncArgs {
     /** How long one batch, or one query, may keep failing (Infinity with --follow unless --retry-for is given). */
     retryForMs: number
     service: ServiceSettings
+    /** `--where`: a HogQL boolean expression PostHog filters on, or null. */
+    where: string | null
+    /** `--with-person`: each event carries its person. */
+    withPerson: boolean
 }
 
 const OPTIONS = {
@@ -219,6 +231,8 @@ const OPTIONS = {
     'query-timeout': { type: 'string' },
     'max-queries-per-minute': { type: 'string' },
     'max-queries-per-hour': { type: 'string' },
+    where: { type: 'string' },
+    'with-person': { type: 'boolean', default: false },
 } as const
 
 /** The numeric and duration flags, whose negative values must reach the check that names the flag. */
@@ -279,6 +293,21 @@ function timeRange(values: SyncFlags, nowMs: number) {
     return { sinceMs, sinceGiven: values.since !== undefined, untilMs, follow, lagMs }
 }
 
+/** --where, trimmed, once it cannot reach outside its parentheses in the query; PostHog judges the rest. */
+export function parseWhere(text: string | undefined): string | null {
+    if (text === undefined) {
+        return null
+    }
+    const problem = whereProblem(text)
+    if (problem) {
+        throw new UsageError(
+            `--where: the expression ${problem}; give one HogQL boolean expression, e.g. ` +
+                `--where "properties.plan = 'pro' AND person.properties.email ILIKE '%@acme.com'"`
+        )
+    }
+    return text.trim()
+}
+
 /** Validates every flag once, naming the flag and the fix. Returns null for --help. */
 export function parseSyncArgs(argv: string[], env: Record<string, string | undefined>, nowMs: number): SyncArgs | null {
     const values = readFlags(argv)
@@ -313,6 +342,8 @@ export function parseSyncArgs(argv: string[], env: Record<string, string | undef
         deadLetterFile: delivery.deadLetterFile,
         retryForMs: delivery.retryForMs,
         service: serviceSettings(values),
+        where: parseWhere(values.where),
+        withPerson: values['with-person'],
     }
 }
 
@@ -381,6 +412,8 @@ function bindingOf(args: SyncArgs): SourceBinding {
         allowedEvents: args.config.allowedEvents ? [...args.config.allowedEvents] : null,
         excludedEvents: [...args.config.excludedEvents],
         since: new Date(args.sinceMs).toISOString(),
+        where: args.where,
+        withPerson: args.withPerson,
     }
 }
 
@@ -404,6 +437,8 @@ function queryClient({ args, output, watch, answeredBefore, signal }: QueryClien
         outage: args.follow,
         answeredBefore: args.follow && answeredBefore,
         limits: { perMinute: args.perMinute, perHour: args.perHour },
+        // Always the same persons-on-events mode, so --where on person properties means the same on every project.
+        modifiers: { personsOnEventsMode: PERSONS_ON_EVENTS_MODE },
         signal,
         onWait: (reason, waitMs) => {
             // Short waits for the client-side limit are routine; retries and long waits are worth a line.
@@ -555,16 +590,56 @@ function progressView(output: CliOutput, watch: SyncWatch, started: number) {
     }
 }
 
+/**
+ * --where, tried once with PostHog before anything is read or saved: null when PostHog took it, else the exit code
+ * (2 with PostHog's own message when it refused the expression).
+ */
+async function probeWhere(client: QueryClient, args: SyncArgs, start: SyncRun['start'], output: CliOutput) {
+    if (!args.where) {
+        return null
+    }
+    const query = buildProbeQuery({
+        cursor: start.cursor,
+        lateWindowMs: args.lateWindowMs,
+        futureWindowMs: FUTURE_WINDOW_MS,
+        allowedEvents: start.binding.allowedEvents,
+        excludedEvents: start.binding.excludedEvents,
+        withPerson: args.withPerson,
+        where: args.where,
+    })
+    try {
+        ;(await client.run(query)).release()
+        return null
+    } catch (error) {
+        const refused = error instanceof PostHogQueryError && error.kind === 'query'
+        output.line(
+            refused
+                ? `error: --where: PostHog refused the expression (HTTP 400${error.answer?.detail ?? ''}). Fix it ` +
+                      "and run again: it is HogQL, as in PostHog's SQL editor (try it there on the events table)."
+                : `error: ${(error as Error).message}`
+        )
+        if (refused || (error instanceof PostHogQueryError && error.isConfig)) {
+            return 2
+        }
+        return error instanceof AbortedError ? 130 : 1
+    }
+}
+
 /** The sync itself, wired to the output and the service; returns the exit code. */
 async function runSync({ args, start, output, watch, service, signal }: SyncRun): Promise<number> {
     const started = Date.now()
     const answeredBefore = start.cursor.uuid !== null
+    const client = queryClient({ args, output, watch, answeredBefore, signal })
+    const refused = await probeWhere(client, args, start, output)
+    if (refused !== null) {
+        return refused
+    }
     const view = progressView(output, watch, started)
     let report: SyncReport
     try {
         report = await sync({
             ...args,
-            client: queryClient({ args, output, watch, answeredBefore, signal }),
+            client,
             start: start.cursor,
             teamId: Number(args.projectId),
             allowedEvents: start.binding.allowedEvents,

@@ -40,7 +40,19 @@ export const CONNECT_TIMEOUT_MS = 5_000
  */
 export const MAX_RESPONSE_BYTES = 512 * 1024 * 1024
 /** Quoted from an error body at most, e.g. PostHog's `detail`. */
-const DETAIL_CHARS = 300
+export const DETAIL_CHARS = 300
+
+/**
+ * A detail cut to DETAIL_CHARS, keeping its start and its end: a parser's message quotes the query up to the point
+ * where it failed, so the end is where the error is (a --where comes last in the query).
+ */
+export function shortDetail(text: string): string {
+    if (text.length <= DETAIL_CHARS) {
+        return text
+    }
+    const half = Math.floor((DETAIL_CHARS - 3) / 2)
+    return `${text.slice(0, half)} … ${text.slice(text.length - half)}`
+}
 /** Of an error body, only this much is read for its `detail` (PostHog's are a few hundred bytes). */
 const ERROR_TEXT_BYTES = 64 * 1024
 
@@ -119,7 +131,7 @@ export function errorDetail(body: string): string {
         const parsed = JSON.parse(body) as { detail?: unknown; error?: unknown }
         const detail = parsed.detail ?? parsed.error
         if (typeof detail === 'string' && detail) {
-            return detail.slice(0, DETAIL_CHARS)
+            return shortDetail(detail)
         }
     } catch {
         // Not JSON: quote the start of the text.
@@ -357,6 +369,8 @@ export interface QueryClientOptions {
      * out, not a --posthog-url to check within seconds.
      */
     answeredBefore?: boolean
+    /** HogQL query modifiers sent with every query (they take precedence over the project's settings). */
+    modifiers?: Record<string, string>
 }
 
 export class AbortedError extends Error {
@@ -388,8 +402,8 @@ export class QueryClient {
     readonly target: QueryTarget
     private readonly starts: number[] = []
     private readonly buffers = new BodyBuffers()
-    private readonly options: Required<Omit<QueryClientOptions, 'signal' | 'onWait' | 'onOutcome'>> &
-        Pick<QueryClientOptions, 'signal' | 'onWait' | 'onOutcome'>
+    private readonly options: Required<Omit<QueryClientOptions, 'signal' | 'onWait' | 'onOutcome' | 'modifiers'>> &
+        Pick<QueryClientOptions, 'signal' | 'onWait' | 'onOutcome' | 'modifiers'>
     queries = 0
     retries = 0
     /** Whether PostHog has answered a query well once: failures before that point at the URL, not an outage. */
@@ -485,6 +499,7 @@ export class QueryClient {
     }
 
     private post(hogql: string, signal: AbortSignal): Promise<PostAnswer> {
+        const { modifiers } = this.options
         // Bytes, not text, into a kept buffer: a page's rows are cut out and parsed one by one (body.ts).
         return postJson(this.endpoint, {
             headers: {
@@ -493,7 +508,10 @@ export class QueryClient {
                 'User-Agent': 'patterns-connector/1.0.0 (sync)',
             },
             // force_blocking: always compute, never a cached result that predates the newest events.
-            body: JSON.stringify({ query: { kind: 'HogQLQuery', query: hogql }, refresh: 'force_blocking' }),
+            body: JSON.stringify({
+                query: { kind: 'HogQLQuery', query: hogql, ...(modifiers ? { modifiers } : {}) },
+                refresh: 'force_blocking',
+            }),
             signal,
             connectTimeoutMs: CONNECT_TIMEOUT_MS,
             read: (stream, expectedBytes) => this.buffers.read(stream, this.options.maxResponseBytes, expectedBytes),

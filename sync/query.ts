@@ -32,6 +32,10 @@ export interface PageQueryInput {
     pageSize: number
     allowedEvents: readonly string[] | null
     excludedEvents: readonly string[]
+    /** Read each event's person (id and properties) in the same query: `--with-person`. */
+    withPerson?: boolean
+    /** A HogQL boolean expression PostHog filters on (`--where`), checked by `whereProblem` first. */
+    where?: string | null
 }
 
 /** Rows PostHog's query API returns at most per query, with an explicit LIMIT (see the README for the source). */
@@ -49,6 +53,18 @@ export const PAGE_COLUMNS = [
     'elements_chain',
     'created_at_ms',
 ] as const
+
+/** The person's columns, read after the event's with `--with-person`. */
+export const PERSON_COLUMNS = ['person_id', 'person_properties'] as const
+
+/**
+ * The persons-on-events mode every query asks for (a HogQL query modifier, which takes precedence over the
+ * project's own setting). With it `person_id` and `person.properties` are the columns PostHog's ingestion wrote on
+ * the event: the person as it was when the event was stored, which is what PostHog's HTTP Webhook destination
+ * sends (it reads the same row), and no join with the persons tables, so a page costs the same scan as without.
+ * The other modes join the person overrides (and, for properties "now", the persons table) on every page.
+ */
+export const PERSONS_ON_EVENTS_MODE = 'person_id_no_override_properties_on_events'
 
 const UUID_PATTERN = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
 
@@ -101,10 +117,16 @@ export function buildPageQuery(input: PageQueryInput): string {
     if (input.excludedEvents.length > 0) {
         where.push(`event NOT IN (${input.excludedEvents.map(hogqlString).join(', ')})`)
     }
+    if (input.where) {
+        // Last, and alone in its parentheses: an AND of the conditions above and this one, whatever it says
+        // (`whereProblem` made sure it cannot close them early).
+        where.push(`(\n    ${input.where}\n)`)
+    }
     return [
         // Datetimes as integer milliseconds: no time zone, no text to parse, and the plugin's precision.
         'SELECT uuid, event, distinct_id, toUnixTimestamp64Milli(timestamp) AS timestamp_ms, properties,',
-        '    elements_chain, toUnixTimestamp64Milli(created_at) AS created_at_ms',
+        `    elements_chain, toUnixTimestamp64Milli(created_at) AS created_at_ms${input.withPerson ? ',' : ''}`,
+        ...(input.withPerson ? ['    person_id, person.properties AS person_properties'] : []),
         'FROM events',
         `WHERE ${where.join('\n    AND ')}`,
         'ORDER BY created_at_ms ASC, uuid ASC',
@@ -133,4 +155,60 @@ export function scanUpperMs(cursor: Cursor, horizonMs: number, stepMs: number): 
  */
 export function cursorAfterShortPage(cursor: Cursor, upperMs: number): Cursor {
     return upperMs > cursor.ms ? { ms: upperMs, uuid: null } : cursor
+}
+
+/**
+ * The query that tries a --where once at start: a page's own text (columns, filters, the expression) over an empty
+ * created_at range, so PostHog parses, resolves and plans it as it will every page, and reads nothing.
+ */
+export function buildProbeQuery(input: Omit<PageQueryInput, 'upperMs' | 'pageSize'>): string {
+    const start = { ms: input.cursor.ms, uuid: null }
+    return buildPageQuery({ ...input, cursor: start, upperMs: start.ms, pageSize: 1 })
+}
+
+/** Where a quoted string or identifier that opens at `at` closes (its index), or -1 if it never does. */
+function closingQuote(text: string, at: number): number {
+    const quote = text[at]
+    for (let i = at + 1; i < text.length; i++) {
+        if (text[i] === '\\') {
+            i++
+        } else if (text[i] === quote) {
+            if (text[i + 1] !== quote) {
+                return i
+            }
+            i++ // a doubled quote stands for one
+        }
+    }
+    return -1
+}
+
+/**
+ * Why a --where text could reach outside the parentheses it is put in (and so change the cursor's conditions), or
+ * null when it cannot: its parentheses balance outside strings and quoted names, and it has no comment or `;`
+ * that could hide the closing one. Whether it is valid HogQL is PostHog's to say (the probe query).
+ */
+export function whereProblem(text: string): string | null {
+    if (text.trim() === '') {
+        return 'is empty'
+    }
+    let depth = 0
+    for (let i = 0; i < text.length; i++) {
+        const c = text[i] as string
+        const pair = text.slice(i, i + 2)
+        if (c === "'" || c === '"' || c === '`') {
+            i = closingQuote(text, i)
+            if (i < 0) {
+                return `opens a ${c} it never closes`
+            }
+        } else if (pair === '--' || pair === '/*' || pair === '//') {
+            return `has a comment (${pair}), which could hide the closing parenthesis`
+        } else if (c === ';') {
+            return 'has a ;'
+        } else if (c === '(') {
+            depth++
+        } else if (c === ')' && --depth < 0) {
+            return 'closes a parenthesis it did not open'
+        }
+    }
+    return depth === 0 ? null : 'leaves a parenthesis open'
 }

@@ -16,7 +16,35 @@ export interface SyncedEvent {
     $set_once?: unknown
     /** The autocapture element chain as PostHog stores it; the plugin's `elements` array is not rebuilt from it. */
     elements_chain?: string
+    /** With `--with-person`: the event's person, or null for an event stored without one. */
+    person?: SyncedPerson | null
 }
+
+/** The person as PostHog's HTTP Webhook destination sends it (its `person` global). */
+export interface SyncedPerson {
+    id: string
+    properties: Record<string, unknown>
+    /** The first of PERSON_DISPLAY_NAME_PROPERTIES that is set, else the distinct_id. */
+    name: string
+    /** The person's page in PostHog. */
+    url: string
+}
+
+/** How persons are read: where their pages are, and the properties never to send (`--excluded-properties`). */
+export interface PersonShape {
+    /** e.g. https://us.posthog.com/project/12345 */
+    projectUrl: string
+    excludedProperties: ReadonlySet<string>
+}
+
+/**
+ * The properties PostHog names a person by when the project has not chosen its own (nodejs/src/cdp/utils.ts,
+ * `PERSON_DEFAULT_DISPLAY_NAME_PROPERTIES`); a project's "person display name" setting is not readable here.
+ */
+export const PERSON_DISPLAY_NAME_PROPERTIES = ['email', 'Email', 'name', 'Name', 'username', 'Username', 'UserName']
+
+/** A person_id that means "no person": empty, or ClickHouse's zero UUID for a UUID column never set. */
+const NO_PERSON = new Set(['', '00000000-0000-0000-0000-000000000000'])
 
 /** One row, read: the event to send, and its key for the cursor. */
 export interface PageRow {
@@ -118,6 +146,8 @@ export interface RowColumns {
     timestamp_ms: number
     timestamp: number
     elements_chain: number
+    person_id: number
+    person_properties: number
 }
 
 const REQUIRED_COLUMNS = ['uuid', 'event', 'distinct_id', 'properties', 'created_at_ms'] as const
@@ -139,7 +169,39 @@ export function rowColumns(columns: readonly string[]): RowColumns {
         timestamp_ms: at('timestamp_ms'),
         timestamp: at('timestamp'),
         elements_chain: at('elements_chain'),
+        person_id: at('person_id'),
+        person_properties: at('person_properties'),
     }
+}
+
+/** The person's name as the destination shows it: a name-like property's value (JSON for a non-string), else the id. */
+export function personDisplayName(properties: Record<string, unknown>, distinctId: string): string {
+    const key = PERSON_DISPLAY_NAME_PROPERTIES.find((name) => Boolean(properties[name]))
+    const value = key === undefined ? undefined : properties[key]
+    const text = typeof value === 'string' ? value : value === undefined ? '' : JSON.stringify(value)
+    return (text || distinctId).trim()
+}
+
+/**
+ * The row's person, minus the excluded properties (before its name is chosen, so an excluded email cannot come back
+ * as the name), or null when the event was stored without one.
+ */
+export function personOf(row: readonly unknown[], at: RowColumns, distinctId: string, shape: PersonShape) {
+    const id = row[at.person_id]
+    if (typeof id !== 'string' || NO_PERSON.has(id)) {
+        return null
+    }
+    const properties = parseProperties(row[at.person_properties])
+    for (const key of shape.excludedProperties) {
+        delete properties[key]
+    }
+    const person: SyncedPerson = {
+        id,
+        properties,
+        name: personDisplayName(properties, distinctId),
+        url: `${shape.projectUrl}/person/${encodeURIComponent(distinctId)}`,
+    }
+    return person
 }
 
 /** PostHog's properties text, usable as is: a JSON object as PostHog serialised it, with no person updates to lift. */
@@ -164,9 +226,10 @@ export function eventHead(event: SyncedEvent): string {
     )
 }
 
-/** The `elements_chain` member that closes the event's JSON, or just the closing brace. */
-function eventTail(chain: unknown): string {
-    return typeof chain === 'string' && chain !== '' ? `,"elements_chain":${JSON.stringify(chain)}}` : '}'
+/** The `elements_chain` and `person` members that close the event's JSON, then the closing brace. */
+function eventTail(chain: unknown, person: SyncedPerson | null | undefined): string {
+    const elements = typeof chain === 'string' && chain !== '' ? `,"elements_chain":${JSON.stringify(chain)}` : ''
+    return person === undefined ? `${elements}}` : `${elements},"person":${JSON.stringify(person)}}`
 }
 
 /**
@@ -174,7 +237,13 @@ function eventTail(chain: unknown): string {
  * them (most rows): the event's JSON is assembled around them, in the same key order as the object form. A hot
  * path (a million rows is a million calls): columns are read by position, and nothing is copied that need not be.
  */
-export function rowToEvent(row: readonly unknown[], at: RowColumns, teamId: number, keepText = false): PageRow {
+export function rowToEvent(
+    row: readonly unknown[],
+    at: RowColumns,
+    teamId: number,
+    keepText = false,
+    personShape: PersonShape | null = null
+): PageRow {
     const uuid = row[at.uuid]
     const createdAtMs = Number(row[at.created_at_ms])
     if (typeof uuid !== 'string' || !Number.isSafeInteger(createdAtMs)) {
@@ -190,10 +259,11 @@ export function rowToEvent(row: readonly unknown[], at: RowColumns, teamId: numb
         properties: {},
     }
     const chain = at.elements_chain >= 0 ? row[at.elements_chain] : undefined
+    const person = personShape && at.person_id >= 0 ? personOf(row, at, event.distinct_id, personShape) : undefined
     const verbatim = keepText ? verbatimProperties(row[at.properties]) : null
     if (verbatim !== null) {
         const head = eventHead(event)
-        const tail = eventTail(chain)
+        const tail = eventTail(chain, person)
         const bytes = Buffer.byteLength(head) + Buffer.byteLength(verbatim) + Buffer.byteLength(tail)
         return { event, createdAtMs, text: head + verbatim + tail, bytes }
     }
@@ -208,6 +278,9 @@ export function rowToEvent(row: readonly unknown[], at: RowColumns, teamId: numb
     }
     if (typeof chain === 'string' && chain !== '') {
         event.elements_chain = chain
+    }
+    if (person !== undefined) {
+        event.person = person
     }
     return { event, createdAtMs }
 }

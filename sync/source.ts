@@ -6,7 +6,7 @@
 import type { SourceRecord } from '../pipeline/types'
 import { abortableSleep, AbortedError, QueryResponse } from './posthog'
 import { buildPageQuery, Cursor, cursorAfter, cursorAfterShortPage, FUTURE_WINDOW_MS, scanUpperMs } from './query'
-import { PageRow, RowColumns, rowColumns, RowError, rowToEvent } from './rows'
+import { PageRow, PersonShape, RowColumns, rowColumns, RowError, rowToEvent } from './rows'
 
 /** Delay kept behind now so that events still being written are not passed over (see the README). */
 export const DEFAULT_LAG_MS = 60_000
@@ -61,6 +61,10 @@ export interface SourceOptions {
     chunkRows?: number
     allowedEvents: readonly string[] | null
     excludedEvents: readonly string[]
+    /** With `--with-person`: read each event's person in the same query, and shape it so. */
+    person?: PersonShape | null
+    /** `--where`: a HogQL boolean expression every page's query ANDs in (see `buildPageQuery`). */
+    where?: string | null
     now?: () => number
     sleep?: (ms: number, signal?: AbortSignal) => Promise<void>
     signal?: AbortSignal
@@ -94,7 +98,8 @@ export function pageRecords(
     range: RowRange,
     teamId: number,
     previous: Cursor,
-    keepText = false
+    keepText = false,
+    person: PersonShape | null = null
 ): SourceRecord<Cursor>[] {
     const { columns } = range
     const records: SourceRecord<Cursor>[] = []
@@ -104,7 +109,7 @@ export function pageRecords(
         const row = Array.isArray(item) ? (item as unknown[]) : [item]
         let read: PageRow
         try {
-            read = rowToEvent(row, columns, teamId, keepText)
+            read = rowToEvent(row, columns, teamId, keepText, person)
         } catch (error) {
             // The key columns alone still place the row, so the cursor moves past it and it is not lost silently.
             cursor = rowKey(row, columns, error)
@@ -181,6 +186,8 @@ function pagePlanner(options: SourceOptions) {
                 pageSize: options.pageSize ?? DEFAULT_PAGE_SIZE,
                 allowedEvents: options.allowedEvents,
                 excludedEvents: options.excludedEvents,
+                withPerson: Boolean(options.person),
+                where: options.where,
             })
         )
         // Awaited by the source; until then a failure must not count as unhandled.
@@ -203,7 +210,8 @@ function* pageChunks(
     let previous = pageStart
     for (let from = 0; from < response.rowCount; from += chunkRows) {
         const to = Math.min(response.rowCount, from + chunkRows)
-        const records = pageRecords(response, { from, to, columns }, options.teamId, previous, options.keepText)
+        const range = { from, to, columns }
+        const records = pageRecords(response, range, options.teamId, previous, options.keepText, options.person)
         previous = records[records.length - 1]?.position ?? previous
         yield records
     }

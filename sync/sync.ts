@@ -10,6 +10,7 @@ import type { PipelineProgress, PipelineReport } from '../pipeline/types'
 import { SourceBinding, writeSyncCheckpoint } from './checkpoint'
 import { QueryClient } from './posthog'
 import { Cursor } from './query'
+import { PersonShape } from './rows'
 import { DEFAULT_CHUNK_ROWS, PageInfo, posthogSource, SourceOptions } from './source'
 
 export interface SyncProgress extends PipelineProgress {
@@ -31,7 +32,9 @@ export interface SyncReport extends PipelineReport<Cursor> {
     sourceError: unknown
 }
 
-export interface SyncOptions extends Omit<SourceOptions, 'run' | 'onPage' | 'signal'> {
+export interface SyncOptions extends Omit<SourceOptions, 'run' | 'onPage' | 'signal' | 'person'> {
+    /** `--with-person`: each event carries its person, shaped as PostHog's webhook destination sends it. */
+    withPerson?: boolean
     client: QueryClient
     config: ParsedConfig
     env: SenderEnv
@@ -87,6 +90,15 @@ function progressReporter(
     }
 }
 
+/** Where persons' pages are, and which of their properties are never sent. */
+function personShape(client: QueryClient, config: ParsedConfig): PersonShape {
+    const { origin, projectId } = client.target
+    return {
+        projectUrl: `${origin}/project/${encodeURIComponent(projectId)}`,
+        excludedProperties: new Set(config.excludedProperties),
+    }
+}
+
 export async function sync(options: SyncOptions): Promise<SyncReport> {
     const { client } = options
     const now = options.now ?? (() => Date.now())
@@ -101,6 +113,7 @@ export async function sync(options: SyncOptions): Promise<SyncReport> {
         ...options,
         run: (hogql) => client.run(hogql),
         keepText: options.config.excludedProperties.length === 0,
+        person: options.withPerson ? personShape(client, options.config) : null,
         // Whole batches per chunk: the pipeline flushes a partial batch at each chunk's end (for a live feed).
         chunkRows:
             Math.max(1, Math.ceil(DEFAULT_CHUNK_ROWS / options.config.maxBatchEvents)) * options.config.maxBatchEvents,

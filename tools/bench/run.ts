@@ -8,6 +8,8 @@
  *    peak RSS of the replay CLI reading files of 100k and 1M events, against an idle Node process and a ceiling.
  * 3. Sync (bench/sync.ts, also runnable alone): 1M events from the PostHog stand-in against replay of the same
  *    events in the same run, and sync's peak RSS against an idle Node process and a ceiling.
+ * 3b. Sync with --where and --with-person (bench/sync-filter.ts, also runnable alone): rows PostHog returns with a
+ *    selective --where against filtering on the client, the cost of --with-person per page, the installed CLI's RSS.
  * 4. Replay of batch-export files (bench/replay-exports.ts, also runnable alone): 1M events as plain and gzip JSON
  *    Lines and as Parquet (zstd, one file and 50), events/s and peak RSS against plain JSON Lines and the raw limit.
  */
@@ -18,6 +20,7 @@ import { BENCH_LATENCIES_MS, BENCH_PATHS, BENCH_PLUGINS, parseList, runPluginTab
 import { benchReplay, replayBenchText } from './replay'
 import { benchReplayExports, replayExportsBenchText } from './replay-exports'
 import { benchSync, syncBenchText } from './sync'
+import { benchWhereAndPerson, filterBenchText } from './sync-filter'
 
 async function main(): Promise<void> {
     const { values } = parseArgs({
@@ -34,6 +37,7 @@ async function main(): Promise<void> {
             'replay-events': { type: 'string', default: '100000' },
             'rss-events': { type: 'string', default: '100000,1000000' },
             'sync-events': { type: 'string', default: '1000000' },
+            'filter-events': { type: 'string', default: '100000' },
             'export-events': { type: 'string', default: '1000000' },
         },
     })
@@ -65,6 +69,8 @@ async function main(): Promise<void> {
     process.stdout.write('\n' + replayBenchText(await benchReplay(replayEvents, rssEvents)))
     const syncEvents = quick ? 20_000 : Number(values['sync-events'])
     process.stdout.write('\n' + syncBenchText(await benchSync(syncEvents)))
+    const filterEvents = quick ? 20_000 : Number(values['filter-events'])
+    process.stdout.write('\n' + filterBenchText(await benchWhereAndPerson(filterEvents)))
     const exportEvents = quick ? 50_000 : Number(values['export-events'])
     process.stdout.write('\n' + replayExportsBenchText(await benchReplayExports(exportEvents)))
 }

@@ -25,6 +25,31 @@ const EVENTS_COLUMNS = `
     \`$session_id\` String MATERIALIZED replaceRegexpAll(JSONExtractRaw(properties, '$session_id'), '^"|"$', ''),
     \`$window_id\` String MATERIALIZED replaceRegexpAll(JSONExtractRaw(properties, '$window_id'), '^"|"$', '')`
 
+/**
+ * The persons tables the HogQL `events` table joins in the persons-on-events modes that read them: `persons`
+ * (posthog/models/person/sql.py: a version per change, the highest wins) and `person_distinct_id_overrides`
+ * (a distinct_id moved to another person by a merge). Same column types and engines as PostHog's, fewer columns.
+ */
+const PERSONS_TABLE = `(
+    id UUID,
+    created_at DateTime64(3),
+    team_id Int64,
+    properties String,
+    is_identified Int8 DEFAULT 0,
+    is_deleted Int8 DEFAULT 0,
+    version UInt64 DEFAULT 0,
+    _timestamp DateTime DEFAULT now()
+) ENGINE = ReplacingMergeTree(version) ORDER BY (team_id, id)`
+
+const OVERRIDES_TABLE = `(
+    team_id Int64,
+    distinct_id String,
+    person_id UUID,
+    is_deleted Int8 DEFAULT 0,
+    version Int64 DEFAULT 0,
+    _timestamp DateTime DEFAULT now()
+) ENGINE = ReplacingMergeTree(version) ORDER BY (team_id, distinct_id)`
+
 /** PostHog's engine, partitioning and sort key for `sharded_events`. */
 const EVENTS_STORAGE = `ENGINE = ReplacingMergeTree(_timestamp)
 PARTITION BY toYYYYMM(timestamp)
@@ -119,12 +144,16 @@ export interface ColumnType {
 export class EventStore {
     readonly database: string
     readonly table: string
+    readonly personsTable: string
+    readonly overridesTable: string
     private readonly persistent: boolean
     private closed = false
 
     private constructor(database: string, persistent: boolean) {
         this.database = database
         this.table = `${database}.events`
+        this.personsTable = `${database}.persons`
+        this.overridesTable = `${database}.person_distinct_id_overrides`
         this.persistent = persistent
     }
 
@@ -163,6 +192,8 @@ export class EventStore {
         const store = new EventStore(database, Boolean(dataDir))
         await store.run(`CREATE DATABASE IF NOT EXISTS ${database}`)
         await store.run(`CREATE TABLE IF NOT EXISTS ${store.table} (${EVENTS_COLUMNS}) ${EVENTS_STORAGE}`)
+        await store.run(`CREATE TABLE IF NOT EXISTS ${store.personsTable} ${PERSONS_TABLE}`)
+        await store.run(`CREATE TABLE IF NOT EXISTS ${store.overridesTable} ${OVERRIDES_TABLE}`)
         return store
     }
 
@@ -195,14 +226,14 @@ export class EventStore {
         }
     }
 
-    /** Inserts rows given as JSON Lines in `EVENTS_COLUMNS` names; omitted columns take their defaults. */
-    async insertJsonLines(lines: string): Promise<void> {
+    /** Inserts JSON Lines into one of the persons tables; omitted columns take their defaults. */
+    async insertInto(table: string, lines: string): Promise<void> {
         if (lines.length === 0) {
             return
         }
         try {
             await this.session.insert({
-                table: this.table,
+                table,
                 values: Buffer.from(lines),
                 format: 'JSONEachRow',
                 settings: { input_format_skip_unknown_fields: 0, date_time_input_format: 'best_effort' },
@@ -210,6 +241,11 @@ export class EventStore {
         } catch (error) {
             throw engineError(error)
         }
+    }
+
+    /** Inserts rows given as JSON Lines in `EVENTS_COLUMNS` names; omitted columns take their defaults. */
+    async insertJsonLines(lines: string): Promise<void> {
+        await this.insertInto(this.table, lines)
     }
 
     /** The columns and ClickHouse types a SELECT returns, without running it. */

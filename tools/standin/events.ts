@@ -21,6 +21,11 @@ export interface StandInEvent {
     elements_chain?: string
     /** Default: a UUID derived from distinct_id. */
     person_id?: string
+    /**
+     * The person's properties as ingestion wrote them on the event (an object or its JSON text): what the
+     * persons-on-events modes read as `person.properties`. Default `{}`.
+     */
+    person_properties?: Record<string, unknown> | string
 }
 
 /** An event as stored: every field filled in (times as ISO strings to the ms) except `created_at` when the engine sets it. */
@@ -30,6 +35,26 @@ export interface StoredEvent extends StandInEvent {
     timestamp: string
     created_at?: string
     person_id: string
+    person_properties: string
+}
+
+/** A person version in the `persons` table (the highest version of an id wins, as in PostHog). */
+export interface StandInPerson {
+    id: string
+    properties: Record<string, unknown>
+    /** Default 0. */
+    version?: number
+    /** Default: 2026-01-01. */
+    created_at?: string
+    is_deleted?: boolean
+}
+
+/** A distinct_id that a merge moved to another person (`person_distinct_id_overrides`). */
+export interface StandInOverride {
+    distinct_id: string
+    person_id: string
+    /** Default 1. */
+    version?: number
 }
 
 export interface SeedOptions {
@@ -100,6 +125,10 @@ export function normalizeEvent(input: StandInEvent): StoredEvent {
         throw new Error('Expected `distinct_id` to be a string')
     }
     const properties = typeof input.properties === 'string' ? input.properties : JSON.stringify(input.properties ?? {})
+    const personProperties =
+        typeof input.person_properties === 'string'
+            ? input.person_properties
+            : JSON.stringify(input.person_properties ?? {})
     const { created_at: createdAt, ...rest } = input
     return {
         ...rest,
@@ -108,6 +137,7 @@ export function normalizeEvent(input: StandInEvent): StoredEvent {
         timestamp: storedTime(input.timestamp, 'timestamp'),
         ...(createdAt !== undefined ? { created_at: storedTime(createdAt, 'created_at') } : {}),
         person_id: input.person_id ?? personIdFor(input.distinct_id),
+        person_properties: personProperties,
     }
 }
 
@@ -122,7 +152,30 @@ export function eventJsonLine(event: StoredEvent, teamId: number): string {
         distinct_id: event.distinct_id,
         elements_chain: event.elements_chain ?? '',
         person_id: event.person_id,
+        person_properties: event.person_properties,
         ...(event.created_at !== undefined ? { created_at: event.created_at } : {}),
+    })
+}
+
+/** One JSONEachRow line for the `persons` table. */
+export function personJsonLine(person: StandInPerson, teamId: number): string {
+    return JSON.stringify({
+        id: person.id,
+        created_at: person.created_at ?? '2026-01-01 00:00:00.000',
+        team_id: teamId,
+        properties: JSON.stringify(person.properties),
+        is_deleted: person.is_deleted ? 1 : 0,
+        version: person.version ?? 0,
+    })
+}
+
+/** One JSONEachRow line for the `person_distinct_id_overrides` table. */
+export function overrideJsonLine(override: StandInOverride, teamId: number): string {
+    return JSON.stringify({
+        team_id: teamId,
+        distinct_id: override.distinct_id,
+        person_id: override.person_id,
+        version: override.version ?? 1,
     })
 }
 
@@ -169,8 +222,12 @@ export function seedSql(table: string, teamId: number, options: SeedOptions, now
     const properties =
         `concat('{"$browser":"Chrome","$current_url":"https://example.com/p/', toString(number % 100), ` +
         `'","$session_id":"s-', toString(intDiv(number, 50)), '","n":', toString(number)${pad}, '}')`
+    // The person's properties as ingestion stamps them on each event: an email, a plan (one user in ten on "pro").
+    const personProperties =
+        `concat('{"email":"user-', toString(number % ${users}), '@example.com","plan":"', ` +
+        `if(number % ${users} % 10 = 0, 'pro', 'free'), '"}')`
     return [
-        `INSERT INTO ${table} (uuid, event, properties, timestamp, team_id, distinct_id, elements_chain, created_at, person_id)`,
+        `INSERT INTO ${table} (uuid, event, properties, timestamp, team_id, distinct_id, elements_chain, created_at, person_id, person_properties)`,
         `SELECT reinterpretAsUUID(sipHash128(${seed}, number)),`,
         `    arrayElement([${names.map(clickhouseString).join(', ')}], number % ${names.length} + 1),`,
         `    ${properties},`,
@@ -179,7 +236,8 @@ export function seedSql(table: string, teamId: number, options: SeedOptions, now
         `    concat('user-', toString(number % ${users})),`,
         `    '',`,
         `    ${createdAt},`,
-        `    reinterpretAsUUID(sipHash128(${seed + 1}, number % ${users}))`,
+        `    reinterpretAsUUID(sipHash128(${seed + 1}, number % ${users})),`,
+        `    ${personProperties}`,
         `FROM numbers(${count})`,
     ].join('\n')
 }

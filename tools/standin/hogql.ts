@@ -49,7 +49,21 @@ export interface CompileContext {
     allowOffset: boolean
     /** The project's timezone; PostHog prints it into every datetime. */
     timezone: string
+    /** Where `person_id` and `person.*` come from (the query's `personsOnEventsMode` modifier, else the project's). */
+    personsOnEventsMode: PersonsOnEventsMode
+    /** The persons tables, for the modes that join them. */
+    personsTable: string
+    overridesTable: string
 }
+
+/** PostHog's persons-on-events modes (posthog/schema.py `PersonsOnEventsMode`). */
+export const PERSONS_ON_EVENTS_MODES = [
+    'disabled',
+    'person_id_no_override_properties_on_events',
+    'person_id_override_properties_on_events',
+    'person_id_override_properties_joined',
+] as const
+export type PersonsOnEventsMode = (typeof PERSONS_ON_EVENTS_MODES)[number]
 
 export interface CompiledQuery {
     /** The ClickHouse SELECT to run (no FORMAT, no SETTINGS). */
@@ -139,6 +153,42 @@ const FUNCTIONS: Readonly<Record<string, FunctionSpec>> = {
     divide: { clickhouse: 'divide', min: 2, max: 2 },
     intDiv: { clickhouse: 'intDiv', min: 2, max: 2 },
     modulo: { clickhouse: 'modulo', min: 2, max: 2 },
+    empty: { clickhouse: 'empty', min: 1, max: 1 },
+    notEmpty: { clickhouse: 'notEmpty', min: 1, max: 1 },
+    position: { clickhouse: 'position', min: 2, max: 3 },
+    positionCaseInsensitive: { clickhouse: 'positionCaseInsensitive', min: 2, max: 3 },
+    match: { clickhouse: 'match', min: 2, max: 2 },
+    like: { clickhouse: 'like', min: 2, max: 2 },
+    ilike: { clickhouse: 'ilike', min: 2, max: 2 },
+    notLike: { clickhouse: 'notLike', min: 2, max: 2 },
+    notILike: { clickhouse: 'notILike', min: 2, max: 2 },
+    in: { clickhouse: 'in', min: 2, max: 2 },
+    notIn: { clickhouse: 'notIn', min: 2, max: 2 },
+    has: { clickhouse: 'has', min: 2, max: 2 },
+    trim: { clickhouse: 'trim', min: 1, max: 1 },
+    replaceAll: { clickhouse: 'replaceAll', min: 3, max: 3 },
+    replaceOne: { clickhouse: 'replaceOne', min: 3, max: 3 },
+    substring: { clickhouse: 'substring', min: 2, max: 3 },
+    splitByChar: { clickhouse: 'splitByChar', min: 2, max: 3 },
+    domain: { clickhouse: 'domain', min: 1, max: 1 },
+    path: { clickhouse: 'path', min: 1, max: 1 },
+    round: { clickhouse: 'round', min: 1, max: 2 },
+    floor: { clickhouse: 'floor', min: 1, max: 2 },
+    ceil: { clickhouse: 'ceil', min: 1, max: 2 },
+    abs: { clickhouse: 'abs', min: 1, max: 1 },
+    greatest: { clickhouse: 'greatest', min: 2, max: Infinity },
+    least: { clickhouse: 'least', min: 2, max: Infinity },
+    nullIf: { clickhouse: 'nullIf', min: 2, max: 2 },
+    multiIf: { clickhouse: 'multiIf', min: 3, max: Infinity },
+    toHour: { clickhouse: 'toHour', min: 1, max: 1 },
+    toDayOfWeek: { clickhouse: 'toDayOfWeek', min: 1, max: 3 },
+    toStartOfDay: { clickhouse: 'toStartOfDay', min: 1, max: 1 },
+    toStartOfHour: { clickhouse: 'toStartOfHour', min: 1, max: 1 },
+    dateDiff: { clickhouse: 'dateDiff', min: 3, max: 3 },
+    JSONExtractInt: { clickhouse: 'JSONExtractInt', min: 1, max: Infinity },
+    JSONExtractFloat: { clickhouse: 'JSONExtractFloat', min: 1, max: Infinity },
+    JSONExtractBool: { clickhouse: 'JSONExtractBool', min: 1, max: Infinity },
+    JSONLength: { clickhouse: 'JSONLength', min: 1, max: Infinity },
     JSONExtractString: { clickhouse: 'JSONExtractString', min: 2, max: Infinity },
     JSONExtractRaw: { clickhouse: 'JSONExtractRaw', min: 2, max: Infinity },
     JSONHas: { clickhouse: 'JSONHas', min: 2, max: Infinity },
@@ -168,6 +218,9 @@ const COMPARE_FUNCTIONS: Readonly<Record<string, string>> = {
     in: 'in',
     'not in': 'notIn',
     '=~': 'match',
+    '!~': 'match',
+    '=~*': 'match',
+    '!~*': 'match',
 }
 
 const ARITHMETIC_FUNCTIONS: Readonly<Record<string, string>> = {
@@ -187,7 +240,11 @@ interface PrintContext {
     tableNames: Set<string>
     /** Aliases defined in the SELECT list; HogQL lets other clauses refer to them. */
     selectAliases: Set<string>
+    /** The persons tables the printed fields need joined (filled while printing). */
+    joins: Set<PersonJoin>
 }
+
+type PersonJoin = 'override' | 'person'
 
 function unsupported(what: string): HogQLError {
     return new HogQLError(`${what} is not supported by the PostHog stand-in (PostHog itself may accept it).`)
@@ -292,6 +349,12 @@ function hogqlFieldName(chain: string[], ctx: PrintContext): string {
     return parts.map((part) => quoteIdentifier(part, 'hogql')).join('.')
 }
 
+/** PostHog's printer for `properties.x`: the raw JSON value, unquoted, with '' and JSON null as NULL. */
+function jsonProperty(column: string, keys: string[]): string {
+    const args = keys.map(clickhouseString).join(', ')
+    return `replaceRegexpAll(nullIf(nullIf(JSONExtractRaw(${column}, ${args}), ''), 'null'), '^"|"$', '')`
+}
+
 function printField(node: HogQLNode, ctx: PrintContext): string {
     const chain = chainOf(node)
     if (ctx.dialect === 'hogql') {
@@ -305,6 +368,9 @@ function printField(node: HogQLNode, ctx: PrintContext): string {
     if (rest.length === 0 && ctx.selectAliases.has(first) && parts.length === chain.length) {
         return quoteIdentifier(first)
     }
+    if (first === 'person' || first === 'person_id') {
+        return printPersonField(parts, ctx)
+    }
     const field = EVENT_FIELDS[first]
     if (!field) {
         throw new HogQLError(`Unable to resolve field: ${first}`)
@@ -314,11 +380,75 @@ function printField(node: HogQLNode, ctx: PrintContext): string {
         if (first !== 'properties') {
             throw new HogQLError(`Unable to resolve field: ${parts.join('.')}`)
         }
-        // PostHog's printer for `properties.x`: the raw JSON value, unquoted, with '' and JSON null as NULL.
-        const keys = rest.map(clickhouseString).join(', ')
-        return `replaceRegexpAll(nullIf(nullIf(JSONExtractRaw(${column}, ${keys}), ''), 'null'), '^"|"$', '')`
+        return jsonProperty(column, rest)
     }
     return field.datetime ? `toTimeZone(${column}, ${clickhouseString(ctx.compile.timezone)})` : column
+}
+
+/** The override join's person_id, as PostHog's `_use_person_id_from_person_overrides` defines it. */
+const OVERRIDDEN_PERSON_ID =
+    'if(not(empty(events__override.distinct_id)), events__override.person_id, events.person_id)'
+
+/**
+ * `person_id` and `person.*` by the persons-on-events mode (posthog/hogql/database/database.py): the columns
+ * ingestion wrote on the event (`poe`), the person id corrected by the overrides of merged persons, or the person
+ * as the `persons` table holds it now.
+ */
+function printPersonField(parts: string[], ctx: PrintContext): string {
+    const mode = ctx.compile.personsOnEventsMode
+    if (mode === 'disabled') {
+        throw unsupported('`person` in the persons-on-events mode "disabled" (a join with person_distinct_id2)')
+    }
+    if (mode !== 'person_id_no_override_properties_on_events') {
+        ctx.joins.add('override')
+    }
+    const personId = mode === 'person_id_no_override_properties_on_events' ? 'events.person_id' : OVERRIDDEN_PERSON_ID
+    const [first, field, ...keys] = parts
+    if (first === 'person_id' && field === undefined) {
+        return personId
+    }
+    if (field === undefined) {
+        throw unsupported('`person` as a whole (name its fields: person.id, person.properties)')
+    }
+    const joined = mode === 'person_id_override_properties_joined'
+    if (joined) {
+        ctx.joins.add('person')
+    }
+    const tz = clickhouseString(ctx.compile.timezone)
+    const columns: Record<string, string> = joined
+        ? { id: 'events__person.id', properties: 'events__person.properties', created_at: 'events__person.created_at' }
+        : { id: personId, properties: 'events.person_properties', created_at: 'events.person_created_at' }
+    const column = columns[field]
+    if (!column || (keys.length > 0 && field !== 'properties')) {
+        throw new HogQLError(`Unable to resolve field: ${parts.join('.')}`)
+    }
+    if (keys.length > 0) {
+        return jsonProperty(column, keys)
+    }
+    return field === 'created_at' ? `toTimeZone(${column}, ${tz})` : column
+}
+
+/** The LEFT JOINs the printed fields need, as PostHog's lazy joins print them (latest version, deletions dropped). */
+function personJoins(joins: Set<PersonJoin>, compile: CompileContext): string[] {
+    const team = `equals(team_id, ${compile.teamId})`
+    const sql: string[] = []
+    if (joins.has('override')) {
+        sql.push(
+            `LEFT OUTER JOIN (SELECT argMax(person_id, version) AS person_id, distinct_id ` +
+                `FROM ${compile.overridesTable} WHERE ${team} GROUP BY distinct_id ` +
+                `HAVING ifNull(equals(argMax(is_deleted, version), 0), 0)) AS events__override ` +
+                `ON equals(events.distinct_id, events__override.distinct_id)`
+        )
+    }
+    if (joins.has('person')) {
+        sql.push(
+            `LEFT OUTER JOIN (SELECT argMax(properties, version) AS properties, ` +
+                `argMax(created_at, version) AS created_at, id FROM ${compile.personsTable} WHERE ${team} ` +
+                `GROUP BY id HAVING ifNull(equals(argMax(is_deleted, version), 0), 0)) AS events__person ` +
+                `ON equals(${OVERRIDDEN_PERSON_ID}, events__person.id)`
+        )
+    }
+    return sql
 }
 
 /** PostHog's lookup: the exact name, else its lowercase form (`NOT(…)`, `COUNT()`), as `_find_function` does. */
@@ -398,6 +528,72 @@ function isDatetimeField(node: HogQLNode): boolean {
     return name !== undefined && EVENT_FIELDS[name]?.datetime === true
 }
 
+/** Functions whose result may be NULL whatever their arguments (the `…OrNull` conversions and friends). */
+const NULLABLE_FUNCTIONS = new Set(['toInt', 'toFloat', 'toUUID', 'nullIf', 'JSONExtractRaw', 'toDateTime'])
+/** Functions that never return NULL. */
+const NOT_NULL_FUNCTIONS = new Set(['isNull', 'isNotNull', 'ifNull', 'coalesce', 'count', 'empty', 'notEmpty', 'has'])
+
+/** Whether an expression may be NULL, as PostHog's types tell its printer (property access always may). */
+function nullable(node: HogQLNode): boolean {
+    switch (node.node) {
+        case 'Constant':
+            return node.value === null || node.value === undefined
+        case 'Field': {
+            const chain = chainOf(node)
+            const at = chain.indexOf('properties')
+            return at >= 0 && at < chain.length - 1
+        }
+        case 'ArrayAccess':
+            return true
+        case 'Alias':
+            return nullable(child(node, 'expr') as HogQLNode)
+        case 'ArithmeticOperation':
+            return nullable(child(node, 'left') as HogQLNode) || nullable(child(node, 'right') as HogQLNode)
+        case 'Call': {
+            const name = canonicalFunctionName(String(node.name))
+            if (NOT_NULL_FUNCTIONS.has(name)) {
+                return false
+            }
+            return NULLABLE_FUNCTIONS.has(name) || children(node, 'args').some(nullable)
+        }
+        default:
+            return false
+    }
+}
+
+const isConstant = (node: HogQLNode): boolean => node.node === 'Constant'
+
+/**
+ * PostHog's NULL rules for a comparison of nullable operands (posthog/hogql/printer, `visit_compare_operation`):
+ * `=`, LIKE, ILIKE and `=~` hold when both sides are NULL; `!=`, NOT LIKE, NOT ILIKE and `!~` hold when one is;
+ * `<` & co. never hold with a NULL; NOT IN holds for a NULL on the left (`transform_null_in` does IN's part).
+ */
+function nullSafe(op: string, compare: string, node: { left: HogQLNode; right: HogQLNode }, l: string, r: string) {
+    const constantSide = isConstant(node.left) || isConstant(node.right)
+    switch (op) {
+        case '==':
+        case 'like':
+        case 'ilike':
+            return constantSide ? `ifNull(${compare}, 0)` : `ifNull(${compare}, and(isNull(${l}), isNull(${r})))`
+        case '!=':
+        case 'not like':
+        case 'not ilike':
+            return constantSide ? `ifNull(${compare}, 1)` : `ifNull(${compare}, or(isNotNull(${l}), isNotNull(${r})))`
+        case 'in':
+            return compare
+        case 'not in':
+            return nullable(node.left) ? `ifNull(${compare}, 1)` : compare
+        case '=~':
+        case '=~*':
+            return `ifNull(${compare}, and(isNull(${l}), isNull(${r})))`
+        case '!~':
+        case '!~*':
+            return `ifNull(${compare}, or(isNotNull(${l}), isNotNull(${r})))`
+        default:
+            return `ifNull(${compare}, 0)`
+    }
+}
+
 function printCompare(node: HogQLNode, ctx: PrintContext): string {
     const op = String(node.op)
     const left = child(node, 'left') as HogQLNode
@@ -414,7 +610,28 @@ function printCompare(node: HogQLNode, ctx: PrintContext): string {
             return `isNotNull(${printExpr(left, ctx)})`
         }
     }
-    return `${fn}(${printExpr(left, ctx)}, ${printExpr(right, ctx)})`
+    const l = printExpr(left, ctx)
+    const r = printExpr(right, ctx)
+    const insensitive = op === '=~*' || op === '!~*'
+    let compare = `${fn}(${l}, ${insensitive ? `concat('(?i)', ${r})` : r})`
+    if (op === '!~' || op === '!~*') {
+        compare = `not(${compare})`
+    }
+    if (ctx.dialect === 'hogql' || (!nullable(left) && !nullable(right))) {
+        return compare
+    }
+    return nullSafe(op, compare, { left, right }, l, r)
+}
+
+/** `properties['a b']`: an index into a JSON field is the same property access as `properties.a`. */
+function flattenArrayAccess(node: HogQLNode): HogQLNode {
+    const array = child(node, 'array') as HogQLNode
+    const property = child(node, 'property') as HogQLNode
+    const base = array.node === 'ArrayAccess' ? flattenArrayAccess(array) : array
+    if (base.node !== 'Field' || property.node !== 'Constant' || typeof property.value !== 'string') {
+        throw unsupported('Indexing anything but a properties field with a string')
+    }
+    return { node: 'Field', chain: [...chainOf(base), property.value] }
 }
 
 export function printExpr(node: HogQLNode, ctx: PrintContext): string {
@@ -423,6 +640,8 @@ export function printExpr(node: HogQLNode, ctx: PrintContext): string {
             return printConstant(node.value)
         case 'Field':
             return printField(node, ctx)
+        case 'ArrayAccess':
+            return printField(flattenArrayAccess(node), ctx)
         case 'Alias':
             return printExpr(child(node, 'expr') as HogQLNode, ctx)
         case 'Call':
@@ -554,7 +773,13 @@ function pagingOf(select: HogQLNode, compile: CompileContext): Paging {
 }
 
 /** One dialect's text of the whole SELECT. ClickHouse's gets the team scope and an alias on every column. */
-function printSelect(select: HogQLNode, columns: string[], paging: Paging, ctx: PrintContext, from: string): string {
+function printSelect(
+    select: HogQLNode,
+    columns: string[],
+    paging: Paging,
+    ctx: PrintContext,
+    from: () => string
+): string {
     const clickhouse = ctx.dialect === 'clickhouse'
     const items = children(select, 'select').map((item, i) => {
         const name = columns[i] as string
@@ -581,7 +806,8 @@ function printSelect(select: HogQLNode, columns: string[], paging: Paging, ctx: 
     const offset = paging.offset ? printExpr(paging.offset, ctx) : paging.paginator ? '0' : null
     return [
         `SELECT ${select.distinct ? 'DISTINCT ' : ''}${items.join(', ')}`,
-        `FROM ${from}`,
+        // After the rest is printed: the fields printed decide which joins the FROM needs.
+        `FROM ${from()}`,
         where ? `WHERE ${where}` : null,
         orderBy.length > 0 ? `ORDER BY ${orderBy.join(', ')}` : null,
         `LIMIT ${limit}`,
@@ -611,19 +837,21 @@ export function compileHogQL(
     const items = children(select, 'select')
     const selectAliases = new Set(items.filter((item) => item.node === 'Alias').map((item) => String(item.alias)))
     const tableNames = new Set(['events', ...(alias ? [alias] : [])])
-    const hogqlCtx: PrintContext = { dialect: 'hogql', compile, tableNames, selectAliases }
-    const chCtx: PrintContext = { dialect: 'clickhouse', compile, tableNames, selectAliases }
+    const joins = new Set<PersonJoin>()
+    const hogqlCtx: PrintContext = { dialect: 'hogql', compile, tableNames, selectAliases, joins: new Set() }
+    const chCtx: PrintContext = { dialect: 'clickhouse', compile, tableNames, selectAliases, joins }
     const columns = items.map((item) => (item.node === 'Alias' ? String(item.alias) : printExpr(item, hogqlCtx)))
     const paging = pagingOf(select, compile)
-    const sql = printSelect(select, columns, paging, chCtx, `${compile.table} AS events`)
+    const from = (): string => [`${compile.table} AS events`, ...personJoins(joins, compile)].join('\n')
+    const sql = printSelect(select, columns, paging, chCtx, from)
     const hogql = printSelect(
         select,
         columns,
         paging,
         hogqlCtx,
-        `events${alias ? ` AS ${quoteIdentifier(alias, 'hogql')}` : ''}`
+        () => `events${alias ? ` AS ${quoteIdentifier(alias, 'hogql')}` : ''}`
     )
     const printedItems = items.map((item, i) => `${printExpr(item, chCtx)} AS ${quoteIdentifier(columns[i] as string)}`)
-    const typesSql = `SELECT ${printedItems.join(', ')} FROM ${compile.table} AS events`
+    const typesSql = `SELECT ${printedItems.join(', ')} FROM ${from()}`
     return { sql, hogql, columns, aliases: columns, typesSql, paginator: paging.paginator, limit: paging.limit }
 }

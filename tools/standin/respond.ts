@@ -6,7 +6,7 @@
 import { IncomingMessage, ServerResponse } from 'node:http'
 
 import { EngineError } from './engine'
-import { quoteIdentifier } from './hogql'
+import { PERSONS_ON_EVENTS_MODES, quoteIdentifier } from './hogql'
 
 /** PostHog's cap on a request body (`DATA_UPLOAD_MAX_MEMORY_SIZE`, 20 MB). */
 export const MAX_BODY_BYTES = 20 * 1024 * 1024
@@ -69,7 +69,10 @@ const USER_ERROR_CODES: Readonly<Record<number, string>> = {
  * newline only ever separates rows (JSON escapes newlines inside strings). With `pageSize`, PostHog's paginator:
  * keep the first `pageSize` rows and report whether there were more.
  */
-export function rowsToJsonArray(output: Buffer, pageSize: number | null): { json: Buffer; hasMore: boolean | null } {
+export function rowsToJsonArray(
+    output: Buffer,
+    pageSize: number | null
+): { json: Buffer; hasMore: boolean | null; rows: number } {
     let rows = 0
     let end = output.length
     let hasMore: boolean | null = pageSize === null ? null : false
@@ -86,7 +89,8 @@ export function rowsToJsonArray(output: Buffer, pageSize: number | null): { json
             output[at] = 0x2c
         }
     }
-    return { json: Buffer.concat([Buffer.from('['), output.subarray(0, end), Buffer.from(']')]), hasMore }
+    const json = Buffer.concat([Buffer.from('['), output.subarray(0, end), Buffer.from(']')])
+    return { json, hasMore, rows: Math.min(rows, pageSize ?? rows) }
 }
 
 /** orjson's rendering of a UTC datetime: RFC 3339 with `Z`, microseconds only when non-zero. */
@@ -159,7 +163,13 @@ export function redactKey(body: unknown): unknown {
 }
 
 export interface QueryRequestBody {
-    query: { kind: 'HogQLQuery'; query: string; values?: Record<string, unknown> }
+    query: {
+        kind: 'HogQLQuery'
+        query: string
+        values?: Record<string, unknown>
+        /** HogQL query modifiers; the stand-in reads `personsOnEventsMode`. */
+        modifiers?: { personsOnEventsMode?: string; [name: string]: unknown } | null
+    }
     refresh?: unknown
     name?: unknown
 }
@@ -189,7 +199,26 @@ export function parseRequest(raw: string): QueryRequestBody {
         const detail = 'Input should be a valid dictionary'
         throw new HttpError(400, errorBody('validation_error', 'invalid_input', detail, 'query__values'))
     }
+    checkModifiers(body.query.modifiers)
     return body as QueryRequestBody
+}
+
+/** `modifiers` as PostHog's `HogQLQueryModifiers` model checks the one the stand-in reads (pydantic's message). */
+function checkModifiers(modifiers: unknown): void {
+    if (modifiers === undefined || modifiers === null) {
+        return
+    }
+    if (typeof modifiers !== 'object' || Array.isArray(modifiers)) {
+        const detail = 'Input should be a valid dictionary or instance of HogQLQueryModifiers'
+        throw new HttpError(400, errorBody('validation_error', 'invalid_input', detail, 'query__modifiers'))
+    }
+    const mode = (modifiers as { personsOnEventsMode?: unknown }).personsOnEventsMode
+    if (mode !== undefined && mode !== null && !(PERSONS_ON_EVENTS_MODES as readonly unknown[]).includes(mode)) {
+        const names = PERSONS_ON_EVENTS_MODES.map((m) => `'${m}'`)
+        const detail = `Input should be ${names.slice(0, -1).join(', ')} or ${names[names.length - 1]}`
+        const attr = 'query__modifiers__personsOnEventsMode'
+        throw new HttpError(400, errorBody('validation_error', 'invalid_input', detail, attr))
+    }
 }
 
 /** ClickHouse failures as PostHog reports them: timeout 504, user errors 400, anything else 500. */

@@ -29,8 +29,19 @@ import createHogQLParser from '@posthog/hogql-parser'
 
 import { seededRandom } from '../receiver/receiver'
 import { ColumnType, EventStore, OUTPUT_SETTINGS } from './engine'
-import { eventJsonLine, normalizeEvent, SeedOptions, seedSql, StandInEvent, StoredEvent } from './events'
-import { CompiledQuery, compileHogQL, HogQLError, HogQLParser } from './hogql'
+import {
+    eventJsonLine,
+    normalizeEvent,
+    overrideJsonLine,
+    personJsonLine,
+    SeedOptions,
+    seedSql,
+    StandInEvent,
+    StandInOverride,
+    StandInPerson,
+    StoredEvent,
+} from './events'
+import { CompiledQuery, compileHogQL, HogQLError, HogQLParser, PersonsOnEventsMode } from './hogql'
 import { checkThrottles, Clock, ConcurrencyLimiter, parseRate, SlidingWindowThrottle, throttledDetail } from './limits'
 import {
     errorBody,
@@ -49,7 +60,7 @@ import {
     TIMEOUT_DETAIL,
 } from './respond'
 
-export type { SeedOptions, StandInEvent, StoredEvent } from './events'
+export type { SeedOptions, StandInEvent, StandInOverride, StandInPerson, StoredEvent } from './events'
 export { errorBody, MAX_BODY_BYTES, posthogDateTime, rowsToJsonArray } from './respond'
 
 /** PostHog's limits for API queries (standin/FACTS.md §4–5). Tests lower them through `limits`. */
@@ -150,6 +161,11 @@ export interface StandInOptions {
      * first authenticator declares no WWW-Authenticate; standin/FACTS.md §2). The body is the same. Default 401.
      */
     unauthenticatedStatus?: 401 | 403
+    /**
+     * The project's persons-on-events mode, used when a query sends no `personsOnEventsMode` modifier. Default
+     * `person_id_override_properties_on_events` (what PostHog Cloud answers with, FACTS.md §3).
+     */
+    personsOnEventsMode?: PersonsOnEventsMode
     /** Enables `/_standin/*` control endpoints (used by spawnPostHogStandIn) for requests bearing this token. */
     controlToken?: string
     clock?: Clock
@@ -175,6 +191,8 @@ export interface StandInStats {
     faults: { '429': number; '500': number; slow: number }
     /** Late events stored by the `late` fault. */
     lateEvents: number
+    /** Rows the queries returned (in `results`): what a client read through the query budget. */
+    rowsReturned: number
 }
 
 /** The interface shared by the in-process stand-in and the spawned one. */
@@ -183,6 +201,8 @@ export interface PostHogStandInClient {
     projectId: number
     insertEvents(events: StandInEvent[], options?: { createdAt?: string | Date }): Promise<StoredEvent[]>
     insertLateEvents(count: number, options?: LateOptions): Promise<StoredEvent[]>
+    /** Person versions in the `persons` table, and distinct_ids moved by merges (for the modes that join them). */
+    insertPersons(persons: StandInPerson[], overrides?: StandInOverride[]): Promise<void>
     seed(options: SeedOptions): Promise<void>
     count(): Promise<number>
     setFaults(faults: StandInFaults): Promise<void> | void
@@ -211,6 +231,8 @@ interface CachedResult {
     types: Array<[string, string]>
     clickhouse: string
     compiled: CompiledQuery
+    /** The persons-on-events mode it ran in, echoed in `modifiers`. */
+    personsOnEventsMode: PersonsOnEventsMode
 }
 
 function sleep(ms: number): Promise<void> {
@@ -256,6 +278,7 @@ class StandIn {
         throttled: 0,
         faults: { '429': 0, '500': 0, slow: 0 },
         lateEvents: 0,
+        rowsReturned: 0,
     }
     private limits: StandInLimits
     private faults: StandInFaults = {}
@@ -452,7 +475,14 @@ class StandIn {
     /** Cache, concurrency slot, compile, run, render: the body of a 200. */
     private async answer(request: QueryRequestBody, slow: boolean, res: ServerResponse): Promise<Buffer[]> {
         const cacheKey = createHash('sha256')
-            .update(JSON.stringify([this.options.projectId, request.query.query, request.query.values ?? null]))
+            .update(
+                JSON.stringify([
+                    this.options.projectId,
+                    request.query.query,
+                    request.query.values ?? null,
+                    this.personsMode(request),
+                ])
+            )
             .digest('hex')
         const forced = request.refresh === true || String(request.refresh).startsWith('force_')
         const cached = this.cache.get(cacheKey)
@@ -475,7 +505,7 @@ class StandIn {
                 this.counters.faults.slow += 1
                 await this.slowQuery(res)
             }
-            const result = await this.execute(compiled)
+            const result = await this.execute(compiled, this.personsMode(request))
             if (this.limits.cacheTtlMs > 0) {
                 this.remember(cacheKey, result)
             }
@@ -495,6 +525,12 @@ class StandIn {
         }
     }
 
+    /** The query's persons-on-events mode: its modifier, else the project's (modifiers take precedence in PostHog). */
+    private personsMode(request: QueryRequestBody): PersonsOnEventsMode {
+        const asked = request.query.modifiers?.personsOnEventsMode as PersonsOnEventsMode | undefined
+        return asked ?? this.options.personsOnEventsMode ?? 'person_id_override_properties_on_events'
+    }
+
     private compile(request: QueryRequestBody): CompiledQuery {
         try {
             return compileHogQL(this.parser, request.query.query, request.query.values, {
@@ -504,6 +540,9 @@ class StandIn {
                 maxRows: this.limits.maxRows,
                 allowOffset: this.options.allowOffset ?? false,
                 timezone: 'UTC',
+                personsOnEventsMode: this.personsMode(request),
+                personsTable: this.store.personsTable,
+                overridesTable: this.store.overridesTable,
             })
         } catch (error) {
             if (error instanceof HogQLError) {
@@ -514,12 +553,14 @@ class StandIn {
     }
 
     /** Runs the compiled query on ClickHouse and renders each row as a JSON array, as PostHog's renderer would. */
-    private async execute(compiled: CompiledQuery): Promise<CachedResult> {
+    private async execute(compiled: CompiledQuery, personsOnEventsMode: PersonsOnEventsMode): Promise<CachedResult> {
         // Lazy materialization (read wide columns such as properties only for the rows that survive ORDER BY … LIMIT)
         // changes no result, only speed; ClickHouse applies it by default only up to LIMIT 10.
         const settings =
             `SETTINGS max_execution_time = ${this.limits.maxExecutionSeconds}, readonly = 2, ` +
-            `query_plan_max_limit_for_lazy_materialization = ${this.limits.maxRows + 1}, ${OUTPUT_SETTINGS}`
+            `query_plan_max_limit_for_lazy_materialization = ${this.limits.maxRows + 1}, ` +
+            // PostHog runs every HogQL query with transform_null_in (posthog/hogql/constants.py): NULL IN (NULL) holds.
+            `transform_null_in = 1, ${OUTPUT_SETTINGS}`
         try {
             const described = await this.describe(compiled.typesSql)
             const types = compiled.columns.map((name, i): [string, string] => [name, described[i]?.type ?? 'String'])
@@ -527,9 +568,17 @@ class StandIn {
             const sql = `SELECT ${select.join(', ')}\nFROM (\n${compiled.sql}\n)\n${settings}`
             this.counters.queries += 1
             const output = await this.store.runBytes(sql)
-            const { json, hasMore } = rowsToJsonArray(output, compiled.paginator?.pageSize ?? null)
-            const results = json
-            return { at: this.clock(), results, hasMore, types, clickhouse: compiled.sql, compiled }
+            const { json, hasMore, rows } = rowsToJsonArray(output, compiled.paginator?.pageSize ?? null)
+            this.counters.rowsReturned += rows
+            return {
+                at: this.clock(),
+                results: json,
+                hasMore,
+                types,
+                clickhouse: compiled.sql,
+                compiled,
+                personsOnEventsMode,
+            }
         } catch (error) {
             throw queryError(error)
         }
@@ -586,7 +635,7 @@ class StandIn {
             metadata: null,
             modifiers: {
                 convertToProjectTimezone: true,
-                personsOnEventsMode: 'person_id_override_properties_on_events',
+                personsOnEventsMode: result.personsOnEventsMode,
             },
             next_allowed_client_refresh: posthogDateTime(result.at + 60_000),
             offset: compiled.paginator ? 0 : null,
@@ -634,6 +683,13 @@ class StandIn {
         return this.insertEvents(events, { createdAt })
     }
 
+    async insertPersons(persons: StandInPerson[], overrides: StandInOverride[] = []): Promise<void> {
+        const team = this.options.projectId
+        await this.store.insertInto(this.store.personsTable, persons.map((p) => personJsonLine(p, team)).join('\n'))
+        const lines = overrides.map((o) => overrideJsonLine(o, team)).join('\n')
+        await this.store.insertInto(this.store.overridesTable, lines)
+    }
+
     async seed(options: SeedOptions): Promise<void> {
         await this.store.run(seedSql(this.store.table, this.options.projectId, options, this.clock()), 'CSV')
     }
@@ -650,6 +706,8 @@ class StandIn {
                 return this.insertEvents(body.events as StandInEvent[], body as { createdAt?: string })
             case '/_standin/late':
                 return this.insertLateEvents(Number(body.count), body as LateOptions)
+            case '/_standin/persons':
+                return this.insertPersons(body.persons as StandInPerson[], body.overrides as StandInOverride[])
             case '/_standin/seed':
                 return this.seed(body as unknown as SeedOptions)
             case '/_standin/faults':
@@ -708,6 +766,7 @@ export async function startPostHogStandIn(options: StandInOptions): Promise<Post
         log: standIn.log,
         insertEvents: (events, opts) => standIn.insertEvents(events, opts),
         insertLateEvents: (count, opts) => standIn.insertLateEvents(count, opts),
+        insertPersons: (persons, overrides) => standIn.insertPersons(persons, overrides),
         seed: (opts) => standIn.seed(opts),
         count: () => standIn.store.count(options.projectId),
         setFaults: (faults) => standIn.setFaults(faults),

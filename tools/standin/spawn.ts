@@ -11,7 +11,7 @@ import { ChildProcess, spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { join } from 'node:path'
 
-import type { SeedOptions, StandInEvent, StoredEvent } from './events'
+import type { SeedOptions, StandInEvent, StandInOverride, StandInPerson, StoredEvent } from './events'
 import type {
     LateOptions,
     PostHogStandInClient,
@@ -110,6 +110,9 @@ export async function spawnPostHogStandIn(options: SpawnOptions): Promise<Spawne
         insertEvents: (events: StandInEvent[], opts: { createdAt?: string | Date } = {}) =>
             control<StoredEvent[]>('events', { events, ...opts }),
         insertLateEvents: (count: number, opts: LateOptions = {}) => control<StoredEvent[]>('late', { count, ...opts }),
+        insertPersons: async (persons: StandInPerson[], overrides: StandInOverride[] = []) => {
+            await control('persons', { persons, overrides })
+        },
         seed: async (opts: SeedOptions) => {
             await control('seed', opts)
         },
