@@ -931,10 +931,11 @@ export function batchWebhookId(items: readonly { json: string; uuid: string }[])
 
 /**
  * The `webhook-id` of a whole export batch, from its body: the same batch retried by the host's job queue, in
- * another VM, is the same JSON, so it carries the same id there. Hashing the body costs no work per event.
+ * another VM, is the same JSON, so it carries the same id there. SHA-1, not SHA-256: an id needs no strength
+ * against forgery, and over a 1 MB body SHA-1 takes half the time of SHA-256.
  */
 export function bodyWebhookId(body: string): string {
-    return `msg_${createHash('sha256').update(body).digest('hex').slice(0, WEBHOOK_ID_HEX_CHARS)}`
+    return `msg_${createHash('sha1').update(body).digest('hex').slice(0, WEBHOOK_ID_HEX_CHARS)}`
 }
 
 /** Whether events go out exactly as received: no event filter, no removed property, the plugin's own body. */
