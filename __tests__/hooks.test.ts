@@ -160,6 +160,18 @@ describe('exportEvents', () => {
         expect(s.received[0]?.headers['webhook-id']).toBe(plugin.bodyWebhookId(JSON.stringify(events)))
     })
 
+    it('derives the webhook-id of a long batch from its length and both ends: the same batch, the same id', () => {
+        const batch = (from: number, count: number): string =>
+            JSON.stringify(Array.from({ length: count }, (_, i) => makeEvent(from + i)))
+        const long = batch(0, 400)
+        expect(long.length).toBeGreaterThan(2 * plugin.WEBHOOK_ID_SAMPLE_CHARS)
+        expect(plugin.bodyWebhookId(long)).toBe(plugin.bodyWebhookId(batch(0, 400)))
+        expect(plugin.bodyWebhookId(long)).toMatch(/^msg_[0-9a-f]{32}$/)
+        expect(plugin.bodyWebhookId(batch(1, 400))).not.toBe(plugin.bodyWebhookId(long))
+        expect(plugin.bodyWebhookId(batch(0, 401))).not.toBe(plugin.bodyWebhookId(long))
+        expect(plugin.bodyWebhookId(batch(0, 3))).not.toBe(plugin.bodyWebhookId(batch(0, 2)))
+    })
+
     it('after a 413 on the whole batch, sends it again in halves, each event once', async () => {
         const s = await start((request) => (eventsIn(request).length > 2 ? { status: 413 } : { status: 200 }))
         const events = Array.from({ length: 4 }, (_, i) => makeEvent(i))
