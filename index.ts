@@ -1665,7 +1665,8 @@ export class Sender {
                 return undefined
             }
             if (ended.kind === 'split') {
-                return this.exportItems(events)
+                // Within the same call deadline: the host's guard counts the whole call.
+                return this.exportItems(events, callDeadline)
             }
             const error = `batch of ${count} events to ${this.config.redactedUrl}: ${ended.message}`
             if (!ended.retryable || !this.outbox) {
@@ -1701,12 +1702,14 @@ export class Sender {
     }
 
     /** Serialises each event on its own: where filters or removed properties apply, and after a 413. */
-    private exportItems(events: readonly AnyEvent[]): Promise<void> {
+    private exportItems(
+        events: readonly AnyEvent[],
+        callDeadline = this.env.now() + this.config.deadlineMs
+    ): Promise<void> {
         const { items, unserialisable } = this.serialiseAll(events)
         if (items.length === 0) {
             return new Promise<void>((resolve) => resolve(this.settleExport([], events.length, unserialisable)))
         }
-        const callDeadline = this.env.now() + this.config.deadlineMs
         const deadline = callDeadline - (this.outbox ? OUTBOX_WRITE_RESERVE_MS : 0)
         const sent: Promise<Settled<ExportItem>[]> = this.outbox?.skipsWebhook(this.env.now())
             ? Promise.resolve([this.knownDown(items)])
