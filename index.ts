@@ -1636,19 +1636,20 @@ export class Sender {
      * receiver refused for good.
      */
     exportBatch(events: readonly AnyEvent[]): Promise<void> {
+        // From the call's start: the host's guard counts the serialising too.
+        const callDeadline = this.env.now() + this.config.deadlineMs
         this.stats.events += events.length
         const body = this.sendsAsReceived && events.length > 0 ? wholeBatchBody(events) : null
-        return body === null ? this.exportItems(events) : this.exportWhole(events, body)
+        return body === null ? this.exportItems(events, callDeadline) : this.exportWhole(events, body, callDeadline)
     }
 
     /**
      * The batch as the host handed it, in one JSON.stringify, as one POST: no work per event beyond that. A 413
      * sends it again the itemised way, which splits it; a failure that can pass leaves the body in the outbox.
      */
-    private exportWhole(events: readonly AnyEvent[], body: string): Promise<void> {
+    private exportWhole(events: readonly AnyEvent[], body: string, callDeadline: number): Promise<void> {
         const count = events.length
         const webhookId = bodyWebhookId(body)
-        const callDeadline = this.env.now() + this.config.deadlineMs
         const fate: Promise<BodyFate> = this.outbox?.skipsWebhook(this.env.now())
             ? Promise.resolve(this.knownDownFate())
             : sendBody(body, webhookId, {
@@ -1702,10 +1703,7 @@ export class Sender {
     }
 
     /** Serialises each event on its own: where filters or removed properties apply, and after a 413. */
-    private exportItems(
-        events: readonly AnyEvent[],
-        callDeadline = this.env.now() + this.config.deadlineMs
-    ): Promise<void> {
+    private exportItems(events: readonly AnyEvent[], callDeadline: number): Promise<void> {
         const { items, unserialisable } = this.serialiseAll(events)
         if (items.length === 0) {
             return new Promise<void>((resolve) => resolve(this.settleExport([], events.length, unserialisable)))
