@@ -69,6 +69,8 @@ export const BURST_IDLE_MS = 3
 export const BURST_GATHER_MAX_TURNS = 400
 /** Hex characters of a derived `webhook-id` (128 bits of SHA-256): unique per batch, short in a header. */
 export const WEBHOOK_ID_HEX_CHARS = 32
+/** How much of each end of an export batch's body its `webhook-id` hashes (see bodyWebhookId). */
+export const WEBHOOK_ID_SAMPLE_CHARS = 16_384
 /** Error bodies are quoted, redacted and cut to this length, so a receiver's explanation reaches the user. */
 export const ERROR_BODY_SNIPPET_CHARS = 200
 /** At most this much of an error body is read: a hostile receiver can't make the connector buffer more. */
@@ -929,6 +931,47 @@ export function batchWebhookId(items: readonly { json: string; uuid: string }[])
     return `msg_${createHash('sha256').update(key).digest('hex').slice(0, WEBHOOK_ID_HEX_CHARS)}`
 }
 
+/**
+ * The `webhook-id` of a whole export batch, from its body: the same batch retried by the host's job queue, in
+ * another VM, is the same JSON, so it carries the same id there. Only the body's length and its first and last
+ * WEBHOOK_ID_SAMPLE_CHARS are hashed: hashing a whole 1 MB batch cost about 3% of the host's time per event in
+ * PostHog's 2021 host, and two different batches never share their first and last events (each has its uuid and
+ * timestamp there; a historical page read again differs in every event's `now`).
+ */
+export function bodyWebhookId(body: string): string {
+    const hash = createHash('sha1')
+    if (body.length <= 2 * WEBHOOK_ID_SAMPLE_CHARS) {
+        hash.update(body)
+    } else {
+        hash.update(`${body.length}:`)
+        hash.update(body.slice(0, WEBHOOK_ID_SAMPLE_CHARS))
+        hash.update(body.slice(-WEBHOOK_ID_SAMPLE_CHARS))
+    }
+    return `msg_${hash.digest('hex').slice(0, WEBHOOK_ID_HEX_CHARS)}`
+}
+
+/** Whether events go out exactly as received: no event filter, no removed property, the plugin's own body. */
+export function sendsAsReceived(
+    config: Pick<ParsedConfig, 'allowedEvents' | 'excludedEvents' | 'excludedProperties'>,
+    env: Pick<SenderEnv, 'encodeBody'>
+): boolean {
+    return (
+        config.allowedEvents === null &&
+        config.excludedEvents.size === 0 &&
+        config.excludedProperties.length === 0 &&
+        !env.encodeBody
+    )
+}
+
+/** A whole batch as one JSON array, or null when an event cannot be serialised (the itemised path says which). */
+export function wholeBatchBody(events: readonly unknown[]): string | null {
+    try {
+        return JSON.stringify(events)
+    } catch {
+        return null
+    }
+}
+
 export function batchBody(items: readonly { json: string }[]): string {
     return `[${items.map((item) => item.json).join(',')}]`
 }
@@ -1153,12 +1196,16 @@ interface SplitBudget {
     tooLarge: number
 }
 
-interface Delivery<T> {
+/** What every attempt of a body needs: where, how, until when, and the 413s its batch has had. */
+interface AttemptContext {
     config: ParsedConfig
     env: SenderEnv
     deadline: number
     hooks: DeliveryHooks
     budget: SplitBudget
+}
+
+interface Delivery<T> extends AttemptContext {
     fail: (items: T[], message: string, retryable: boolean, webhookId?: string) => DeliveryResult<T>[]
 }
 
@@ -1182,60 +1229,126 @@ export function deliver<T extends { json: string; uuid: string }>(
     return deliverGroup(items, { config, env, deadline, hooks, budget: { tooLarge: 0 }, fail })
 }
 
+/** How a body's attempts ended: accepted, refused as too large (413), or failed with a message. */
+export type BodyFate =
+    { kind: 'delivered' } | { kind: 'split'; reason: string } | { kind: 'failed'; message: string; retryable: boolean }
+
+/** Stops before an attempt when the deadline is too close or the batch had too many 413s; null: go on. */
+function beforeAttempt(delivery: AttemptContext): BodyFate | null {
+    const { config, env, deadline } = delivery
+    const remaining = deadline - env.now()
+    if (remaining < attemptNeedsMs(env.timeoutEnforced)) {
+        return { kind: 'failed', message: `not sent: ${notSentWhy(remaining, config)}`, retryable: true }
+    }
+    if (delivery.budget.tooLarge >= MAX_TOO_LARGE_PER_BATCH) {
+        const refused = `the receiver refused ${delivery.budget.tooLarge} requests of this batch as too large (HTTP 413)`
+        return { kind: 'failed', message: `not sent: ${refused}; raise the receiver's size limit`, retryable: false }
+    }
+    return null
+}
+
+/** After an attempt: its fate when there is no point in another, or how long to wait before the next. */
+function afterAttempt(outcome: Outcome, attempts: number, delivery: AttemptContext): BodyFate | number {
+    if (outcome.kind === 'delivered') {
+        return { kind: 'delivered' }
+    }
+    if (outcome.kind === 'permanent') {
+        return {
+            kind: 'failed',
+            message: `${outcome.reason}; gave up after ${attemptsText(attempts)}`,
+            retryable: false,
+        }
+    }
+    if (outcome.kind === 'split') {
+        return { kind: 'split', reason: outcome.reason }
+    }
+    const { config, env, deadline } = delivery
+    const plan = planRetry({
+        attempts,
+        outcome,
+        remainingMs: deadline - env.now(),
+        timers: env.sleep !== null,
+        timeoutEnforced: env.timeoutEnforced,
+        maxAttempts: config.maxAttempts,
+        retryAfterCapMs: config.retryAfterCapMs,
+        random: env.random,
+    })
+    if (!plan.retry) {
+        const message = `${outcome.reason}; gave up after ${attemptsText(attempts)}: ${plan.why}`
+        return { kind: 'failed', message, retryable: true }
+    }
+    return plan.delayMs
+}
+
+/**
+ * Sends one body until it is accepted, refused for good, refused as too large, or out of time. The loop is
+ * written out here and in deliverGroup, not shared through a callback, because each extra await or `.then`
+ * costs a host guard in the classic sandbox.
+ */
+async function sendBody(body: string, webhookId: string, delivery: AttemptContext): Promise<BodyFate> {
+    for (let attempts = 0; ;) {
+        const stop = beforeAttempt(delivery)
+        if (stop) {
+            return stop
+        }
+        const started = delivery.env.now()
+        const timeoutMs = Math.min(delivery.config.requestTimeoutMs, delivery.deadline - started - DEADLINE_MARGIN_MS)
+        const outcome = await postOnce(delivery.config, delivery.env, body, webhookId, timeoutMs)
+        attempts++
+        delivery.hooks.onAttempt?.(outcome, delivery.env.now() - started, attempts)
+        const next = afterAttempt(outcome, attempts, delivery)
+        if (typeof next !== 'number') {
+            return next
+        }
+        if (next > 0 && delivery.env.sleep) {
+            await delivery.env.sleep(next)
+        }
+    }
+}
+
 async function deliverGroup<T extends { json: string; uuid: string }>(
     items: T[],
     delivery: Delivery<T>
 ): Promise<DeliveryResult<T>[]> {
-    const { config, env, deadline, fail } = delivery
+    const { config, env } = delivery
     const body = env.encodeBody ? env.encodeBody(items) : batchBody(items)
     // The same id on every retry of this body lets receivers deduplicate.
     const webhookId = delivery.hooks.webhookIdFor?.(items) ?? newWebhookId()
-    let attempts = 0
-    for (;;) {
-        const remaining = deadline - env.now()
-        if (remaining < attemptNeedsMs(env.timeoutEnforced)) {
-            return fail(items, `not sent: ${notSentWhy(remaining, config)}`, true, webhookId)
-        }
-        if (delivery.budget.tooLarge >= MAX_TOO_LARGE_PER_BATCH) {
-            const refused = `the receiver refused ${delivery.budget.tooLarge} requests of this batch as too large (HTTP 413)`
-            return fail(items, `not sent: ${refused}; raise the receiver's size limit`, false, webhookId)
+    for (let attempts = 0; ;) {
+        const stop = beforeAttempt(delivery)
+        if (stop) {
+            return groupResult(items, stop, attempts, delivery, webhookId)
         }
         const started = env.now()
-        const timeoutMs = Math.min(config.requestTimeoutMs, remaining - DEADLINE_MARGIN_MS)
+        const timeoutMs = Math.min(config.requestTimeoutMs, delivery.deadline - started - DEADLINE_MARGIN_MS)
         const outcome = await postOnce(config, env, body, webhookId, timeoutMs)
         attempts++
         delivery.hooks.onAttempt?.(outcome, env.now() - started, attempts)
-        if (outcome.kind === 'delivered') {
-            return [{ items, error: null, retryable: false, webhookId }]
+        const next = afterAttempt(outcome, attempts, delivery)
+        if (typeof next !== 'number') {
+            return groupResult(items, next, attempts, delivery, webhookId)
         }
-        if (outcome.kind === 'permanent') {
-            return fail(items, `${outcome.reason}; gave up after ${attemptsText(attempts)}`, false, webhookId)
-        }
-        if (outcome.kind === 'split') {
-            return splitGroup(items, outcome.reason, attempts, delivery)
-        }
-        const plan = planRetry({
-            attempts,
-            outcome,
-            remainingMs: deadline - env.now(),
-            timers: env.sleep !== null,
-            timeoutEnforced: env.timeoutEnforced,
-            maxAttempts: config.maxAttempts,
-            retryAfterCapMs: config.retryAfterCapMs,
-            random: env.random,
-        })
-        if (!plan.retry) {
-            return fail(
-                items,
-                `${outcome.reason}; gave up after ${attemptsText(attempts)}: ${plan.why}`,
-                true,
-                webhookId
-            )
-        }
-        if (plan.delayMs > 0 && env.sleep) {
-            await env.sleep(plan.delayMs)
+        if (next > 0 && env.sleep) {
+            await env.sleep(next)
         }
     }
+}
+
+/** A group's results from its fate: one result, or, after a 413, those of its halves. */
+function groupResult<T extends { json: string; uuid: string }>(
+    items: T[],
+    fate: BodyFate,
+    attempts: number,
+    delivery: Delivery<T>,
+    webhookId: string
+): DeliveryResult<T>[] | Promise<DeliveryResult<T>[]> {
+    if (fate.kind === 'delivered') {
+        return [{ items, error: null, retryable: false, webhookId }]
+    }
+    if (fate.kind === 'split') {
+        return splitGroup(items, fate.reason, attempts, delivery)
+    }
+    return delivery.fail(items, fate.message, fate.retryable, webhookId)
 }
 
 /** A 413: each half goes on its own, so one oversized event fails alone and the rest are delivered. */
@@ -1308,10 +1421,15 @@ export class Sender {
     private readonly countAttempt: NonNullable<DeliveryHooks['onAttempt']> = (outcome, _durationMs, attempt) =>
         this.recordAttempt(outcome, attempt)
 
+    /** Whether nothing configured changes an event, so an export batch goes out exactly as the host gave it. */
+    private readonly sendsAsReceived: boolean
+
     constructor(
         readonly config: ParsedConfig,
         readonly env: SenderEnv
-    ) {}
+    ) {
+        this.sendsAsReceived = sendsAsReceived(config, env)
+    }
 
     /** Gives this sender an outbox over the host's storage and cache. */
     useOutbox(storage: PluginStorage, cache: PluginCache | null, count: OutboxIo['count']): Outbox {
@@ -1518,11 +1636,78 @@ export class Sender {
      * receiver refused for good.
      */
     exportBatch(events: readonly AnyEvent[]): Promise<void> {
+        // From the call's start: the host's guard counts the serialising too.
+        const callDeadline = this.env.now() + this.config.deadlineMs
+        this.stats.events += events.length
+        const body = this.sendsAsReceived && events.length > 0 ? wholeBatchBody(events) : null
+        return body === null ? this.exportItems(events, callDeadline) : this.exportWhole(events, body, callDeadline)
+    }
+
+    /**
+     * The batch as the host handed it, in one JSON.stringify, as one POST: no work per event beyond that. A 413
+     * sends it again the itemised way, which splits it; a failure that can pass leaves the body in the outbox.
+     */
+    private exportWhole(events: readonly AnyEvent[], body: string, callDeadline: number): Promise<void> {
+        const count = events.length
+        const webhookId = bodyWebhookId(body)
+        const fate: Promise<BodyFate> = this.outbox?.skipsWebhook(this.env.now())
+            ? Promise.resolve(this.knownDownFate())
+            : sendBody(body, webhookId, {
+                  config: this.config,
+                  env: this.env,
+                  deadline: callDeadline - (this.outbox ? OUTBOX_WRITE_RESERVE_MS : 0),
+                  hooks: { onAttempt: this.countAttempt },
+                  budget: { tooLarge: 0 },
+              })
+        // One `.then` on the clean path: the host guards each one.
+        return fate.then((ended): void | Promise<void> => {
+            if (ended.kind === 'delivered') {
+                this.countHandled({ items: events as AnyEvent[], error: null, retryable: false, webhookId })
+                return undefined
+            }
+            if (ended.kind === 'split') {
+                // Within the same call deadline: the host's guard counts the whole call.
+                return this.exportItems(events, callDeadline)
+            }
+            const error = `batch of ${count} events to ${this.config.redactedUrl}: ${ended.message}`
+            if (!ended.retryable || !this.outbox) {
+                return this.failWhole(count, redactText(error, this.config.secrets), ended.retryable)
+            }
+            const entry = { id: webhookId, body, events: count }
+            const waitUntil = Math.min(callDeadline, this.env.now() + OUTBOX_LOCK_WAIT_MS)
+            return this.outbox.keep([entry], waitUntil).then((kept) => {
+                if (kept.refused.length === 0) {
+                    this.stats.kept += count
+                    return
+                }
+                const why = `${error}; ${kept.why ?? 'the outbox could not keep it'}`
+                this.failWhole(count, redactText(why, this.config.secrets), true)
+            })
+        })
+    }
+
+    private knownDownFate(): BodyFate {
+        const since = new Date(this.outbox?.downSince ?? this.env.now()).toISOString()
+        return { kind: 'failed', message: `not sent: webhook has been failing since ${since}`, retryable: true }
+    }
+
+    /** Counts a whole batch as failed and throws what the host should see: RetryError when a later try can pass. */
+    private failWhole(count: number, message: string, retryable: boolean): never {
+        this.stats.failed += count
+        const cause = retryable ? 'retryable' : 'permanent'
+        this.stats.failuresByCause[cause] = (this.stats.failuresByCause[cause] ?? 0) + count
+        const what = `${count} of the ${count} events of this batch were not accepted: ${message}`
+        throw retryable
+            ? new RetryError(`${what}; PostHog will retry the batch where it still retries`)
+            : new Error(what)
+    }
+
+    /** Serialises each event on its own: where filters or removed properties apply, and after a 413. */
+    private exportItems(events: readonly AnyEvent[], callDeadline: number): Promise<void> {
         const { items, unserialisable } = this.serialiseAll(events)
         if (items.length === 0) {
             return new Promise<void>((resolve) => resolve(this.settleExport([], events.length, unserialisable)))
         }
-        const callDeadline = this.env.now() + this.config.deadlineMs
         const deadline = callDeadline - (this.outbox ? OUTBOX_WRITE_RESERVE_MS : 0)
         const sent: Promise<Settled<ExportItem>[]> = this.outbox?.skipsWebhook(this.env.now())
             ? Promise.resolve([this.knownDown(items)])
@@ -1545,7 +1730,6 @@ export class Sender {
         const items: ExportItem[] = []
         const unserialisable: string[] = []
         for (const event of events) {
-            this.stats.events++
             if (!shouldSend(event.event, this.config)) {
                 this.stats.filtered++
                 continue
@@ -2295,6 +2479,29 @@ export function metricCounter(hostMetrics: unknown): OutboxIo['count'] {
 // has an export path (it buffers events and calls exportEvents with each batch), onEvent everywhere else.
 // ---------------------------------------------------------------------------------------------------------------
 
+/** What PostHog's classic sandbox puts in scope before the plugin's code runs; absent on other hosts. */
+declare const __pluginHostMeta: unknown
+
+/**
+ * Whether the host certainly buffers every event for exportEvents, read from `__pluginHostMeta`, which the
+ * classic sandbox fills before this module runs (it collects the exports only afterwards). Its `metrics` member,
+ * the plugin metrics, existed from July 2021 (plugin-server #480) until May 2022 (posthog #9627), and only on
+ * hosts that also have the export path (May 2021 to November 2023). Without it nothing is certain: false.
+ */
+export function hostCertainlyBuffers(hostMeta: unknown): boolean {
+    if (typeof hostMeta !== 'object' || hostMeta === null) {
+        return false
+    }
+    // Only the member's type is read: the 2021 host's metrics object throws on any unknown property.
+    const metrics = (hostMeta as { metrics?: unknown }).metrics
+    return typeof metrics === 'object' && metrics !== null
+}
+
+/** Read once, while the module loads; `typeof` keeps hosts without the global from a ReferenceError. */
+const HOST_CERTAINLY_BUFFERS = hostCertainlyBuffers(
+    typeof __pluginHostMeta === 'undefined' ? undefined : __pluginHostMeta
+)
+
 /**
  * Whether this host will call exportEvents with every event: it sets these keys on `meta.global` before
  * setupPlugin, only when it has an export path (2021 to November 2023). Since December 2023, and in the CDP,
@@ -2325,7 +2532,7 @@ function senderFor(meta: PatternsMeta): Sender {
  * It settles when the webhook accepted the event, or rejects with the reason it was not. Where the host has an
  * export path, its wrapper has already put the event in its buffer, so this returns at once: exportEvents sends it.
  */
-export const onEvent: PatternsPlugin['onEvent'] = (event, meta) => {
+const sendOnEvent: NonNullable<PatternsPlugin['onEvent']> = (event, meta) => {
     if (hostExportsEvents(meta.global)) {
         return undefined
     }
@@ -2335,6 +2542,12 @@ export const onEvent: PatternsPlugin['onEvent'] = (event, meta) => {
         return Promise.reject(error)
     }
 }
+
+/**
+ * Where the host certainly buffers (2021 to April 2022), no onEvent at all: the host then never calls into the
+ * sandbox per event, and its wrapper still fills the export buffer. Everywhere else, both handlers.
+ */
+export const onEvent: PatternsPlugin['onEvent'] = HOST_CERTAINLY_BUFFERS ? undefined : sendOnEvent
 
 /**
  * Called by hosts with an export path with each batch of their buffer (1 MiB or 10 s by default). A RetryError

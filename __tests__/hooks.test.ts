@@ -1,9 +1,14 @@
+import { readFileSync } from 'node:fs'
 import { request as httpRequest } from 'node:http'
+import { join } from 'node:path'
+import { createContext, runInContext } from 'node:vm'
 
 import { RetryError } from '@posthog/plugin-scaffold'
 
 import * as plugin from '../index'
 import { MetaFetch, PatternsConfig, PatternsGlobal } from '../index'
+import { getEra } from '../tools/host/eras'
+import { PROJECT_PLUGIN_DIR, transpileForEra } from '../tools/host/loader'
 import { captureLogger, makeEvent, makeSender, settle, testEnv } from './helpers/env'
 import { eventsIn, perTestServers, Reply, WEBHOOK_TOKEN } from './helpers/server'
 
@@ -100,7 +105,81 @@ describe('exactly one handler delivers', () => {
     })
 })
 
+describe('the host signal read while the module loads', () => {
+    /** index.ts as PostHog's 2021 transforms leave it, run in a fresh context with only the globals given. */
+    function loadIn(globals: Record<string, unknown>): Record<string, unknown> {
+        const era = getEra('vm2024')
+        const code = transpileForEra(readFileSync(join(PROJECT_PLUGIN_DIR, 'index.ts'), 'utf8'), era)
+        const context = createContext({
+            __pluginHostImports: era.imports,
+            __asyncGuard: (value: unknown) => Promise.resolve(value),
+            console,
+            ...globals,
+        })
+        runInContext(`const module = { exports: {} };\nvar exports = {};\n${code};\nthis.__exports = exports`, context)
+        return (context as { __exports: Record<string, unknown> }).__exports
+    }
+
+    it('reads __pluginHostMeta behind typeof: a host without it loads the module and gets both handlers', () => {
+        const exported = loadIn({})
+        expect(typeof exported.onEvent).toBe('function')
+        expect(typeof exported.exportEvents).toBe('function')
+    })
+
+    it('exports no onEvent where the sandbox has plugin metrics, and both handlers where it has none', () => {
+        expect(loadIn({ __pluginHostMeta: { config: {}, storage: {}, metrics: {} } }).onEvent).toBeUndefined()
+        expect(typeof loadIn({ __pluginHostMeta: { config: {}, storage: {}, utils: {} } }).onEvent).toBe('function')
+        expect(typeof loadIn({ __pluginHostMeta: null }).onEvent).toBe('function')
+    })
+
+    it('tells the hosts apart by the metrics member only, never reading inside it', () => {
+        // The 2021 host's metrics object throws on any name the plugin did not declare.
+        const strict = new Proxy(
+            {},
+            {
+                get: () => {
+                    throw new Error('Invalid metric name')
+                },
+            }
+        )
+        expect(plugin.hostCertainlyBuffers({ metrics: strict })).toBe(true)
+        expect(plugin.hostCertainlyBuffers({ metrics: null })).toBe(false)
+        expect(plugin.hostCertainlyBuffers({ cache: {}, jobs: {}, geoip: {} })).toBe(false)
+        expect(plugin.hostCertainlyBuffers(undefined)).toBe(false)
+        expect(plugin.hostCertainlyBuffers('metrics')).toBe(false)
+    })
+})
+
 describe('exportEvents', () => {
+    it('sends a batch exactly as received where nothing configured changes it: the events as given, one POST', async () => {
+        const s = await serve(() => ({ status: 200 }))
+        const events = Array.from({ length: 5 }, (_, i) => makeEvent(i))
+        await exportEvents(events, { config: { webhookUrl: s.url }, global: hostBufferKeys(), logger: captureLogger() })
+        expect(s.received).toHaveLength(1)
+        expect(s.received[0]?.body).toBe(JSON.stringify(events))
+        expect(s.received[0]?.headers['webhook-id']).toBe(plugin.bodyWebhookId(JSON.stringify(events)))
+    })
+
+    it('derives the webhook-id of a long batch from its length and both ends: the same batch, the same id', () => {
+        const batch = (from: number, count: number): string =>
+            JSON.stringify(Array.from({ length: count }, (_, i) => makeEvent(from + i)))
+        const long = batch(0, 400)
+        expect(long.length).toBeGreaterThan(2 * plugin.WEBHOOK_ID_SAMPLE_CHARS)
+        expect(plugin.bodyWebhookId(long)).toBe(plugin.bodyWebhookId(batch(0, 400)))
+        expect(plugin.bodyWebhookId(long)).toMatch(/^msg_[0-9a-f]{32}$/)
+        expect(plugin.bodyWebhookId(batch(1, 400))).not.toBe(plugin.bodyWebhookId(long))
+        expect(plugin.bodyWebhookId(batch(0, 401))).not.toBe(plugin.bodyWebhookId(long))
+        expect(plugin.bodyWebhookId(batch(0, 3))).not.toBe(plugin.bodyWebhookId(batch(0, 2)))
+    })
+
+    it('after a 413 on the whole batch, sends it again in halves, each event once', async () => {
+        const s = await start((request) => (eventsIn(request).length > 2 ? { status: 413 } : { status: 200 }))
+        const events = Array.from({ length: 4 }, (_, i) => makeEvent(i))
+        await exportEvents(events, { config: { webhookUrl: s.url }, global: hostBufferKeys(), logger: captureLogger() })
+        const accepted = s.received.filter((request) => eventsIn(request).length <= 2).flatMap((r) => eventsIn(r))
+        expect(accepted.map((e) => e.uuid)).toEqual(events.map((e) => e.uuid))
+    })
+
     it('sends the host batch as one POST whose webhook-id is the same in a fresh VM for the same events', async () => {
         const s = await serve(() => ({ status: 200 }))
         const events = Array.from({ length: 20 }, (_, i) => makeEvent(i))

@@ -76,6 +76,8 @@ export interface ExportMetrics {
     undelivered: number
     batches: number
     jobsEnqueued: number
+    /** Not on the page: how many times the host's wrapper called the plugin's own onEvent (a call into the VM). */
+    pluginOnEventCalls: number
 }
 
 export function emptyMetrics(): ExportMetrics {
@@ -88,6 +90,7 @@ export function emptyMetrics(): ExportMetrics {
         undelivered: 0,
         batches: 0,
         jobsEnqueued: 0,
+        pluginOnEventCalls: 0,
     }
 }
 
@@ -175,7 +178,11 @@ export function upgradeExportEvents(
                     await added
                 }
             }
-            return await onEvent?.(event)
+            if (!onEvent) {
+                return undefined
+            }
+            hooks.metrics.pluginOnEventCalls++
+            return await onEvent(event)
         },
         teardownPlugin: async () => {
             await Promise.all([(global.exportEventsBuffer as ExportBuffer).flush(), teardownPlugin?.()])

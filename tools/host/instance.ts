@@ -108,7 +108,9 @@ export function hostMetaFor(
         ...(offered.cache ? { cache: metaCache(store, pluginConfigId, services.minuteMs / MINUTE_MS) } : {}),
         ...(offered.storage ? { storage: metaStorage(store, pluginConfigId) } : {}),
         jobs: {},
-        metrics: offered.pluginMetrics ? services.metrics.meta : {},
+        // Only where PostHog had plugin metrics (July 2021 to April 2022): later hosts have no such member, and
+        // the plugin reads its presence while it loads as the sign that the host buffers for exportEvents.
+        ...(offered.pluginMetrics ? { metrics: services.metrics.meta } : {}),
         utils: {},
         geoip: {},
     }

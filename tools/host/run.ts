@@ -176,7 +176,9 @@ export function loadForEra(
         metrics: new PluginMetrics(),
     })
     const vm = createPluginVm(code, era, { console: pluginConsole(log), hostMeta, now: options.now })
-    if (!vm.methods.onEvent) {
+    // A plugin may leave onEvent out where the era buffers for its exportEvents (this plugin does, where the
+    // sandbox shows plugin metrics): the host's export path then wraps an onEvent of its own.
+    if (!vm.methods.onEvent && !(era.exportPath && vm.methods.exportEvents)) {
         throw new PluginLoadError('the plugin exports no onEvent')
     }
     return { era, methods: vm.methods, vm, store }
