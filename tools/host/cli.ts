@@ -20,6 +20,7 @@ import { PluginLoadError, PROJECT_PLUGIN_DIR } from './loader'
 import { defaultPath, HostPath, JobResult, PATHS, runJob } from './run'
 import { sampleEvents } from './sample-events'
 import { heldBackCount, holdBack, TRAFFIC_BOUND_MS, trafficAfterOutage } from './schedule'
+import { callFaults, parseCallFaults, StorageFaults } from './storage'
 
 const DEFAULT_COUNT = 1_000
 /** With --outage and no --time-scale: ten minutes of outage and job waits take six seconds. */
@@ -59,6 +60,9 @@ Options:
   --webhook-url URL    send to a real webhook instead; no receiver is started
                        (also read from PATTERNS_WEBHOOK_URL; never printed)
   --faults PRESET      inject receiver faults: ${Object.keys(FAULT_PRESETS).join(', ')}
+  --storage-faults F   fail the plugin's storage calls (meta.storage): a rate (5%), one call (call:7,
+                       repeatable) or a while (for:30+10: from second 30 of the run, for 10 s), comma-separated
+  --cache-faults F     the same for its cache calls (meta.cache)
   --data-dir DIR       where the receiver stores rows (default: a new folder under .data/runs)
   --seed N             seed for sample events and fault dice (default: 42)
   --plugin-dir DIR     load another plugin folder (plugin.json + its main file) instead of this one
@@ -94,6 +98,8 @@ export interface CliOptions {
     /** Seconds (emulated) the embedded receiver is down from the start; 0: no outage. */
     outageSeconds: number
     timeScale: number
+    /** Failures injected into the plugin's storage and cache calls; undefined: none. */
+    storageFaults: StorageFaults | undefined
 }
 
 /** The flags of `npm start`, as node:util parseArgs reads them. */
@@ -114,6 +120,8 @@ const START_OPTIONS = {
     'setup-retry-scale': { type: 'string', default: '1' },
     outage: { type: 'string', default: '0' },
     'time-scale': { type: 'string' },
+    'storage-faults': { type: 'string' },
+    'cache-faults': { type: 'string' },
 } as const
 
 type StartValues = ReturnType<typeof readStartFlags>
@@ -156,7 +164,25 @@ export function parseCli(argv: string[], env: Record<string, string | undefined>
         setupRetryScale: parseSetupRetryScale(values['setup-retry-scale']),
         outageSeconds,
         timeScale,
+        storageFaults: parseStorageFaults(values, parseSeed(values.seed)),
     }
+}
+
+/** --storage-faults and --cache-faults, as predicates for the install's database. */
+function parseStorageFaults(values: StartValues, seed: number): StorageFaults | undefined {
+    const read = (flag: string, text: string | undefined, offset: number) => {
+        if (text === undefined) {
+            return undefined
+        }
+        try {
+            return callFaults(parseCallFaults(flag, text, seed + offset))
+        } catch (error) {
+            throw new UsageError(`${(error as Error).message}.`)
+        }
+    }
+    const failStorage = read('--storage-faults', values['storage-faults'], 1)
+    const failCache = read('--cache-faults', values['cache-faults'], 2)
+    return failStorage || failCache ? { failStorage, failCache } : undefined
 }
 
 function parseCount(values: StartValues): number {
@@ -299,6 +325,14 @@ function storageRows(result: JobResult): Array<[string, string]> {
             `${storage.writes} / ${storage.deletes} / ${storage.reads}${storage.failedWrites ? ` (${storage.failedWrites} failed)` : ''}`,
         ],
         ['storage bytes (peak / at end)', `${storage.peakStoredBytes} / ${storage.storedBytes}`],
+        ...(storage.injectedStorageFaults || storage.injectedCacheFaults
+            ? [
+                  [
+                      'faults injected (storage / cache)',
+                      `${storage.injectedStorageFaults} / ${storage.injectedCacheFaults}`,
+                  ] as [string, string],
+              ]
+            : []),
         [
             'runEveryMinute (runs / failed / debounced)',
             scheduled
@@ -469,6 +503,7 @@ async function runWithReceiver(options: CliOptions, receiver: Receiver | null, i
         tasksPerWorker: options.tasksPerWorker,
         setupRetryScale: options.setupRetryScale,
         jobTimeScale: options.timeScale,
+        storageFaults: options.storageFaults,
         log: options.quiet ? undefined : (line) => io.stderr.write(logLine(line)),
         onProgress: progressWriter(options.eventsFile ? null : options.count, io),
     })
