@@ -8,6 +8,8 @@ import { RetryError } from '@posthog/plugin-scaffold'
 
 import {
     MAX_ATTEMPTS_WITHOUT_TIMERS,
+    OUTBOX_LOCK_KEY,
+    OUTBOX_LOCK_SAFE_MS,
     OUTBOX_STATE_KEY,
     OutboxMetric,
     OutboxState,
@@ -284,6 +286,29 @@ describe('writers on a starved CPU', () => {
         await vms[0]?.outbox?.drain()
         expect(await storedTotals(h)).toMatchObject({ events: 24, entries: 8 })
         expect(await state(h)).toMatchObject({ events: 24 })
+    })
+})
+
+describe('a lock holder slower than half the lock TTL', () => {
+    it('stops, and leaves the lock to its TTL rather than free what may be another holder’s', async () => {
+        const s = await serve(() => ({ status: 200 }))
+        const h = host()
+        const env = testEnv({ timers: false, fakeClock: true })
+        const sender = withOutbox(s.url, h, env)
+        const entries = [1, 2].map((n) => ({ id: `msg_${n}`, body: JSON.stringify([makeEvent(n)]), events: 1 }))
+        await sender.outbox?.keep(entries, Infinity)
+        // The first POST takes as long as the holder may rely on the lock: its TTL may have run out meanwhile.
+        const transport = env.transport
+        env.transport = (request) => {
+            env.advance(OUTBOX_LOCK_SAFE_MS)
+            return transport(request)
+        }
+        const outcome = await settle(sender.outbox?.drain() ?? Promise.resolve(null))
+        expect(outcome.ok ? null : outcome.error.message).toMatch(/held too long/)
+        // Not set back to 0: whoever may hold it now keeps it until it lets go or its TTL runs out.
+        expect(Number(await h.cache.get(OUTBOX_LOCK_KEY, 0))).toBeGreaterThan(0)
+        // Nothing was counted out: the entry goes again, with its same webhook-id, once the lock is free.
+        expect(await state(h)).toMatchObject({ head: 0, events: 2 })
     })
 })
 
