@@ -19,6 +19,8 @@ import { waitFor } from './helpers/io'
 import { startServer } from './helpers/server'
 
 const EVENTS = 400
+/** Jest's budget for the runs that wait on retry jobs or 25 s calls, on a machine shared with busy processes. */
+const LOADED_MACHINE_TIMEOUT_MS = 300_000
 const CLASSIC_ERAS = ['vm2021', 'vm2022', 'vm2023aug', 'vm2024'] as const
 /** Job waits of 6 s, 12 s, … run a thousand times faster. */
 const JOB_TIME_SCALE = 0.001
@@ -87,7 +89,7 @@ const DRAINS_AT_END = 5
  * by a fresh VM over the same storage, the webhook answering again. What it still holds then is counted as lost.
  */
 async function drainAtEnd(era: string, store: HostStore, rx: Receiver, config: Record<string, string>): Promise<void> {
-    if (!getEra(era).services.storage) {
+    if (!getEra(era).services.storage || (await outboxEvents(store)) === 0) {
         return
     }
     rx.setFaults({})
@@ -158,27 +160,32 @@ describe.each(ERA_NAMES)('era %s', (era) => {
         expectNoSecrets(result)
     })
 
-    it('survives the default fault mix without losing an event silently', async () => {
-        const { result, rx } = await run(era, 'default')
-        const summary = rx.summary()
-        expectNothingLostSilently(result, rx)
-        // A job retries the whole batch, so the chunks accepted before the failure arrive twice (same webhook-id).
-        const duplicatesAllowed = exportsIn(era) ? EVENTS * 0.05 : summary.acceptResetRows
-        expect(summary.duplicateRows).toBeLessThanOrEqual(duplicatesAllowed)
-        expectNoSecrets(result)
-        if (exportsIn(era) && era !== 'vm2023aug') {
-            // The host's job queue retries a batch until it is accepted: every event arrives, few twice.
-            expect(summary.uniqueUuids).toBe(EVENTS)
-            expect(result.exportPath?.jobs.left).toBe(0)
-        } else if (era === 'cdp2025' || era === 'vm2022') {
-            // The plugin can wait (timers) or the host retries: at least 99.9% delivered.
-            expect(summary.uniqueUuids).toBeGreaterThanOrEqual(EVENTS * 0.999)
-        } else {
-            // No timers and no host retry: 429s cannot be waited out, but each surfaces as a RetryError.
-            const errorNames = new Set(result.errorMessages.map((m) => m.split(':')[0]))
-            expect([...errorNames].filter((name) => name !== 'RetryError')).toEqual([])
-        }
-    })
+    it(
+        'survives the default fault mix without losing an event silently',
+        async () => {
+            const { result, rx } = await run(era, 'default')
+            const summary = rx.summary()
+            expectNothingLostSilently(result, rx)
+            // A job retries the whole batch, so the chunks accepted before the failure arrive twice (same webhook-id).
+            const duplicatesAllowed = exportsIn(era) ? EVENTS * 0.05 : summary.acceptResetRows
+            expect(summary.duplicateRows).toBeLessThanOrEqual(duplicatesAllowed)
+            expectNoSecrets(result)
+            if (exportsIn(era) && era !== 'vm2023aug') {
+                // The host's job queue retries a batch until it is accepted: every event arrives, few twice.
+                expect(summary.uniqueUuids).toBe(EVENTS)
+                expect(result.exportPath?.jobs.left).toBe(0)
+            } else if (era === 'cdp2025' || era === 'vm2022') {
+                // The plugin can wait (timers) or the host retries: at least 99.9% delivered.
+                expect(summary.uniqueUuids).toBeGreaterThanOrEqual(EVENTS * 0.999)
+            } else {
+                // No timers and no host retry: 429s cannot be waited out, but each surfaces as a RetryError.
+                const errorNames = new Set(result.errorMessages.map((m) => m.split(':')[0]))
+                expect([...errorNames].filter((name) => name !== 'RetryError')).toEqual([])
+            }
+        },
+        // A busy machine runs the host's job retries and the drain at the end many times slower than a quiet one.
+        LOADED_MACHINE_TIMEOUT_MS
+    )
 
     it('delivers at least 99% under 503 10%, 500 5%, reset 3%, accept-then-reset 1%, losing nothing silently', async () => {
         const { result, rx } = await run(era, 'default-no429')
@@ -252,44 +259,48 @@ describe('hosts without timers, with the outbox off', () => {
 })
 
 describe('a webhook that never answers', () => {
-    it('settles every call before the host kills it at 30 s, and keeps its events for later, in every era', async () => {
-        const eras = await Promise.all(
-            ERA_NAMES.map(async (era) => {
-                const dir = mkdtempSync(join(tmpdir(), `hang-${era}-`))
-                const rx = await startReceiver({ dataDir: dir, faults: { pHang: 1 } })
-                // The database is up before the run, as PostHog's Postgres is: its start-up is not the plugin's time.
-                const store = new HostStore()
-                await store.contents()
-                const result = await runJob({
-                    era,
-                    webhookUrl: rx.url,
-                    events: sampleEvents(5),
-                    pluginDir: PROJECT_PLUGIN_DIR,
-                    // Each call on its own: vm2022's host retries would only repeat the same 25 s twice more.
-                    hostRetry: false,
-                    jobWaitMs: 0,
-                    store,
+    it(
+        'settles every call before the host kills it at 30 s, and keeps its events for later, in every era',
+        async () => {
+            const eras = await Promise.all(
+                ERA_NAMES.map(async (era) => {
+                    const dir = mkdtempSync(join(tmpdir(), `hang-${era}-`))
+                    const rx = await startReceiver({ dataDir: dir, faults: { pHang: 1 } })
+                    // The database is up before the run, as PostHog's Postgres is: its start-up is not the plugin's time.
+                    const store = new HostStore()
+                    await store.contents()
+                    const result = await runJob({
+                        era,
+                        webhookUrl: rx.url,
+                        events: sampleEvents(5),
+                        pluginDir: PROJECT_PLUGIN_DIR,
+                        // Each call on its own: vm2022's host retries would only repeat the same 25 s twice more.
+                        hostRetry: false,
+                        jobWaitMs: 0,
+                        store,
+                    })
+                    await store.close()
+                    await rx.close()
+                    rmSync(dir, { recursive: true, force: true })
+                    return { era, result }
                 })
-                await store.close()
-                await rx.close()
-                rmSync(dir, { recursive: true, force: true })
-                return { era, result }
-            })
-        )
-        for (const { era, result } of eras) {
-            // The host's 30 s guard would throw its TimeoutError, an "other error" that drops the batch.
-            expect(result.logs.join('\n')).not.toContain('Script execution timed out')
-            // Every event waits in the outbox (plugin storage, or the CDP's memory): nothing failed, nothing lost.
-            expect(result.sender?.kept).toBe(5)
-            if (exportsIn(era)) {
-                expect(result.exportPath?.metrics).toMatchObject({ otherErrors: 0, retryErrors: 0 })
-                continue
+            )
+            for (const { era, result } of eras) {
+                // The host's 30 s guard would throw its TimeoutError, an "other error" that drops the batch.
+                expect(result.logs.join('\n')).not.toContain('Script execution timed out')
+                // Every event waits in the outbox (plugin storage, or the CDP's memory): nothing failed, nothing lost.
+                expect(result.sender?.kept).toBe(5)
+                if (exportsIn(era)) {
+                    expect(result.exportPath?.metrics).toMatchObject({ otherErrors: 0, retryErrors: 0 })
+                    continue
+                }
+                expect(result.failed).toBe(0)
+                // The plugin's 25 s, plus room for a busy CI machine to run the callbacks; the host would kill it at 30 s.
+                expect(result.maxCallMs).toBeLessThanOrEqual(CALL_DEADLINE_MS + 750)
             }
-            expect(result.failed).toBe(0)
-            // The plugin's 25 s, plus room for a busy CI machine to run the callbacks; the host would kill it at 30 s.
-            expect(result.maxCallMs).toBeLessThanOrEqual(CALL_DEADLINE_MS + 750)
-        }
-    }, 120_000)
+        },
+        LOADED_MACHINE_TIMEOUT_MS
+    )
 })
 
 describe('a busy sender', () => {
