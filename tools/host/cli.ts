@@ -46,7 +46,7 @@ Options:
   --workers N          Kafka path worker threads, each with its own VM (default: ${DEFAULT_WORKERS}, one per core)
   --tasks-per-worker N Kafka path tasks in flight per thread (default: ${DEFAULT_TASKS_PER_WORKER})
   --setup-retry-scale X  scales the host's waits between setupPlugin attempts (3 s, 6 s, …; default 1)
-  --outage SECONDS     the embedded receiver answers 503 for this long from the start (the export path's
+  --outage SECONDS     the embedded receiver answers 503 for this long from the first event (the export path's
                        job queue retries the batches; other eras show what is lost)
   --time-scale X       runs the host's job waits (6 s, 12 s, … up to about 54 h), its minute (runEveryMinute,
                        cache TTLs) and --outage X times as long: 0.01 makes ten minutes six seconds
@@ -397,13 +397,17 @@ export function formatSetupFailure(result: JobResult, era: string): string {
     return [bar, ...lines.map((line) => `! ${line.padEnd(width)} !`), bar].join('\n') + '\n'
 }
 
-/** An outage under way: its timer, and when the webhook came back (real ms), null while it is down. */
+/** An outage: its clock starts at the first event; when the webhook came back (real ms), null while it is down. */
 interface Outage {
-    timer: NodeJS.Timeout
+    begin: () => void
+    stop: () => void
     backUpAt: () => number | null
 }
 
-/** --outage: the receiver answers 503 from now on, and its faults come back after the (scaled) outage. */
+/**
+ * --outage: the receiver answers 503 from now on, and its faults come back once the (scaled) outage has run from
+ * the first event, so the events meet it however long the plugin takes to load.
+ */
 function startOutage(receiver: Receiver, options: CliOptions, io: CliIO): Outage | null {
     if (options.outageSeconds <= 0) {
         return null
@@ -412,15 +416,24 @@ function startOutage(receiver: Receiver, options: CliOptions, io: CliIO): Outage
     receiver.setFaults({ ...faults, p503: 1 })
     const realSeconds = options.outageSeconds * options.timeScale
     io.stdout.write(
-        `Webhook down (503) for ${options.outageSeconds} s, run ${options.timeScale}× as long: ${realSeconds.toFixed(1)} s\n`
+        `Webhook down (503) for ${options.outageSeconds} s from the first event, run ${options.timeScale}× as long: ` +
+            `${realSeconds.toFixed(1)} s\n`
     )
     let backUpAt: number | null = null
-    const timer = setTimeout(() => {
-        receiver.setFaults(faults)
-        backUpAt = Date.now()
-        io.stdout.write('Webhook back up\n')
-    }, realSeconds * 1000)
-    return { timer, backUpAt: () => backUpAt }
+    let timer: NodeJS.Timeout | null = null
+    const begin = (): void => {
+        timer ??= setTimeout(() => {
+            receiver.setFaults(faults)
+            backUpAt = Date.now()
+            io.stdout.write('Webhook back up\n')
+        }, realSeconds * 1000)
+    }
+    const stop = (): void => {
+        if (timer) {
+            clearTimeout(timer)
+        }
+    }
+    return { begin, stop, backUpAt: () => backUpAt }
 }
 
 export interface CliIO {
@@ -489,7 +502,8 @@ async function runWithReceiver(options: CliOptions, receiver: Receiver | null, i
     const outage = receiver ? startOutage(receiver, options, io) : null
     const sent = new Set<string>()
     const drain = receiver && outage ? untilDelivered(receiver, sent, options.outageSeconds) : undefined
-    const { events, lateEvents } = eventSources(options, sent, outage && drain ? { outage, drain } : null, io)
+    const late = outage && drain ? { outage, drain } : null
+    const { events, lateEvents } = eventSources(options, { sent, first: () => outage?.begin() }, late, io)
     const result = await runJob({
         era: options.era,
         webhookUrl,
@@ -507,9 +521,7 @@ async function runWithReceiver(options: CliOptions, receiver: Receiver | null, i
         log: options.quiet ? undefined : (line) => io.stderr.write(logLine(line)),
         onProgress: progressWriter(options.eventsFile ? null : options.count, io),
     })
-    if (outage) {
-        clearTimeout(outage.timer)
-    }
+    outage?.stop()
     if (io.stderr.isTTY) {
         io.stderr.write('\r\x1b[K')
     }
@@ -529,7 +541,7 @@ async function runWithReceiver(options: CliOptions, receiver: Receiver | null, i
  */
 function eventSources(
     options: CliOptions,
-    sent: Set<string>,
+    sent: { sent: Set<string>; first: () => void },
     late: { outage: Outage; drain: ReturnType<typeof untilDelivered> } | null,
     io: CliIO
 ) {
@@ -551,10 +563,11 @@ function eventSources(
 /** Passes the events on, keeping each uuid: the drain wait checks the receiver against them. */
 async function* remembered(
     events: Iterable<ProcessedPluginEvent> | AsyncIterable<ProcessedPluginEvent>,
-    uuids: Set<string>
+    uuids: { sent: Set<string>; first: () => void }
 ): AsyncGenerator<ProcessedPluginEvent> {
     for await (const event of events) {
-        uuids.add(event.uuid)
+        uuids.first()
+        uuids.sent.add(event.uuid)
         yield event
     }
 }
