@@ -8,8 +8,10 @@ import { RetryError } from '@posthog/plugin-scaffold'
 
 import {
     MAX_ATTEMPTS_WITHOUT_TIMERS,
+    OUTBOX_ENTRY_WRITE_MAX_MS,
     OUTBOX_LOCK_KEY,
     OUTBOX_LOCK_SAFE_MS,
+    OUTBOX_SEQ_KEY,
     OUTBOX_STATE_KEY,
     OutboxMetric,
     OutboxState,
@@ -286,6 +288,35 @@ describe('writers on a starved CPU', () => {
         await vms[0]?.outbox?.drain()
         expect(await storedTotals(h)).toMatchObject({ events: 24, entries: 8 })
         expect(await state(h)).toMatchObject({ events: 24 })
+    })
+})
+
+describe('a cache that lost the entry counter', () => {
+    it('never writes over a kept entry: the counter moves past the index, and every entry goes out', async () => {
+        const accepted: string[] = []
+        const down = { value: true }
+        const s = await serve(switchable(down, accepted))
+        const h = host()
+        const env = testEnv({ timers: false, fakeClock: true })
+        const sender = withOutbox(s.url, h, env)
+        await sender.exportBatch(batch(1, 2))
+        await sender.exportBatch(batch(3, 2))
+        // Redis restarted: the counter is gone, and would hand out 0 and 1 again.
+        await h.cache.set(OUTBOX_SEQ_KEY, 0)
+        await sender.exportBatch(batch(5, 2))
+        const stored = await storedTotals(h)
+        expect(stored).toMatchObject({ events: 6, entries: 3 })
+        down.value = false
+        // The numbers skipped over wait for writers that never come, for OUTBOX_ENTRY_WRITE_MAX_MS.
+        env.advance(OUTBOX_ENTRY_WRITE_MAX_MS)
+        await sender.outbox?.drain()
+        expect(
+            batch(1, 6)
+                .map((event) => event.uuid)
+                .filter((uuid) => !accepted.includes(uuid))
+        ).toEqual([])
+        expect(await state(h)).toMatchObject({ events: 0 })
+        expect(Object.keys(await contents(h))).toEqual([OUTBOX_STATE_KEY])
     })
 })
 

@@ -30,6 +30,11 @@ const OUTAGE_TIME_SCALE = 0.01
  * every event, for at most the outage's minutes and this many more.
  */
 const DRAIN_EXTRA_MINUTES = 15
+/**
+ * ...and at least this long in real time: on a busy machine each storage call of a drain can take a second, and a
+ * fast-forwarded minute is over long before that. The wait ends as soon as every event arrived.
+ */
+const DRAIN_EXTRA_MIN_REAL_MS = 60_000
 /** Each run gets its own folder, so its summary counts only its own rows. */
 const DEFAULT_DATA_DIR = join(PROJECT_PLUGIN_DIR, '.data', 'runs', new Date().toISOString().replace(/[:.]/g, '-'))
 
@@ -501,7 +506,7 @@ async function runWithReceiver(options: CliOptions, receiver: Receiver | null, i
     announce(options, receiver, webhookUrl, io)
     const outage = receiver ? startOutage(receiver, options, io) : null
     const sent = new Set<string>()
-    const drain = receiver && outage ? untilDelivered(receiver, sent, options.outageSeconds) : undefined
+    const drain = receiver && outage ? untilDelivered(receiver, sent, options) : undefined
     const late = outage && drain ? { outage, drain } : null
     const { events, lateEvents } = eventSources(options, { sent, first: () => outage?.begin() }, late, io)
     const result = await runJob({
@@ -572,14 +577,19 @@ async function* remembered(
     }
 }
 
-/** Until the receiver holds every event sent, for the outage's minutes and DRAIN_EXTRA_MINUTES more at most. */
-function untilDelivered(receiver: Receiver, sent: Set<string>, outageSeconds: number) {
+/**
+ * Until the receiver holds every event sent, for the outage's minutes and DRAIN_EXTRA_MINUTES more at most (at
+ * least DRAIN_EXTRA_MIN_REAL_MS of real time).
+ */
+function untilDelivered(receiver: Receiver, sent: Set<string>, options: CliOptions) {
+    const minuteMs = MINUTE_MS * options.timeScale
+    const extra = Math.max(DRAIN_EXTRA_MINUTES, Math.ceil(DRAIN_EXTRA_MIN_REAL_MS / minuteMs))
     return {
         until: () => {
             const stored = receiver.uuidCounts()
             return [...sent].every((uuid) => stored.has(uuid))
         },
-        maxMinutes: Math.ceil(outageSeconds / 60) + DRAIN_EXTRA_MINUTES,
+        maxMinutes: Math.ceil(options.outageSeconds / 60) + extra,
     }
 }
 
