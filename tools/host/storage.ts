@@ -360,10 +360,12 @@ export function metaStorage(send: StoreTransport, pluginConfigId: number) {
 
 /**
  * `meta.cache` with Redis semantics. TTLs run on the host's clock: `ttlScale` (minuteMs / 60 000) shortens them
- * as much as the scaled minute, so a lease taken in runEveryMinute lasts the same number of scaled minutes.
+ * as much as the scaled minute, so a lease taken in runEveryMinute lasts the same number of scaled minutes; but
+ * never below `minTtlMs` of real time (or the TTL asked for, if shorter): a plugin measures how long it has held a
+ * lock with its own clock, which no time scale speeds up.
  */
-export function metaCache(send: StoreTransport, pluginConfigId: number, ttlScale: number) {
-    const ms = (seconds: number): number => seconds * 1000 * ttlScale
+export function metaCache(send: StoreTransport, pluginConfigId: number, ttlScale: number, minTtlMs = 0) {
+    const ms = (seconds: number): number => Math.max(seconds * 1000 * ttlScale, Math.min(seconds * 1000, minTtlMs))
     return {
         get: async (key: string, defaultValue: unknown = null): Promise<unknown> =>
             parsed(await send('cache.get', [pluginConfigId, key]), defaultValue),
