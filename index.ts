@@ -93,20 +93,26 @@ export const BYTES_PER_MB = 1_000_000
 export const OUTBOX_PIECE_CHARS = 262_144
 /** Storage and cache keys of the outbox; PostHog scopes storage to the plugin config and cache to the plugin. */
 export const OUTBOX_STATE_KEY = 'outbox/state'
+/** The one lock, in the cache, held by whoever changes the index: a drain, or a writer counting its entry in. */
 export const OUTBOX_LOCK_KEY = 'outbox/lock'
-export const OUTBOX_DRAIN_KEY = 'outbox/drain'
-/** A lock outlives a holder that crashed by at most this long; holders keep it for a few storage calls. */
-export const OUTBOX_LOCK_TTL_SECONDS = 20
-/** The drain lease outlives a drain (which stops starting entries after DRAIN_START_WITHIN_MS). */
-export const OUTBOX_DRAIN_TTL_SECONDS = 60
-/** How long a write waits for the outbox lock before the batch is treated as "storage could not take it". */
-export const OUTBOX_LOCK_WAIT_MS = 5_000
+/** A counter in the cache: each `incr` hands one writer its own entry number, so writers never wait on each other. */
+export const OUTBOX_SEQ_KEY = 'outbox/seq'
+/** The lock's TTL: it frees the lock of a holder that died. Holders refresh it before each step. */
+export const OUTBOX_LOCK_TTL_SECONDS = 60
 /**
- * A write waiting for the lock tries again after OUTBOX_LOCK_RETRY_MS (or, without timers, one event-loop turn),
- * the wait doubling up to OUTBOX_LOCK_BACKOFF_MAX times that.
+ * A holder stops using the lock once its last refresh began this long ago (half the TTL), and then does not
+ * release it either: past that point the lock may have expired and be someone else's.
  */
-export const OUTBOX_LOCK_RETRY_MS = 10
-export const OUTBOX_LOCK_BACKOFF_MAX = 32
+export const OUTBOX_LOCK_SAFE_MS = 30_000
+/**
+ * An entry number handed out this long ago whose entry is still missing or incomplete is given up: its writer's
+ * call ended long before (PostHog stops every call at 30 s, and a writer checks its deadline before each write).
+ */
+export const OUTBOX_ENTRY_WRITE_MAX_MS = 60_000
+/** When the counter is found behind the index (the cache lost it), it is moved this far past the index's tail. */
+export const OUTBOX_SEQ_HEADROOM = 100
+/** Immediate tries of each storage or cache call: a single failed call must not refuse a batch. */
+export const OUTBOX_CALL_ATTEMPTS = 4
 /** Time kept free at the end of an onEvent call for the outbox write, when the webhook could not take its batch. */
 export const OUTBOX_WRITE_RESERVE_MS = 5_000
 /** A drain starts no new entry after this long, and each entry must finish by DRAIN_DEADLINE_MS: PostHog's 30 s limit. */
@@ -860,7 +866,7 @@ export function planRetry(input: RetryPlanInput): RetryPlan {
         if (outcome.throttled) {
             return { retry: false, why: 'the host has no timers to wait before retrying' }
         }
-        if (attempts >= MAX_ATTEMPTS_WITHOUT_TIMERS) {
+        if (attempts >= Math.min(MAX_ATTEMPTS_WITHOUT_TIMERS, input.maxAttempts)) {
             return { retry: false, why: 'out of immediate retries' }
         }
         if (remainingMs < neededForAttempt) {
@@ -1435,7 +1441,7 @@ export class Sender {
     useOutbox(storage: PluginStorage, cache: PluginCache | null, count: OutboxIo['count']): Outbox {
         this.outbox = new Outbox({
             storage,
-            cache,
+            cache: cache ?? memoryCache(),
             config: this.config,
             env: this.env,
             count: (metric, value) => {
@@ -1445,13 +1451,23 @@ export class Sender {
                 }
                 count(metric, value)
             },
-            deliver: (items, webhookIdFor, deadline) =>
-                deliver(items, this.config, this.env, deadline, {
+            deliver: (items, webhookIdFor, deadline, oneAttempt) =>
+                deliver(items, oneAttempt ? { ...this.config, maxAttempts: 1 } : this.config, this.env, deadline, {
                     onAttempt: this.countAttempt,
                     webhookIdFor,
                 }),
         })
         return this.outbox
+    }
+
+    /** The outbox, where it may keep what failed; with outboxMaxMb 0 it only drains what an earlier config kept. */
+    private get keeper(): Outbox | null {
+        return this.config.outboxBytes > 0 ? this.outbox : null
+    }
+
+    /** The config a request goes out with: one attempt while the webhook is known down (see Outbox). */
+    private get sendConfig(): ParsedConfig {
+        return this.keeper?.deliveryConfig(this.config) ?? this.config
     }
 
     /**
@@ -1538,15 +1554,15 @@ export class Sender {
     private async post(batch: QueuedEvent[]): Promise<void> {
         // FIFO: the first item has the earliest deadline, so the batch must finish by then, outbox write included.
         const callDeadline = batch[0]?.deadline ?? this.env.now()
-        const deadline = callDeadline - (this.outbox ? OUTBOX_WRITE_RESERVE_MS : 0)
+        const deadline = callDeadline - (this.keeper ? OUTBOX_WRITE_RESERVE_MS : 0)
         let results: Settled<QueuedEvent>[]
         try {
-            results = this.outbox?.skipsWebhook(this.env.now())
+            results = this.keeper?.skipsWebhook(this.env.now())
                 ? [this.knownDown(batch)]
-                : await deliver(batch, this.config, this.env, deadline, {
+                : await deliver(batch, this.sendConfig, this.env, deadline, {
                       onAttempt: this.countAttempt,
                   })
-            if (this.outbox && results.some((result) => result.error && result.retryable)) {
+            if (this.keeper && results.some((result) => result.error && result.retryable)) {
                 results = await this.keepFailed(results, callDeadline)
             }
         } catch (error) {
@@ -1562,7 +1578,7 @@ export class Sender {
 
     /** A batch not sent because the webhook is known down: it goes to the outbox like a failed one. */
     private knownDown<T extends { json: string; uuid: string }>(items: T[]): DeliveryResult<T> {
-        const since = new Date(this.outbox?.downSince ?? this.env.now()).toISOString()
+        const since = new Date(this.keeper?.downSince ?? this.env.now()).toISOString()
         const error = new RetryError(`not sent: webhook ${this.config.redactedUrl} has been failing since ${since}`)
         return { items, error, retryable: true, webhookId: batchWebhookId(items) }
     }
@@ -1575,14 +1591,14 @@ export class Sender {
         results: Settled<T>[],
         waitUntil: number
     ): Promise<Settled<T>[]> {
-        const outbox = this.outbox as Outbox
+        const outbox = this.keeper as Outbox
         const failed = results.filter((result) => result.error && result.retryable)
         const entries = failed.map((result) => ({
             id: result.webhookId,
             body: batchBody(result.items),
             events: result.items.length,
         }))
-        const outcome = await outbox.keep(entries, Math.min(waitUntil, this.env.now() + OUTBOX_LOCK_WAIT_MS))
+        const outcome = await outbox.keep(entries, waitUntil)
         const refused = new Set(outcome.refused)
         return results.map((result) => {
             const index = failed.indexOf(result)
@@ -1604,7 +1620,7 @@ export class Sender {
             this.stats.retries++
         }
         if (outcome.kind === 'delivered') {
-            this.outbox?.markUp()
+            this.keeper?.markUp()
             if (this.failedRequestsInStreak > 0) {
                 this.env.logger.info(
                     `Webhook ${this.config.redactedUrl} recovered after ${this.failedRequestsInStreak} failed request(s).`
@@ -1624,7 +1640,7 @@ export class Sender {
         }
         this.failedRequestsInStreak++
         if (this.failedRequestsInStreak >= DOWN_AFTER_FAILED_REQUESTS && outcome.kind === 'retry') {
-            this.outbox?.markDown(this.env.now())
+            this.keeper?.markDown(this.env.now())
         }
     }
 
@@ -1650,12 +1666,12 @@ export class Sender {
     private exportWhole(events: readonly AnyEvent[], body: string, callDeadline: number): Promise<void> {
         const count = events.length
         const webhookId = bodyWebhookId(body)
-        const fate: Promise<BodyFate> = this.outbox?.skipsWebhook(this.env.now())
+        const fate: Promise<BodyFate> = this.keeper?.skipsWebhook(this.env.now())
             ? Promise.resolve(this.knownDownFate())
             : sendBody(body, webhookId, {
-                  config: this.config,
+                  config: this.sendConfig,
                   env: this.env,
-                  deadline: callDeadline - (this.outbox ? OUTBOX_WRITE_RESERVE_MS : 0),
+                  deadline: callDeadline - (this.keeper ? OUTBOX_WRITE_RESERVE_MS : 0),
                   hooks: { onAttempt: this.countAttempt },
                   budget: { tooLarge: 0 },
               })
@@ -1670,12 +1686,12 @@ export class Sender {
                 return this.exportItems(events, callDeadline)
             }
             const error = `batch of ${count} events to ${this.config.redactedUrl}: ${ended.message}`
-            if (!ended.retryable || !this.outbox) {
+            const keeper = this.keeper
+            if (!ended.retryable || !keeper) {
                 return this.failWhole(count, redactText(error, this.config.secrets), ended.retryable)
             }
             const entry = { id: webhookId, body, events: count }
-            const waitUntil = Math.min(callDeadline, this.env.now() + OUTBOX_LOCK_WAIT_MS)
-            return this.outbox.keep([entry], waitUntil).then((kept) => {
+            return keeper.keep([entry], callDeadline).then((kept) => {
                 if (kept.refused.length === 0) {
                     this.stats.kept += count
                     return
@@ -1687,7 +1703,7 @@ export class Sender {
     }
 
     private knownDownFate(): BodyFate {
-        const since = new Date(this.outbox?.downSince ?? this.env.now()).toISOString()
+        const since = new Date(this.keeper?.downSince ?? this.env.now()).toISOString()
         return { kind: 'failed', message: `not sent: webhook has been failing since ${since}`, retryable: true }
     }
 
@@ -1708,16 +1724,16 @@ export class Sender {
         if (items.length === 0) {
             return new Promise<void>((resolve) => resolve(this.settleExport([], events.length, unserialisable)))
         }
-        const deadline = callDeadline - (this.outbox ? OUTBOX_WRITE_RESERVE_MS : 0)
-        const sent: Promise<Settled<ExportItem>[]> = this.outbox?.skipsWebhook(this.env.now())
+        const deadline = callDeadline - (this.keeper ? OUTBOX_WRITE_RESERVE_MS : 0)
+        const sent: Promise<Settled<ExportItem>[]> = this.keeper?.skipsWebhook(this.env.now())
             ? Promise.resolve([this.knownDown(items)])
-            : deliver(items, this.config, this.env, deadline, {
+            : deliver(items, this.sendConfig, this.env, deadline, {
                   onAttempt: this.countAttempt,
                   webhookIdFor: batchWebhookId,
               })
         // One `.then` on the clean path: the host guards each one.
         return sent.then((results) => {
-            if (this.outbox && results.some((result) => result.error && result.retryable)) {
+            if (this.keeper && results.some((result) => result.error && result.retryable)) {
                 return this.keepFailed(results, callDeadline).then((kept) =>
                     this.settleExport(kept, events.length, unserialisable)
                 )
@@ -1820,16 +1836,28 @@ export interface PluginStorage {
     del: (key: string) => Promise<void>
 }
 
-/** The part of `meta.cache` (Redis) the outbox uses: an atomic counter with a TTL makes a lock. */
+/**
+ * The part of `meta.cache` (Redis) the outbox uses: an atomic counter hands out entry numbers, and another, with a
+ * TTL, is the lock.
+ */
 export interface PluginCache {
+    get: (key: string, defaultValue: unknown) => Promise<unknown>
     incr: (key: string) => Promise<number>
     expire: (key: string, ttlSeconds: number) => Promise<unknown>
     set: (key: string, value: unknown) => Promise<unknown>
 }
 
+/** An entry number not yet counted into the index: first seen missing at `since`, when `below` were handed out. */
+export interface OutboxGap {
+    entry: number
+    since: number
+    below: number
+}
+
 /**
- * The outbox's index, one storage row: entries are numbered from `head` (the oldest) to `tail` (the next free
- * number), and each entry's body is stored in pieces under `pieceKey(number, piece)`.
+ * The outbox's index, one storage row. Entries `head` (the oldest) to `tail` are counted in `events` and `bytes`;
+ * numbers from `tail` up to the counter in the cache were handed to writers and are counted in once written.
+ * Each entry's body is stored in pieces under `pieceKey(number, piece)`.
  */
 export interface OutboxState {
     head: number
@@ -1843,6 +1871,10 @@ export interface OutboxState {
     /** Events kept since the outbox was last empty, and its peak size then, for the line logged once it is. */
     keptInOutage: number
     peakBytes: number
+    /** The first number past `tail` whose entry is not there yet, while its writer may still be writing it. */
+    gap: OutboxGap | null
+    /** Entries already sent and counted out whose pieces may still be stored: `[entry, pieces]`, deleted next. */
+    reclaim: Array<[number, number]>
 }
 
 /** One body the webhook did not take: sent again later as the same bytes with the same `webhook-id`. */
@@ -1858,12 +1890,33 @@ interface StoredPiece {
     id?: string
     pieces?: number
     events?: number
+    /** The whole body's length, and when its writer began writing it (ms). */
+    bytes?: number
+    at?: number
+    /** Set instead of the entry by a writer that failed to write it: the number is skipped at once. */
+    abandoned?: boolean
 }
+
+/** An entry's first piece, read back: its header. */
+export interface EntryHeader {
+    id: string
+    pieces: number
+    events: number
+    bytes: number
+    at: number
+}
+
+/** What the merge found at an entry number: the whole entry, its first pieces only, a writer's mark, or nothing. */
+export type EntrySeen =
+    | { kind: 'whole'; header: EntryHeader }
+    | { kind: 'partial'; header: EntryHeader }
+    | { kind: 'abandoned' }
+    | { kind: 'missing' }
 
 export interface KeepResult {
     kept: number
     refused: OutboxEntry[]
-    /** Why entries were refused (the outbox is full, busy, or storage failed), or null. */
+    /** Why entries were refused (the outbox is full, off, or storage failed), or null. */
     why: string | null
 }
 
@@ -1873,8 +1926,21 @@ export type DrainResult =
     | { kind: 'drained'; entries: number; events: number; left: number; stillDown: boolean }
 
 export function emptyOutboxState(): OutboxState {
-    return { head: 0, tail: 0, events: 0, bytes: 0, since: null, deliveredAt: 0, keptInOutage: 0, peakBytes: 0 }
+    return {
+        head: 0,
+        tail: 0,
+        events: 0,
+        bytes: 0,
+        since: null,
+        deliveredAt: 0,
+        keptInOutage: 0,
+        peakBytes: 0,
+        gap: null,
+        reclaim: [],
+    }
 }
+
+const isCount = (value: unknown): value is number => typeof value === 'number' && Number.isFinite(value) && value >= 0
 
 /** The stored index, checked field by field: a missing or damaged row reads as an empty outbox. */
 export function readOutboxState(value: unknown): OutboxState {
@@ -1885,7 +1951,7 @@ export function readOutboxState(value: unknown): OutboxState {
     const stored = value as Record<string, unknown>
     const count = (name: keyof OutboxState): number => {
         const field = stored[name]
-        return typeof field === 'number' && Number.isFinite(field) && field >= 0 ? field : 0
+        return isCount(field) ? field : 0
     }
     state.head = count('head')
     state.tail = Math.max(count('tail'), state.head)
@@ -1895,6 +1961,15 @@ export function readOutboxState(value: unknown): OutboxState {
     state.deliveredAt = count('deliveredAt')
     state.keptInOutage = count('keptInOutage')
     state.peakBytes = count('peakBytes')
+    const gap = stored.gap as Partial<OutboxGap> | null | undefined
+    if (gap && isCount(gap.entry) && isCount(gap.since) && isCount(gap.below)) {
+        state.gap = { entry: gap.entry, since: gap.since, below: gap.below }
+    }
+    if (Array.isArray(stored.reclaim)) {
+        state.reclaim = stored.reclaim.filter(
+            (pair): pair is [number, number] => Array.isArray(pair) && isCount(pair[0]) && isCount(pair[1])
+        )
+    }
     return state
 }
 
@@ -1909,6 +1984,23 @@ export function slicePieces(body: string, maxChars: number): string[] {
         pieces.push(body.slice(start, start + maxChars))
     }
     return pieces.length > 0 ? pieces : ['']
+}
+
+/** An entry's header from its stored first piece, or null when that is not one. */
+export function readEntryHeader(value: unknown): (EntryHeader & { body: string }) | null {
+    const piece = value as StoredPiece | null
+    if (!piece || typeof piece.body !== 'string' || typeof piece.id !== 'string' || !(Number(piece.pieces) >= 1)) {
+        return null
+    }
+    return {
+        body: piece.body,
+        id: piece.id,
+        pieces: Number(piece.pieces),
+        events: isCount(piece.events) ? piece.events : 0,
+        // Entries kept before these fields existed were counted in when written: their size is read from the body.
+        bytes: isCount(piece.bytes) ? piece.bytes : piece.body.length,
+        at: isCount(piece.at) ? piece.at : 0,
+    }
 }
 
 /**
@@ -1935,39 +2027,88 @@ export function planKeep(
     return { kept, refused }
 }
 
-/** The index after entries were written from `state.tail` on. */
-export function afterKeep(state: OutboxState, kept: readonly OutboxEntry[], now: number): OutboxState {
-    const events = kept.reduce((sum, entry) => sum + entry.events, 0)
-    const bytes = state.bytes + kept.reduce((sum, entry) => sum + entry.body.length, 0)
+/** The index after the whole entry at `tail` was counted in. */
+export function afterKeep(state: OutboxState, header: Pick<EntryHeader, 'events' | 'bytes' | 'at'>): OutboxState {
+    const bytes = state.bytes + header.bytes
+    const tail = state.tail + 1
     return {
         ...state,
-        tail: state.tail + kept.length,
-        events: state.events + events,
+        tail,
+        events: state.events + header.events,
         bytes,
-        since: state.since ?? now,
-        keptInOutage: state.keptInOutage + events,
+        since: state.since ?? header.at,
+        keptInOutage: state.keptInOutage + header.events,
         peakBytes: Math.max(state.peakBytes, bytes),
+        gap: state.gap && tail < state.gap.below ? state.gap : null,
     }
 }
 
-/** The index after entry `entry` left the outbox (delivered, refused for good, or found already gone). */
+/**
+ * What the merge does with the entry number at `tail`, given what it found there and the counter's value:
+ * - a whole entry is counted in; one its writer marked abandoned is skipped, and the mark deleted;
+ * - a partial one (its writer failed, or died, between pieces) waits for its writer until
+ *   OUTBOX_ENTRY_WRITE_MAX_MS after it began, then is skipped and its pieces deleted;
+ * - a missing one waits as well: the first time it is seen missing it becomes the `gap`, with the counter's value
+ *   then; once the gap is that old, every number below that value that is still missing is skipped (its writer
+ *   failed before writing, or died).
+ */
+export function judgeEntry(
+    state: OutboxState,
+    seen: EntrySeen,
+    counter: number,
+    now: number
+): { action: 'count' | 'skip' | 'wait'; state: OutboxState; deletePieces: number } {
+    const entry = state.tail
+    const skip = (deletePieces: number) => {
+        const tail = entry + 1
+        const gap = state.gap && tail < state.gap.below ? state.gap : null
+        return { action: 'skip' as const, state: { ...state, tail, gap }, deletePieces }
+    }
+    if (seen.kind === 'whole') {
+        return { action: 'count', state: afterKeep(state, seen.header), deletePieces: 0 }
+    }
+    if (seen.kind === 'abandoned') {
+        return skip(1)
+    }
+    if (seen.kind === 'partial') {
+        const stale = now - seen.header.at >= OUTBOX_ENTRY_WRITE_MAX_MS
+        return stale ? skip(seen.header.pieces) : { action: 'wait', state, deletePieces: 0 }
+    }
+    const gap = state.gap
+    if (gap && gap.entry <= entry && entry < gap.below) {
+        return now - gap.since >= OUTBOX_ENTRY_WRITE_MAX_MS ? skip(0) : { action: 'wait', state, deletePieces: 0 }
+    }
+    return { action: 'wait', state: { ...state, gap: { entry, since: now, below: counter } }, deletePieces: 0 }
+}
+
+/**
+ * The index after entry `entry` left the outbox (delivered, refused for good, or found gone), before its pieces
+ * are deleted: they are listed in `reclaim` so that whoever holds the lock next deletes them if this VM does not.
+ */
 export function afterDrained(
     state: OutboxState,
     entry: number,
-    removed: { events: number; bytes: number },
+    removed: { events: number; bytes: number; pieces: number },
     deliveredAt: number | null
 ): OutboxState {
     const next: OutboxState = {
         ...state,
         head: Math.max(state.head, entry + 1),
+        tail: Math.max(state.tail, entry + 1),
         events: Math.max(0, state.events - removed.events),
         bytes: Math.max(0, state.bytes - removed.bytes),
         deliveredAt: deliveredAt ?? state.deliveredAt,
+        reclaim: removed.pieces > 0 ? [[entry, removed.pieces]] : [],
     }
     if (next.head >= next.tail) {
         return { ...next, events: 0, bytes: 0, since: null, keptInOutage: 0, peakBytes: 0 }
     }
     return next
+}
+
+/** Whether the index and the counter say nothing waits and nothing is left to delete. */
+export function outboxIsEmpty(state: OutboxState, counter: number): boolean {
+    return state.head >= state.tail && counter <= state.tail && state.reclaim.length === 0
 }
 
 export function megabytes(bytes: number): string {
@@ -1998,6 +2139,24 @@ export function memoryStorage(): PluginStorage {
     }
 }
 
+/** The cache that goes with memoryStorage: this VM alone uses it, so a TTL has nothing to free. */
+export function memoryCache(): PluginCache {
+    const values = new Map<string, unknown>()
+    return {
+        get: (key, defaultValue) => Promise.resolve(values.has(key) ? values.get(key) : defaultValue),
+        set: (key, value) => {
+            values.set(key, value)
+            return Promise.resolve()
+        },
+        incr: (key) => {
+            const next = (Number(values.get(key)) || 0) + 1
+            values.set(key, next)
+            return Promise.resolve(next)
+        },
+        expire: () => Promise.resolve(true),
+    }
+}
+
 /** Counters the plugin shows in PostHog's UI where the host has plugin metrics (2021 to early 2022). */
 export const metrics = {
     outbox_events_kept: 'sum',
@@ -2010,20 +2169,29 @@ export type OutboxMetric = keyof typeof metrics
 /** What the outbox needs from its host and its sender. */
 export interface OutboxIo {
     storage: PluginStorage
-    /** null where the host has no cache: then only this VM writes, and its own queue keeps writes in order. */
-    cache: PluginCache | null
+    /** The host's cache, or memoryCache() where the outbox is in memory too. */
+    cache: PluginCache
     config: ParsedConfig
     env: SenderEnv
-    /** Sends kept items as one body (413 splits as usual), counting the requests as the sender's own. */
+    /**
+     * Sends kept items as one body (413 splits as usual), counting the requests as the sender's own; with
+     * `oneAttempt`, a single request (the webhook is known down: one request finds out whether it is back).
+     */
     deliver: (
         items: ExportItem[],
         webhookIdFor: (group: readonly { json: string; uuid: string }[]) => string,
-        deadline: number
+        deadline: number,
+        oneAttempt: boolean
     ) => Promise<DeliveryResult<ExportItem>[]>
     count: (metric: OutboxMetric, value: number) => void
 }
 
-type EntryOutcome = { kind: 'done'; events: number } | { kind: 'failed' }
+type EntryOutcome = { kind: 'done'; events: number; state: OutboxState } | { kind: 'failed' }
+
+/** A held lock: when its last refresh began, which bounds when it can expire. */
+interface HeldLock {
+    since: number
+}
 
 /** The events of a kept body, as items to send again; null when the body is not a JSON array. */
 export function parseKeptBody(body: string): ExportItem[] | null {
@@ -2049,14 +2217,24 @@ function storageErrorText(error: unknown, secrets: readonly string[]): string {
     return redactText(`${errorName(error)}${text}`, secrets)
 }
 
+/** Raised by a writer whose call's deadline came before its entry was written. */
+class OutOfTime extends Error {}
+
+/**
+ * The outbox. Writers never wait on one another: each takes its own entry number from a counter in the cache and
+ * writes its entry's pieces, first piece (with the header) first. The index is changed only under the lock: by
+ * a writer that finds it free, counting in every whole entry past the tail, or by a drain, which counts in and
+ * sends until the outbox is empty or its time is spent. docs/hosts.md walks through each failure.
+ */
 export class Outbox {
     /** When this VM found the webhook down (ms), or null while it is taken to be up. */
     downSince: number | null = null
     /** When a call last tried the webhook while it was known down. */
     private lastProbe = 0
-    /** Whether the outbox may hold entries, as far as this VM knows: a drain is then worth starting. */
-    mayHaveEntries = false
-    private writes: Promise<unknown> = Promise.resolve()
+    /** Whether the outbox may hold entries, as far as this VM knows; a new VM does not know, so it looks once. */
+    mayHaveEntries = true
+    /** Keeps started in this VM: a drain's early read cannot clear `mayHaveEntries` past one that came later. */
+    private keeps = 0
     private draining: Promise<DrainResult> | null = null
     private lastRefusalLog = 0
 
@@ -2077,6 +2255,11 @@ export class Outbox {
         return true
     }
 
+    /** The config a request goes out with: while the webhook is known down, one attempt, no retry ladder. */
+    deliveryConfig(config: ParsedConfig): ParsedConfig {
+        return this.downSince === null ? config : { ...config, maxAttempts: 1 }
+    }
+
     markDown(now: number): void {
         if (this.downSince === null) {
             this.downSince = now
@@ -2088,50 +2271,137 @@ export class Outbox {
         this.downSince = null
     }
 
-    /** Writes entries to the outbox, one write at a time per VM; what could not be kept comes back with why. */
-    keep(entries: OutboxEntry[], waitUntil: number): Promise<KeepResult> {
-        const result = this.writes.then(() => this.keepNow(entries, waitUntil))
-        this.writes = result
-        return result
+    /**
+     * Writes entries to the outbox; what could not be kept comes back with why. Never rejects, and never waits
+     * for another writer: a failure here fails only these entries, as a storage failure.
+     */
+    keep(entries: OutboxEntry[], deadline: number): Promise<KeepResult> {
+        this.keeps++
+        this.mayHaveEntries = true
+        return this.keepNow(entries, deadline).catch((error: unknown) => this.refuse(entries, this.failedWhy(error)))
     }
 
-    private async keepNow(entries: OutboxEntry[], waitUntil: number): Promise<KeepResult> {
-        const { storage, config, env } = this.io
-        if (!(await this.lock(OUTBOX_LOCK_KEY, OUTBOX_LOCK_TTL_SECONDS, waitUntil))) {
-            return this.refuse(entries, 'the outbox stayed locked by another PostHog worker')
+    private failedWhy(error: unknown): string {
+        if (error instanceof OutOfTime) {
+            return 'the call ran out of time before its batch was written to the outbox'
         }
+        return `PostHog's plugin storage failed (${storageErrorText(error, this.io.config.secrets)})`
+    }
+
+    private async keepNow(entries: OutboxEntry[], deadline: number): Promise<KeepResult> {
+        const { config } = this.io
+        if (config.outboxBytes <= 0) {
+            return this.refuse(entries, null)
+        }
+        const state = await this.readState()
+        this.learnFrom(state, null)
+        const plan = planKeep(state, entries, config.outboxBytes)
+        if (plan.kept.length === 0) {
+            return this.refuse(entries, `the outbox is full (${describeOutbox(state, config.outboxBytes)})`)
+        }
+        const written: OutboxEntry[] = []
+        let failure: unknown = null
+        for (const entry of plan.kept) {
+            try {
+                await this.writeEntry(entry, state, deadline)
+                written.push(entry)
+            } catch (error) {
+                failure = error
+                break
+            }
+        }
+        const unwritten = plan.kept.slice(written.length)
+        if (written.length > 0) {
+            this.noteKept(state, written)
+            await this.countInIfFree()
+        }
+        const why = failure
+            ? this.failedWhy(failure)
+            : plan.refused.length > 0
+              ? `the outbox is full (${describeOutbox(state, config.outboxBytes)})`
+              : null
+        const events = written.reduce((sum, entry) => sum + entry.events, 0)
+        return { ...this.refuse([...unwritten, ...plan.refused], why), kept: events }
+    }
+
+    /** One entry under its own number: the first piece (with the header) first, so a partial entry is known. */
+    private async writeEntry(entry: OutboxEntry, state: OutboxState, deadline: number): Promise<void> {
+        const { storage, env } = this.io
+        const number = await this.claimNumber(state)
+        const pieces = slicePieces(entry.body, OUTBOX_PIECE_CHARS)
+        const header = { id: entry.id, pieces: pieces.length, events: entry.events, bytes: entry.body.length }
+        const at = env.now()
+        let tried = 0
         try {
-            const state = readOutboxState(await storage.get(OUTBOX_STATE_KEY, null))
-            this.learnFrom(state)
-            const plan = planKeep(state, entries, config.outboxBytes)
-            if (plan.kept.length === 0) {
-                return this.refuse(entries, `the outbox is full (${describeOutbox(state, config.outboxBytes)})`)
+            for (const [index, body] of pieces.entries()) {
+                if (env.now() > deadline) {
+                    throw new OutOfTime()
+                }
+                tried = index + 1
+                const piece: StoredPiece = index === 0 ? { body, ...header, at } : { body }
+                await this.retried(() => storage.set(pieceKey(number, index), piece))
             }
-            // Pieces first, the index last: a crash in between leaves pieces the next write overwrites.
-            await this.writeEntries(state.tail, plan.kept)
-            const next = afterKeep(state, plan.kept, env.now())
-            await storage.set(OUTBOX_STATE_KEY, next)
-            this.mayHaveEntries = true
-            this.noteKept(state, next, plan.kept)
-            const why =
-                plan.refused.length > 0 ? `the outbox is full (${describeOutbox(next, config.outboxBytes)})` : null
-            return { ...this.refuse(plan.refused, why), kept: next.events - state.events }
         } catch (error) {
-            return this.refuse(entries, `PostHog's plugin storage failed (${storageErrorText(error, config.secrets)})`)
-        } finally {
-            await this.unlock(OUTBOX_LOCK_KEY)
+            await this.abandon(number, tried)
+            throw error
         }
     }
 
-    private async writeEntries(first: number, entries: readonly OutboxEntry[]): Promise<void> {
-        for (const [offset, entry] of entries.entries()) {
-            const pieces = slicePieces(entry.body, OUTBOX_PIECE_CHARS)
-            for (const [index, body] of pieces.entries()) {
-                const piece: StoredPiece =
-                    index === 0 ? { body, id: entry.id, pieces: pieces.length, events: entry.events } : { body }
-                await this.io.storage.set(pieceKey(first + offset, index), piece)
-            }
+    /**
+     * Nothing of a failed entry stays: the host is told it failed, and retries or counts it. Its first piece
+     * becomes a mark that lets the next count-in skip the number at once, instead of waiting for a writer that
+     * gave up; if even that fails, the count-in skips it after OUTBOX_ENTRY_WRITE_MAX_MS.
+     */
+    private async abandon(entry: number, tried: number): Promise<void> {
+        const { storage } = this.io
+        try {
+            await this.deletePieces(entry, tried, 1)
+            await this.retried(() => storage.set(pieceKey(entry, 0), { body: '', abandoned: true }))
+        } catch {
+            await this.retried(() => storage.del(pieceKey(entry, 0))).catch(() => undefined)
         }
+    }
+
+    /**
+     * This writer's entry number. A number below the index's tail, or one whose first piece exists, means the
+     * cache lost the counter: it is moved past the tail, once, and a number taken again.
+     */
+    private async claimNumber(state: OutboxState, again = true): Promise<number> {
+        const { cache, storage } = this.io
+        const number = (await this.retried(() => cache.incr(OUTBOX_SEQ_KEY))) - 1
+        const taken = number < state.tail || (await this.retried(() => storage.get(pieceKey(number, 0), null))) !== null
+        if (!taken) {
+            return number
+        }
+        if (!again) {
+            throw new Error('the outbox counter in the cache is behind the stored index')
+        }
+        await this.retried(() => cache.set(OUTBOX_SEQ_KEY, Math.max(number, state.tail) + OUTBOX_SEQ_HEADROOM))
+        return this.claimNumber(state, false)
+    }
+
+    /** Deletes an entry's pieces below `pieces`, the first piece last: while it exists, the rest can be found. */
+    private async deletePieces(entry: number, pieces: number, from = 0): Promise<void> {
+        for (let index = pieces - 1; index >= from; index--) {
+            await this.retried(() => this.io.storage.del(pieceKey(entry, index)))
+        }
+    }
+
+    /** A storage or cache call, tried again at once when it fails: one lost connection must not refuse a batch. */
+    private retried<T>(call: () => Promise<T>, attempts = OUTBOX_CALL_ATTEMPTS): Promise<T> {
+        return call().catch((error: unknown) =>
+            attempts > 1 ? this.retried(call, attempts - 1) : Promise.reject(error)
+        )
+    }
+
+    private async readState(): Promise<OutboxState> {
+        return readOutboxState(await this.retried(() => this.io.storage.get(OUTBOX_STATE_KEY, null)))
+    }
+
+    /** How many entry numbers were handed out: every entry is numbered below it. */
+    private async readCounter(): Promise<number> {
+        const value = Number(await this.retried(() => this.io.cache.get(OUTBOX_SEQ_KEY, 0)))
+        return isCount(value) ? value : 0
     }
 
     /** Counts and logs what was refused: the first refusal of a streak, then at most one line a minute. */
@@ -2149,12 +2419,12 @@ export class Outbox {
     }
 
     /** One line per outage, when the outbox goes from empty to holding something. */
-    private noteKept(before: OutboxState, after: OutboxState, kept: readonly OutboxEntry[]): void {
-        this.io.count(
-            'outbox_events_kept',
-            kept.reduce((sum, entry) => sum + entry.events, 0)
-        )
+    private noteKept(before: OutboxState, kept: readonly OutboxEntry[]): void {
+        const events = kept.reduce((sum, entry) => sum + entry.events, 0)
+        this.io.count('outbox_events_kept', events)
         if (before.since === null) {
+            const after = { ...before, events: before.events + events, since: this.io.env.now() }
+            after.bytes += kept.reduce((sum, entry) => sum + entry.body.length, 0)
             this.io.env.logger.warn(
                 `Webhook ${this.io.config.redactedUrl} is not taking events: they wait in PostHog's plugin storage ` +
                     `and go out oldest first once it answers again, checked every minute (` +
@@ -2163,63 +2433,129 @@ export class Outbox {
         }
     }
 
-    /** What the stored index tells this VM: whether there is anything to drain, and whether the webhook is back. */
-    private learnFrom(state: OutboxState): void {
-        this.mayHaveEntries = state.head < state.tail
+    /**
+     * What the stored index tells this VM: whether there is anything to drain (unless this VM kept something
+     * since `keeps` was read), and whether the webhook is back.
+     */
+    private learnFrom(state: OutboxState, keeps: number | null, counter = state.tail): void {
+        if (keeps === this.keeps) {
+            this.mayHaveEntries = !outboxIsEmpty(state, counter)
+        }
         if (this.downSince !== null && state.deliveredAt > this.downSince) {
             this.markUp()
         }
     }
 
     /**
-     * A lock shared by every worker and server: the first `incr` of a key gets 1 and holds it; the holder sets
-     * it back to 0 when done, and its TTL frees it if the holder dies. Waits until `waitUntil`, then gives up.
+     * The lock, if it is free: the first `incr` of the key gets 1 and holds it. It is never waited for. The second
+     * comer sets the TTL too, in case the holder died between its incr and its expire.
      */
-    private async lock(key: string, ttlSeconds: number, waitUntil: number, backoff = 1): Promise<boolean> {
+    private async tryLock(): Promise<HeldLock | null> {
         const { cache, env } = this.io
-        if (!cache) {
-            return true
-        }
-        const holders = await cache.incr(key)
+        const since = env.now()
+        const holders = await this.retried(() => cache.incr(OUTBOX_LOCK_KEY))
         if (holders <= 2) {
-            // The second comer sets the TTL too, in case the holder died between its incr and its expire.
-            await cache.expire(key, ttlSeconds)
+            await this.retried(() => cache.expire(OUTBOX_LOCK_KEY, OUTBOX_LOCK_TTL_SECONDS))
         }
-        if (holders === 1) {
-            return true
-        }
-        if (env.now() >= waitUntil) {
+        return holders === 1 ? { since } : null
+    }
+
+    /** Whether the lock is surely still this holder's: its TTL, set after `since`, cannot have run out. */
+    private holds(lock: HeldLock): boolean {
+        return this.io.env.now() - lock.since < OUTBOX_LOCK_SAFE_MS
+    }
+
+    /** Extends the lock before a step; false, and the step is not taken, once it may have expired. */
+    private async refresh(lock: HeldLock): Promise<boolean> {
+        if (!this.holds(lock)) {
             return false
         }
-        // Tries spaced out and growing, so waiting writers do not flood the cache the holder is using too.
-        await this.pause(backoff)
-        return this.lock(key, ttlSeconds, waitUntil, Math.min(backoff * 2, OUTBOX_LOCK_BACKOFF_MAX))
+        const since = this.io.env.now()
+        await this.retried(() => this.io.cache.expire(OUTBOX_LOCK_KEY, OUTBOX_LOCK_TTL_SECONDS))
+        lock.since = since
+        return true
     }
 
-    /**
-     * A wait that grows with `backoff`: a sleep where the host has timers; otherwise that many event-loop turns,
-     * each short, so the holder's own calls keep being answered in between.
-     */
-    private pause(backoff: number): Promise<void> {
-        const { env } = this.io
-        if (env.sleep) {
-            return env.sleep(OUTBOX_LOCK_RETRY_MS * backoff)
+    /** Frees the lock, only while it is surely still this holder's: else its TTL frees it. */
+    private async unlock(lock: HeldLock): Promise<void> {
+        if (!this.holds(lock)) {
+            return
         }
-        return backoff <= 1 ? env.yieldTurn() : env.yieldTurn().then(() => this.pause(backoff - 1))
-    }
-
-    private async unlock(key: string): Promise<void> {
         try {
-            await this.io.cache?.set(key, 0)
+            await this.io.cache.set(OUTBOX_LOCK_KEY, 0)
         } catch {
             // The TTL frees it.
         }
     }
 
+    /** A writer counts in what was written, if the lock is free; if not, its holder or the next drain does. */
+    private async countInIfFree(): Promise<void> {
+        try {
+            const lock = await this.tryLock()
+            if (!lock) {
+                return
+            }
+            try {
+                await this.countIn(await this.readState(), lock)
+            } finally {
+                await this.unlock(lock)
+            }
+        } catch {
+            // The entries are written: counting them in is left to the next holder of the lock.
+        }
+    }
+
+    /** Under the lock: counts in every entry written past the tail, and stores the index if that moved it. */
+    private async countIn(state: OutboxState, lock: HeldLock): Promise<OutboxState> {
+        const counter = await this.readCounter()
+        const next = await this.countFrom(state, counter, lock)
+        if (next !== state) {
+            await this.writeState(next, lock)
+        }
+        return next
+    }
+
+    /** Entry after entry, as a chain of calls rather than a loop (the host's loop guard counts a loop's life). */
+    private async countFrom(state: OutboxState, counter: number, lock: HeldLock): Promise<OutboxState> {
+        if (state.tail >= counter || !this.holds(lock)) {
+            return state
+        }
+        const step = judgeEntry(state, await this.inspect(state.tail), counter, this.io.env.now())
+        if (step.deletePieces > 0) {
+            await this.deletePieces(state.tail, step.deletePieces)
+        }
+        return step.action === 'wait' ? step.state : this.countFrom(step.state, counter, lock)
+    }
+
+    /** What is stored under an entry number: whole, partial (its last piece missing), or nothing. */
+    private async inspect(entry: number): Promise<EntrySeen> {
+        const first = await this.retried(() => this.io.storage.get(pieceKey(entry, 0), null))
+        const header = readEntryHeader(first)
+        if (!header) {
+            return (first as StoredPiece | null)?.abandoned === true ? { kind: 'abandoned' } : { kind: 'missing' }
+        }
+        if (header.pieces > 1) {
+            const last = await this.retried(() => this.io.storage.get(pieceKey(entry, header.pieces - 1), null))
+            if (last === null) {
+                return { kind: 'partial', header }
+            }
+        }
+        return { kind: 'whole', header }
+    }
+
+    /** Stores the index, only while the lock is surely held: a holder that lost it must not overwrite another's. */
+    private async writeState(state: OutboxState, lock: HeldLock): Promise<void> {
+        if (!this.holds(lock)) {
+            throw new Error('the outbox lock was held too long to be sure it is still held')
+        }
+        await this.retried(() => this.io.storage.set(OUTBOX_STATE_KEY, state))
+    }
+
     /**
-     * Sends what the outbox holds, oldest first, in one slice that fits PostHog's 30 s task limit. Costs one
-     * storage read when the outbox is empty. A drain already going (in this VM, or anywhere else, through the
-     * lease in the cache) makes this one return at once.
+     * Sends what the outbox holds, oldest first, until it is empty (entries kept meanwhile included) or its time
+     * is spent: it starts no entry after DRAIN_START_WITHIN_MS, inside PostHog's 30 s limit. Costs one storage
+     * read and one cache read when the outbox is empty. A drain already going (in this VM, or anywhere else,
+     * through the lock) makes this one return at once.
      */
     drain(): Promise<DrainResult> {
         if (!this.draining) {
@@ -2243,64 +2579,98 @@ export class Outbox {
     }
 
     private async drainNow(): Promise<DrainResult> {
-        const { storage, env } = this.io
-        const started = env.now()
-        const state = readOutboxState(await storage.get(OUTBOX_STATE_KEY, null))
-        this.learnFrom(state)
-        if (state.head >= state.tail) {
+        const started = this.io.env.now()
+        const keeps = this.keeps
+        const state = await this.readState()
+        const counter = await this.readCounter()
+        this.learnFrom(state, keeps, counter)
+        if (outboxIsEmpty(state, counter)) {
             return { kind: 'empty' }
         }
-        if (!(await this.lock(OUTBOX_DRAIN_KEY, OUTBOX_DRAIN_TTL_SECONDS, started))) {
+        const lock = await this.tryLock()
+        if (!lock) {
             return { kind: 'busy' }
         }
         try {
-            // Read again under the lease: a drain that just ended may have moved the head.
-            const current = readOutboxState(await storage.get(OUTBOX_STATE_KEY, null))
-            const totals = { entries: 0, events: 0 }
-            const outcome = await this.drainFrom(current.head, current.tail, started, totals)
-            const left = current.tail - current.head - totals.entries
-            return { kind: 'drained', ...totals, left, stillDown: outcome === 'failed' }
+            // Read again under the lock: a drain or a writer that just let it go may have moved the index.
+            return await this.drainLocked(await this.readState(), lock, started, keeps)
         } finally {
-            await this.unlock(OUTBOX_DRAIN_KEY)
+            await this.unlock(lock)
+        }
+    }
+
+    private async drainLocked(first: OutboxState, lock: HeldLock, started: number, keeps: number) {
+        await this.reclaim(first)
+        const totals = { entries: 0, events: 0 }
+        const { outcome, state } = await this.drainFrom(first, lock, started, totals)
+        let last = state
+        if (last.reclaim.length > 0 && this.holds(lock)) {
+            // The last entry's pieces are gone (drainEntry deleted them): the index need not list them any more.
+            last = { ...last, reclaim: [] }
+            await this.writeState(last, lock)
+        }
+        if (outcome === 'failed') {
+            this.markDown(this.io.env.now())
+        }
+        this.learnFrom(last, outcome === 'done' ? keeps : null)
+        const left = Math.max(0, last.tail - last.head)
+        return { kind: 'drained' as const, ...totals, left, stillDown: outcome === 'failed' }
+    }
+
+    /** Deletes the pieces of entries sent before, which a drain that stopped early left listed in the index. */
+    private async reclaim(state: OutboxState): Promise<void> {
+        for (const [entry, pieces] of state.reclaim) {
+            await this.deletePieces(entry, pieces)
         }
     }
 
     /** Entry after entry, as a chain of calls rather than a loop (the host's loop guard counts a loop's life). */
     private async drainFrom(
-        entry: number,
-        tail: number,
+        state: OutboxState,
+        lock: HeldLock,
         started: number,
         totals: { entries: number; events: number }
-    ): Promise<'done' | 'failed' | 'paused'> {
-        if (entry >= tail) {
-            return 'done'
+    ): Promise<{ outcome: 'done' | 'failed' | 'paused'; state: OutboxState }> {
+        if (this.io.env.now() - started >= DRAIN_START_WITHIN_MS || !(await this.refresh(lock))) {
+            return { outcome: 'paused', state }
         }
-        if (this.io.env.now() - started >= DRAIN_START_WITHIN_MS) {
-            return 'paused'
+        let current = state
+        if (current.head >= current.tail) {
+            // Entries kept since this drain began are counted in and sent too.
+            current = await this.countIn(current, lock)
+            if (current.head >= current.tail) {
+                return { outcome: 'done', state: current }
+            }
         }
-        // The lease lasts as long as the drain goes on, however slow each entry is.
-        await this.io.cache?.expire(OUTBOX_DRAIN_KEY, OUTBOX_DRAIN_TTL_SECONDS)
-        const outcome = await this.drainEntry(entry, started + DRAIN_DEADLINE_MS)
+        const outcome = await this.drainEntry(current, lock, started + DRAIN_DEADLINE_MS)
         if (outcome.kind === 'failed') {
-            return 'failed'
+            return { outcome: 'failed', state: current }
         }
         totals.entries++
         totals.events += outcome.events
-        return this.drainFrom(entry + 1, tail, started, totals)
+        return this.drainFrom(outcome.state, lock, started, totals)
     }
 
-    private async drainEntry(entry: number, deadline: number): Promise<EntryOutcome> {
+    /**
+     * Sends the entry at the head. Once it is accepted, the index is stored first (the entry counted out, its
+     * pieces listed to reclaim), then its pieces are deleted: a failure between the two leaves pieces the next
+     * holder deletes, and a failure before stores nothing, so the entry is sent again with its same webhook-id.
+     */
+    private async drainEntry(state: OutboxState, lock: HeldLock, deadline: number): Promise<EntryOutcome> {
+        const entry = state.head
         const stored = await this.readEntry(entry)
         if (!stored) {
-            // A drain that died after deleting it had it accepted first: nothing to send.
-            await this.commit(entry, { events: 0, bytes: 0 }, null)
-            return { kind: 'done', events: 0 }
+            // Counted in, then gone (deleted by hand, or by an older version of the plugin): nothing to send.
+            const next = afterDrained(state, entry, { events: 0, bytes: 0, pieces: 0 }, null)
+            await this.writeState(next, lock)
+            return { kind: 'done', events: 0, state: next }
         }
         const items = parseKeptBody(stored.body) ?? []
         const results = await this.io.deliver(
             items,
             (group) => (group.length === items.length ? stored.id : batchWebhookId(group)),
-            deadline
+            deadline,
+            this.downSince !== null
         )
         if (results.some((result) => result.error && result.retryable)) {
             // Still down: the entry stays whole, with its webhook-id, for the next drain.
@@ -2308,10 +2678,24 @@ export class Outbox {
         }
         const delivered = results.filter((result) => !result.error).reduce((sum, r) => sum + r.items.length, 0)
         this.dropRefused(results, stored.events - items.length)
-        await this.removePieces(entry, stored.pieces)
-        await this.commit(entry, { events: stored.events, bytes: stored.body.length }, this.io.env.now())
+        const next = afterDrained(state, entry, stored, this.io.env.now())
+        await this.writeState(next, lock)
+        this.markUp()
         this.io.count('outbox_events_delivered', delivered)
-        return { kind: 'done', events: delivered }
+        this.noteEmptied(state, next)
+        await this.deletePieces(entry, stored.pieces)
+        return { kind: 'done', events: delivered, state: next }
+    }
+
+    /** The drain that empties the outbox says so, once. */
+    private noteEmptied(before: OutboxState, after: OutboxState): void {
+        if (before.since !== null && after.since === null) {
+            this.io.env.logger.info(
+                `Webhook ${this.io.config.redactedUrl} is taking events again: the ${before.keptInOutage} events kept ` +
+                    `since ${new Date(before.since).toISOString()} were sent (the outbox held at most ` +
+                    `${megabytes(before.peakBytes)} MB); the outbox is empty.`
+            )
+        }
     }
 
     /** Kept events the receiver now refuses for good are dropped, counted and logged: retrying cannot help. */
@@ -2326,56 +2710,22 @@ export class Outbox {
         this.io.env.logger.error(`${events} kept events were dropped, refused for good: ${why}`)
     }
 
-    private async readEntry(
-        entry: number
-    ): Promise<(StoredPiece & { id: string; pieces: number; events: number }) | null> {
-        const first = (await this.io.storage.get(pieceKey(entry, 0), null)) as StoredPiece | null
-        if (!first || typeof first.body !== 'string' || typeof first.id !== 'string' || !(Number(first.pieces) >= 1)) {
+    private async readEntry(entry: number): Promise<(EntryHeader & { body: string }) | null> {
+        const header = readEntryHeader(await this.retried(() => this.io.storage.get(pieceKey(entry, 0), null)))
+        if (!header) {
             return null
         }
-        const pieces = Number(first.pieces)
-        let body = first.body
-        for (let index = 1; index < pieces; index++) {
-            const piece = (await this.io.storage.get(pieceKey(entry, index), null)) as StoredPiece | null
+        let body = header.body
+        for (let index = 1; index < header.pieces; index++) {
+            const piece = (await this.retried(() =>
+                this.io.storage.get(pieceKey(entry, index), null)
+            )) as StoredPiece | null
             if (!piece || typeof piece.body !== 'string') {
                 return null
             }
             body += piece.body
         }
-        return { body, id: first.id, pieces, events: Number(first.events) || 0 }
-    }
-
-    /** The first piece goes last: while it exists, the entry is whole. */
-    private async removePieces(entry: number, pieces: number): Promise<void> {
-        for (let index = pieces - 1; index >= 0; index--) {
-            await this.io.storage.del(pieceKey(entry, index))
-        }
-    }
-
-    /** Moves the index past a drained entry; the drain that empties the outbox says so, once. */
-    private async commit(entry: number, removed: { events: number; bytes: number }, at: number | null): Promise<void> {
-        const { storage, config, env } = this.io
-        if (!(await this.lock(OUTBOX_LOCK_KEY, OUTBOX_LOCK_TTL_SECONDS, env.now() + OUTBOX_LOCK_WAIT_MS))) {
-            throw new Error('the outbox stayed locked by another PostHog worker')
-        }
-        try {
-            const state = readOutboxState(await storage.get(OUTBOX_STATE_KEY, null))
-            const next = afterDrained(state, entry, removed, at)
-            await storage.set(OUTBOX_STATE_KEY, next)
-            this.learnFrom(next)
-            if (at !== null) {
-                this.markUp()
-            }
-            if (state.since !== null && next.since === null) {
-                env.logger.info(
-                    `Webhook ${config.redactedUrl} is taking events again: the ${state.keptInOutage} events kept since ` +
-                        `${new Date(state.since).toISOString()} were sent (the outbox held at most ` +
-                        `${megabytes(state.peakBytes)} MB); the outbox is empty.`
-                )
-            }
-        } finally {
-            await this.unlock(OUTBOX_LOCK_KEY)
-        }
+        return { ...header, body }
     }
 }
 
@@ -2448,11 +2798,13 @@ export function hostEnv(meta: { fetch?: unknown; logger?: unknown }): SenderEnv 
 function createSender(meta: PatternsMeta): Sender {
     const config = parseConfig(meta.config)
     const sender = new Sender(config, hostEnv(meta as { fetch?: unknown; logger?: unknown }))
-    if (config.outboxBytes > 0) {
-        const host = meta as { storage?: unknown; cache?: unknown; metrics?: unknown }
-        const storage = hasMethods<PluginStorage>(host.storage, ['get', 'set', 'del'])
-        const cache = hasMethods<PluginCache>(host.cache, ['incr', 'expire', 'set'])
-        sender.useOutbox(storage ?? memoryStorage(), storage ? cache : null, metricCounter(host.metrics))
+    const host = meta as { storage?: unknown; cache?: unknown; metrics?: unknown }
+    const storage = hasMethods<PluginStorage>(host.storage, ['get', 'set', 'del'])
+    const cache = hasMethods<PluginCache>(host.cache, ['get', 'incr', 'expire', 'set'])
+    // Shared by every VM only with both; with outboxMaxMb 0, an outbox over them still drains what was kept.
+    const shared = storage && cache ? { storage, cache } : null
+    if (config.outboxBytes > 0 || shared) {
+        sender.useOutbox(shared?.storage ?? memoryStorage(), shared?.cache ?? null, metricCounter(host.metrics))
     }
     return sender
 }

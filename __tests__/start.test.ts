@@ -161,6 +161,8 @@ describe('npm start errors', () => {
         [['--path', 'kafka', '--era', 'cdp2025'], 'cdp2025 has no classic Kafka path'],
         [['--workers', '0'], '--workers: expected a whole number of at least 1'],
         [['--setup-retry-scale', 'fast'], '--setup-retry-scale: expected a number'],
+        [['--storage-faults', 'lots'], '--storage-faults: cannot read "lots"; use a rate (5%)'],
+        [['--cache-faults', '5%,call:0'], '--cache-faults: cannot read "call:0"'],
     ])('%j is refused: %s', (args, message) => {
         expect(usageError(args)).toContain(message)
     })

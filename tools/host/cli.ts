@@ -20,6 +20,7 @@ import { PluginLoadError, PROJECT_PLUGIN_DIR } from './loader'
 import { defaultPath, HostPath, JobResult, PATHS, runJob } from './run'
 import { sampleEvents } from './sample-events'
 import { heldBackCount, holdBack, TRAFFIC_BOUND_MS, trafficAfterOutage } from './schedule'
+import { callFaults, parseCallFaults, StorageFaults } from './storage'
 
 const DEFAULT_COUNT = 1_000
 /** With --outage and no --time-scale: ten minutes of outage and job waits take six seconds. */
@@ -29,6 +30,11 @@ const OUTAGE_TIME_SCALE = 0.01
  * every event, for at most the outage's minutes and this many more.
  */
 const DRAIN_EXTRA_MINUTES = 15
+/**
+ * ...and at least this long in real time: on a busy machine each storage call of a drain can take a second, and a
+ * fast-forwarded minute is over long before that. The wait ends as soon as every event arrived.
+ */
+const DRAIN_EXTRA_MIN_REAL_MS = 60_000
 /** Each run gets its own folder, so its summary counts only its own rows. */
 const DEFAULT_DATA_DIR = join(PROJECT_PLUGIN_DIR, '.data', 'runs', new Date().toISOString().replace(/[:.]/g, '-'))
 
@@ -45,7 +51,7 @@ Options:
   --workers N          Kafka path worker threads, each with its own VM (default: ${DEFAULT_WORKERS}, one per core)
   --tasks-per-worker N Kafka path tasks in flight per thread (default: ${DEFAULT_TASKS_PER_WORKER})
   --setup-retry-scale X  scales the host's waits between setupPlugin attempts (3 s, 6 s, …; default 1)
-  --outage SECONDS     the embedded receiver answers 503 for this long from the start (the export path's
+  --outage SECONDS     the embedded receiver answers 503 for this long from the first event (the export path's
                        job queue retries the batches; other eras show what is lost)
   --time-scale X       runs the host's job waits (6 s, 12 s, … up to about 54 h), its minute (runEveryMinute,
                        cache TTLs) and --outage X times as long: 0.01 makes ten minutes six seconds
@@ -59,6 +65,9 @@ Options:
   --webhook-url URL    send to a real webhook instead; no receiver is started
                        (also read from PATTERNS_WEBHOOK_URL; never printed)
   --faults PRESET      inject receiver faults: ${Object.keys(FAULT_PRESETS).join(', ')}
+  --storage-faults F   fail the plugin's storage calls (meta.storage): a rate (5%), one call (call:7,
+                       repeatable) or a while (for:30+10: from second 30 of the run, for 10 s), comma-separated
+  --cache-faults F     the same for its cache calls (meta.cache)
   --data-dir DIR       where the receiver stores rows (default: a new folder under .data/runs)
   --seed N             seed for sample events and fault dice (default: 42)
   --plugin-dir DIR     load another plugin folder (plugin.json + its main file) instead of this one
@@ -94,6 +103,8 @@ export interface CliOptions {
     /** Seconds (emulated) the embedded receiver is down from the start; 0: no outage. */
     outageSeconds: number
     timeScale: number
+    /** Failures injected into the plugin's storage and cache calls; undefined: none. */
+    storageFaults: StorageFaults | undefined
 }
 
 /** The flags of `npm start`, as node:util parseArgs reads them. */
@@ -114,6 +125,8 @@ const START_OPTIONS = {
     'setup-retry-scale': { type: 'string', default: '1' },
     outage: { type: 'string', default: '0' },
     'time-scale': { type: 'string' },
+    'storage-faults': { type: 'string' },
+    'cache-faults': { type: 'string' },
 } as const
 
 type StartValues = ReturnType<typeof readStartFlags>
@@ -156,7 +169,25 @@ export function parseCli(argv: string[], env: Record<string, string | undefined>
         setupRetryScale: parseSetupRetryScale(values['setup-retry-scale']),
         outageSeconds,
         timeScale,
+        storageFaults: parseStorageFaults(values, parseSeed(values.seed)),
     }
+}
+
+/** --storage-faults and --cache-faults, as predicates for the install's database. */
+function parseStorageFaults(values: StartValues, seed: number): StorageFaults | undefined {
+    const read = (flag: string, text: string | undefined, offset: number) => {
+        if (text === undefined) {
+            return undefined
+        }
+        try {
+            return callFaults(parseCallFaults(flag, text, seed + offset))
+        } catch (error) {
+            throw new UsageError(`${(error as Error).message}.`)
+        }
+    }
+    const failStorage = read('--storage-faults', values['storage-faults'], 1)
+    const failCache = read('--cache-faults', values['cache-faults'], 2)
+    return failStorage || failCache ? { failStorage, failCache } : undefined
 }
 
 function parseCount(values: StartValues): number {
@@ -299,6 +330,14 @@ function storageRows(result: JobResult): Array<[string, string]> {
             `${storage.writes} / ${storage.deletes} / ${storage.reads}${storage.failedWrites ? ` (${storage.failedWrites} failed)` : ''}`,
         ],
         ['storage bytes (peak / at end)', `${storage.peakStoredBytes} / ${storage.storedBytes}`],
+        ...(storage.injectedStorageFaults || storage.injectedCacheFaults
+            ? [
+                  [
+                      'faults injected (storage / cache)',
+                      `${storage.injectedStorageFaults} / ${storage.injectedCacheFaults}`,
+                  ] as [string, string],
+              ]
+            : []),
         [
             'runEveryMinute (runs / failed / debounced)',
             scheduled
@@ -363,13 +402,17 @@ export function formatSetupFailure(result: JobResult, era: string): string {
     return [bar, ...lines.map((line) => `! ${line.padEnd(width)} !`), bar].join('\n') + '\n'
 }
 
-/** An outage under way: its timer, and when the webhook came back (real ms), null while it is down. */
+/** An outage: its clock starts at the first event; when the webhook came back (real ms), null while it is down. */
 interface Outage {
-    timer: NodeJS.Timeout
+    begin: () => void
+    stop: () => void
     backUpAt: () => number | null
 }
 
-/** --outage: the receiver answers 503 from now on, and its faults come back after the (scaled) outage. */
+/**
+ * --outage: the receiver answers 503 from now on, and its faults come back once the (scaled) outage has run from
+ * the first event, so the events meet it however long the plugin takes to load.
+ */
 function startOutage(receiver: Receiver, options: CliOptions, io: CliIO): Outage | null {
     if (options.outageSeconds <= 0) {
         return null
@@ -378,15 +421,24 @@ function startOutage(receiver: Receiver, options: CliOptions, io: CliIO): Outage
     receiver.setFaults({ ...faults, p503: 1 })
     const realSeconds = options.outageSeconds * options.timeScale
     io.stdout.write(
-        `Webhook down (503) for ${options.outageSeconds} s, run ${options.timeScale}× as long: ${realSeconds.toFixed(1)} s\n`
+        `Webhook down (503) for ${options.outageSeconds} s from the first event, run ${options.timeScale}× as long: ` +
+            `${realSeconds.toFixed(1)} s\n`
     )
     let backUpAt: number | null = null
-    const timer = setTimeout(() => {
-        receiver.setFaults(faults)
-        backUpAt = Date.now()
-        io.stdout.write('Webhook back up\n')
-    }, realSeconds * 1000)
-    return { timer, backUpAt: () => backUpAt }
+    let timer: NodeJS.Timeout | null = null
+    const begin = (): void => {
+        timer ??= setTimeout(() => {
+            receiver.setFaults(faults)
+            backUpAt = Date.now()
+            io.stdout.write('Webhook back up\n')
+        }, realSeconds * 1000)
+    }
+    const stop = (): void => {
+        if (timer) {
+            clearTimeout(timer)
+        }
+    }
+    return { begin, stop, backUpAt: () => backUpAt }
 }
 
 export interface CliIO {
@@ -454,8 +506,9 @@ async function runWithReceiver(options: CliOptions, receiver: Receiver | null, i
     announce(options, receiver, webhookUrl, io)
     const outage = receiver ? startOutage(receiver, options, io) : null
     const sent = new Set<string>()
-    const drain = receiver && outage ? untilDelivered(receiver, sent, options.outageSeconds) : undefined
-    const { events, lateEvents } = eventSources(options, sent, outage && drain ? { outage, drain } : null, io)
+    const drain = receiver && outage ? untilDelivered(receiver, sent, options) : undefined
+    const late = outage && drain ? { outage, drain } : null
+    const { events, lateEvents } = eventSources(options, { sent, first: () => outage?.begin() }, late, io)
     const result = await runJob({
         era: options.era,
         webhookUrl,
@@ -469,12 +522,11 @@ async function runWithReceiver(options: CliOptions, receiver: Receiver | null, i
         tasksPerWorker: options.tasksPerWorker,
         setupRetryScale: options.setupRetryScale,
         jobTimeScale: options.timeScale,
+        storageFaults: options.storageFaults,
         log: options.quiet ? undefined : (line) => io.stderr.write(logLine(line)),
         onProgress: progressWriter(options.eventsFile ? null : options.count, io),
     })
-    if (outage) {
-        clearTimeout(outage.timer)
-    }
+    outage?.stop()
     if (io.stderr.isTTY) {
         io.stderr.write('\r\x1b[K')
     }
@@ -494,7 +546,7 @@ async function runWithReceiver(options: CliOptions, receiver: Receiver | null, i
  */
 function eventSources(
     options: CliOptions,
-    sent: Set<string>,
+    sent: { sent: Set<string>; first: () => void },
     late: { outage: Outage; drain: ReturnType<typeof untilDelivered> } | null,
     io: CliIO
 ) {
@@ -516,22 +568,28 @@ function eventSources(
 /** Passes the events on, keeping each uuid: the drain wait checks the receiver against them. */
 async function* remembered(
     events: Iterable<ProcessedPluginEvent> | AsyncIterable<ProcessedPluginEvent>,
-    uuids: Set<string>
+    uuids: { sent: Set<string>; first: () => void }
 ): AsyncGenerator<ProcessedPluginEvent> {
     for await (const event of events) {
-        uuids.add(event.uuid)
+        uuids.first()
+        uuids.sent.add(event.uuid)
         yield event
     }
 }
 
-/** Until the receiver holds every event sent, for the outage's minutes and DRAIN_EXTRA_MINUTES more at most. */
-function untilDelivered(receiver: Receiver, sent: Set<string>, outageSeconds: number) {
+/**
+ * Until the receiver holds every event sent, for the outage's minutes and DRAIN_EXTRA_MINUTES more at most (at
+ * least DRAIN_EXTRA_MIN_REAL_MS of real time).
+ */
+function untilDelivered(receiver: Receiver, sent: Set<string>, options: CliOptions) {
+    const minuteMs = MINUTE_MS * options.timeScale
+    const extra = Math.max(DRAIN_EXTRA_MINUTES, Math.ceil(DRAIN_EXTRA_MIN_REAL_MS / minuteMs))
     return {
         until: () => {
             const stored = receiver.uuidCounts()
             return [...sent].every((uuid) => stored.has(uuid))
         },
-        maxMinutes: Math.ceil(outageSeconds / 60) + DRAIN_EXTRA_MINUTES,
+        maxMinutes: Math.ceil(options.outageSeconds / 60) + extra,
     }
 }
 

@@ -10,6 +10,11 @@ import { createPluginVm, PluginConsole, PluginVm } from './loader'
 import { PluginMetrics } from './plugin-metrics'
 import { DEFAULT_PLUGIN_CONFIG_ID, metaCache, metaStorage, StoreTransport } from './storage'
 
+/**
+ * The shortest real TTL a scaled minute leaves a cache key: the plugin's outbox lock trusts 30 s of its own clock
+ * (half its 60 s TTL), and the plugin's clock is never scaled.
+ */
+export const CACHE_TTL_FLOOR_MS = 30_000
 /** PostHog's minute: runEveryMinute's period, and the clock cache TTLs are measured against. */
 export const MINUTE_MS = 60_000
 
@@ -105,7 +110,9 @@ export function hostMetaFor(
     return {
         config: frozenConfig,
         attachments: {},
-        ...(offered.cache ? { cache: metaCache(store, pluginConfigId, services.minuteMs / MINUTE_MS) } : {}),
+        ...(offered.cache
+            ? { cache: metaCache(store, pluginConfigId, services.minuteMs / MINUTE_MS, CACHE_TTL_FLOOR_MS) }
+            : {}),
         ...(offered.storage ? { storage: metaStorage(store, pluginConfigId) } : {}),
         jobs: {},
         // Only where PostHog had plugin metrics (July 2021 to April 2022): later hosts have no such member, and

@@ -517,6 +517,8 @@ function emptyResult(era: Era, path: HostPath): JobResult {
             deletes: 0,
             failedWrites: 0,
             cacheCalls: 0,
+            injectedStorageFaults: 0,
+            injectedCacheFaults: 0,
             storedBytes: 0,
             peakStoredBytes: 0,
         },

@@ -7,6 +7,7 @@
 import { join } from 'node:path'
 import { Worker } from 'node:worker_threads'
 
+import { seededRandom } from '../receiver/receiver'
 import type { DbData, DbOp, FromDb } from './storage-db'
 
 /** What a VM's meta.storage and meta.cache send: an operation and its arguments, answered by the database. */
@@ -32,11 +33,80 @@ export interface StorageWrite {
     n: number
 }
 
+/** What an injected storage failure says: node-postgres's text when the connection to Postgres drops. */
+export const INJECTED_STORAGE_ERROR = { message: 'Connection terminated unexpectedly', code: null }
+/** What an injected cache failure says: ioredis's text when Redis is gone. */
+export const INJECTED_CACHE_ERROR = 'Connection is closed.'
+
+/** One storage or cache call the host is about to make, as a fault predicate sees it. */
+export interface HostCall {
+    op: DbOp
+    pluginConfigId: number
+    key: string
+    /** Calls of this kind (storage, or cache) made so far in this install, this one included. */
+    n: number
+    /** Real ms since the install's database was made. */
+    atMs: number
+}
+
 export interface StorageFaults {
     /** true: this write fails with INJECTED_WRITE_ERROR and never reaches the database. */
     failWrite?: (write: StorageWrite) => boolean
+    /** true: this storage call (get, set, del) fails with INJECTED_STORAGE_ERROR and never reaches the database. */
+    failStorage?: (call: HostCall) => boolean
+    /** true: this cache call fails with INJECTED_CACHE_ERROR and never reaches the cache. */
+    failCache?: (call: HostCall) => boolean
     /** Real ms every storage call (get, set, del) waits before it reaches the database. */
     latencyMs?: number
+}
+
+/** Which calls of one kind fail: the n-th ones, every call in a window of time, and each at a rate. */
+export interface CallFaultPlan {
+    /** The 1-based numbers of the calls that fail (one at a time). */
+    calls?: number[]
+    /** Every call from `fromMs` for `forMs` (real ms since the database was made) fails (for a while). */
+    window?: { fromMs: number; forMs: number }
+    /** Each call fails with this probability, from the seeded dice. */
+    rate?: number
+    seed?: number
+}
+
+/** A fault predicate from a plan. */
+export function callFaults(plan: CallFaultPlan): (call: HostCall) => boolean {
+    const dice = seededRandom(plan.seed ?? 1)
+    const calls = new Set(plan.calls ?? [])
+    return (call) => {
+        const { window } = plan
+        const inWindow = window !== undefined && call.atMs >= window.fromMs && call.atMs < window.fromMs + window.forMs
+        const rolled = plan.rate !== undefined && plan.rate > 0 && dice() < plan.rate
+        return calls.has(call.n) || inWindow || rolled
+    }
+}
+
+/**
+ * `--storage-faults` and `--cache-faults`: comma-separated parts, each `5%` (a rate), `call:7` (the 7th call;
+ * repeat for more) or `for:30+10` (every call from second 30 of the run, for 10 s). Throws naming what is wrong.
+ */
+export function parseCallFaults(flag: string, text: string, seed: number): CallFaultPlan {
+    const plan: CallFaultPlan = { seed }
+    for (const part of text.split(',').map((p) => p.trim())) {
+        const rate = /^(\d+(?:\.\d+)?)%$/.exec(part)
+        const call = /^call:(\d+)$/.exec(part)
+        const window = /^for:(\d+(?:\.\d+)?)\+(\d+(?:\.\d+)?)$/.exec(part)
+        if (rate && Number(rate[1]) <= 100) {
+            plan.rate = Number(rate[1]) / 100
+        } else if (call && Number(call[1]) >= 1) {
+            plan.calls = [...(plan.calls ?? []), Number(call[1])]
+        } else if (window) {
+            plan.window = { fromMs: Number(window[1]) * 1000, forMs: Number(window[2]) * 1000 }
+        } else {
+            throw new Error(
+                `${flag}: cannot read "${part}"; use a rate (5%), a call number (call:7) or a while (for:30+10), ` +
+                    'comma-separated'
+            )
+        }
+    }
+    return plan
 }
 
 export interface StorageFigures {
@@ -46,6 +116,9 @@ export interface StorageFigures {
     deletes: number
     /** Writes that failed, injected or not. */
     failedWrites: number
+    /** Storage and cache calls failed on purpose (failStorage, failCache). */
+    injectedStorageFaults: number
+    injectedCacheFaults: number
     cacheCalls: number
     /** Bytes (key and JSON text) in posthog_pluginstorage now, and the most it held during this host's life. */
     storedBytes: number
@@ -84,7 +157,18 @@ export class HostStore {
     private readonly pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>()
     private nextId = 1
     private faults: StorageFaults
-    private readonly counts = { reads: 0, writes: 0, deletes: 0, failedWrites: 0, cacheCalls: 0, writeCalls: 0 }
+    private readonly counts = {
+        reads: 0,
+        writes: 0,
+        deletes: 0,
+        failedWrites: 0,
+        cacheCalls: 0,
+        writeCalls: 0,
+        storageCalls: 0,
+        injectedStorageFaults: 0,
+        injectedCacheFaults: 0,
+    }
+    private readonly born = Date.now()
 
     constructor(private readonly options: HostStoreOptions = {}) {
         this.faults = options.faults ?? {}
@@ -101,6 +185,7 @@ export class HostStore {
         if (isStorage && op !== 'storage.all') {
             await sleep(this.faults.latencyMs ?? 0)
         }
+        this.inject(op, args)
         if (WRITES.has(op)) {
             return this.write(op, args)
         }
@@ -110,6 +195,29 @@ export class HostStore {
             this.counts.cacheCalls++
         }
         return this.db(op, args)
+    }
+
+    /** Fails a plugin's storage or cache call when the faults say so, before it reaches the database. */
+    private inject(op: DbOp, args: unknown[]): void {
+        const isStorage = op.startsWith('storage.')
+        if (op === 'storage.all' || op === 'bytes') {
+            return
+        }
+        const [pluginConfigId, key] = args as [number, string]
+        const n = isStorage ? ++this.counts.storageCalls : this.counts.cacheCalls + 1
+        const call: HostCall = { op, pluginConfigId, key, n, atMs: Date.now() - this.born }
+        if (isStorage && this.faults.failStorage?.(call)) {
+            this.counts.injectedStorageFaults++
+            if (op !== 'storage.get') {
+                this.counts.failedWrites++
+            }
+            throw new StorageError(INJECTED_STORAGE_ERROR.message, INJECTED_STORAGE_ERROR.code)
+        }
+        if (!isStorage && this.faults.failCache?.(call)) {
+            this.counts.cacheCalls++
+            this.counts.injectedCacheFaults++
+            throw new StorageError(INJECTED_CACHE_ERROR, null)
+        }
     }
 
     private async write(op: DbOp, args: unknown[]): Promise<unknown> {
@@ -138,7 +246,8 @@ export class HostStore {
     }
 
     async figures(): Promise<StorageFigures> {
-        const { reads, writes, deletes, failedWrites, cacheCalls } = this.counts
+        const { reads, writes, deletes, failedWrites, cacheCalls, injectedStorageFaults, injectedCacheFaults } =
+            this.counts
         // A store that never started holds what its data dir held; a fresh one holds nothing.
         const bytes =
             this.ready || this.options.dataDir
@@ -150,6 +259,8 @@ export class HostStore {
             deletes,
             failedWrites,
             cacheCalls,
+            injectedStorageFaults,
+            injectedCacheFaults,
             storedBytes: bytes?.stored ?? 0,
             peakStoredBytes: bytes?.peak ?? 0,
         }
@@ -249,10 +360,12 @@ export function metaStorage(send: StoreTransport, pluginConfigId: number) {
 
 /**
  * `meta.cache` with Redis semantics. TTLs run on the host's clock: `ttlScale` (minuteMs / 60 000) shortens them
- * as much as the scaled minute, so a lease taken in runEveryMinute lasts the same number of scaled minutes.
+ * as much as the scaled minute, so a lease taken in runEveryMinute lasts the same number of scaled minutes; but
+ * never below `minTtlMs` of real time (or the TTL asked for, if shorter): a plugin measures how long it has held a
+ * lock with its own clock, which no time scale speeds up.
  */
-export function metaCache(send: StoreTransport, pluginConfigId: number, ttlScale: number) {
-    const ms = (seconds: number): number => seconds * 1000 * ttlScale
+export function metaCache(send: StoreTransport, pluginConfigId: number, ttlScale: number, minTtlMs = 0) {
+    const ms = (seconds: number): number => Math.max(seconds * 1000 * ttlScale, Math.min(seconds * 1000, minTtlMs))
     return {
         get: async (key: string, defaultValue: unknown = null): Promise<unknown> =>
             parsed(await send('cache.get', [pluginConfigId, key]), defaultValue),

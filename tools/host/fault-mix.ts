@@ -1,0 +1,193 @@
+/**
+ * The outbox's fault mix: the plugin in the emulated host while its storage and its cache each fail a share of
+ * their calls, the webhook flaps between down and up, and the host is restarted halfway (fresh VMs over the same
+ * storage). The run goes on after the events, runEveryMinute included, until the receiver holds every event and
+ * the outbox is empty, or a bound passed. `npx tsx tools/host/fault-mix.ts [era] [events]` prints the figures.
+ */
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+
+import { OUTBOX_STATE_KEY, readOutboxState } from '../../index'
+import { Receiver, startReceiver } from '../receiver/receiver'
+import { PROJECT_PLUGIN_DIR } from './loader'
+import { JobResult, runJob } from './run'
+import { sampleEvents } from './sample-events'
+import { callFaults, DEFAULT_PLUGIN_CONFIG_ID, HostStore } from './storage'
+
+export interface FaultMixOptions {
+    era: string
+    events: number
+    /** The share of storage calls, and of cache calls, that fail (each on its own dice). */
+    failRate: number
+    /** The webhook answers 503 for `downMs`, then 200 for `upMs`, over and over. */
+    downMs: number
+    upMs: number
+    /** The host's minute in real ms: runEveryMinute's period and the clock of cache TTLs. */
+    minuteMs: number
+    /** After the events, how many scaled minutes the host may go on draining. */
+    maxDrainMinutes: number
+    seed: number
+}
+
+export const DEFAULT_FAULT_MIX: FaultMixOptions = {
+    era: 'vm2024',
+    events: 1_000,
+    failRate: 0.05,
+    downMs: 1_500,
+    upMs: 1_000,
+    minuteMs: 1_000,
+    maxDrainMinutes: 90,
+    seed: 7,
+}
+
+/** The export buffer's size in the eras that have one: about 30 sample events. */
+const EXPORT_BUFFER_BYTES = 16_384
+
+export interface FaultMixFigures {
+    era: string
+    events: number
+    /** Distinct events the receiver holds, and rows it holds twice or more. */
+    delivered: number
+    duplicateRows: number
+    /** Calls that threw to the host, over both runs; events the outbox kept (a call that resolved). */
+    failedToHost: number
+    keptEvents: number
+    injectedStorageFaults: number
+    injectedCacheFaults: number
+    webhookFlaps: number
+    /** Every key left in plugin storage, and what the index says. */
+    storageKeys: string[]
+    index: { head: number; tail: number; events: number; bytes: number }
+    durationMs: number
+}
+
+/** Runs the mix; the receiver's and the database's folders are removed afterwards. */
+export async function runFaultMix(options: FaultMixOptions = DEFAULT_FAULT_MIX): Promise<FaultMixFigures> {
+    const started = Date.now()
+    const dir = mkdtempSync(join(tmpdir(), 'fault-mix-'))
+    const store = new HostStore({
+        faults: {
+            failStorage: callFaults({ rate: options.failRate, seed: options.seed }),
+            failCache: callFaults({ rate: options.failRate, seed: options.seed + 1 }),
+        },
+    })
+    const rx = await startReceiver({ dataDir: dir, faults: { p503: 1 }, seed: options.seed })
+    const flapping = flap(rx, options)
+    const events = [...sampleEvents(options.events, options.seed)]
+    const half = Math.floor(events.length / 2)
+    const results: JobResult[] = []
+    try {
+        const run = (slice: typeof events, drain: boolean) =>
+            runJob({
+                era: options.era,
+                webhookUrl: rx.url,
+                events: slice,
+                pluginDir: PROJECT_PLUGIN_DIR,
+                store,
+                minuteMs: options.minuteMs,
+                jobTimeScale: 0.001,
+                // Where the host buffers for exportEvents, small batches: many of them meet the webhook down.
+                config: { exportEventsBufferBytes: String(EXPORT_BUFFER_BYTES) },
+                drain: drain
+                    ? { until: () => isDone(store, rx, events.length), maxMinutes: options.maxDrainMinutes }
+                    : undefined,
+            })
+        results.push(await run(events.slice(0, half), false))
+        // The host restarts: new VMs (new meta.global), the same plugin storage and cache.
+        results.push(await run(events.slice(half), true))
+    } finally {
+        flapping.stop()
+    }
+    try {
+        const contents = await store.contents(DEFAULT_PLUGIN_CONFIG_ID)
+        const figures = await store.figures()
+        const summary = rx.summary()
+        const index = readOutboxState(contents[OUTBOX_STATE_KEY])
+        return {
+            era: options.era,
+            events: events.length,
+            delivered: summary.uniqueUuids,
+            duplicateRows: summary.duplicateRows,
+            failedToHost: results.reduce((sum, result) => sum + result.failed, 0),
+            keptEvents: results.reduce((sum, result) => sum + (result.sender?.kept ?? 0), 0),
+            injectedStorageFaults: figures.injectedStorageFaults,
+            injectedCacheFaults: figures.injectedCacheFaults,
+            webhookFlaps: flapping.flaps(),
+            storageKeys: Object.keys(contents),
+            index: { head: index.head, tail: index.tail, events: index.events, bytes: index.bytes },
+            durationMs: Date.now() - started,
+        }
+    } finally {
+        await store.close()
+        await rx.close()
+        rmSync(dir, { recursive: true, force: true })
+    }
+}
+
+/** The webhook down (503) for `downMs`, then up for `upMs`, over and over, starting down. */
+function flap(rx: Receiver, options: FaultMixOptions): { stop: () => void; flaps: () => number } {
+    let flaps = 0
+    let down = true
+    let timer: NodeJS.Timeout | null = null
+    const toggle = (): void => {
+        down = !down
+        flaps++
+        rx.setFaults({ p503: down ? 1 : 0 })
+        timer = setTimeout(toggle, down ? options.downMs : options.upMs)
+    }
+    timer = setTimeout(toggle, options.downMs)
+    return {
+        stop: () => {
+            if (timer) {
+                clearTimeout(timer)
+            }
+        },
+        flaps: () => flaps,
+    }
+}
+
+/** Every event arrived, and plugin storage holds nothing but an empty index. */
+async function isDone(store: HostStore, rx: Receiver, total: number): Promise<boolean> {
+    if (rx.summary().uniqueUuids < total) {
+        return false
+    }
+    const contents = await store.contents(DEFAULT_PLUGIN_CONFIG_ID)
+    const index = readOutboxState(contents[OUTBOX_STATE_KEY])
+    const rows = Object.keys(contents)
+    return rows.every((key) => key === OUTBOX_STATE_KEY) && index.head >= index.tail && index.reclaim.length === 0
+}
+
+export function faultMixLines(figures: FaultMixFigures, options: FaultMixOptions): string[] {
+    const percent = (n: number) => ((100 * n) / figures.events).toFixed(2)
+    return [
+        `fault mix, era ${figures.era}: ${figures.events} events, storage and cache failing ${options.failRate * 100}% ` +
+            `of calls, webhook down ${options.downMs} ms / up ${options.upMs} ms, host restarted halfway`,
+        `  delivered                   ${figures.delivered} of ${figures.events} (${percent(figures.delivered)}%)`,
+        `  duplicate rows              ${figures.duplicateRows} (${percent(figures.duplicateRows)}%)`,
+        `  failed (thrown to host)     ${figures.failedToHost}`,
+        `  kept in the outbox          ${figures.keptEvents} events`,
+        `  faults injected             ${figures.injectedStorageFaults} storage / ${figures.injectedCacheFaults} cache`,
+        `  webhook flaps               ${figures.webhookFlaps}`,
+        `  storage rows left           ${figures.storageKeys.length} (${figures.storageKeys.join(', ')})`,
+        `  index                       head ${figures.index.head}, tail ${figures.index.tail}, ` +
+            `${figures.index.events} events, ${figures.index.bytes} bytes`,
+        `  duration                    ${(figures.durationMs / 1000).toFixed(1)} s`,
+    ]
+}
+
+if (require.main === module) {
+    const [era, events] = process.argv.slice(2)
+    const options = {
+        ...DEFAULT_FAULT_MIX,
+        era: era ?? DEFAULT_FAULT_MIX.era,
+        events: Number(events ?? DEFAULT_FAULT_MIX.events),
+    }
+    void runFaultMix(options).then(
+        (figures) => console.log(faultMixLines(figures, options).join('\n')),
+        (error: unknown) => {
+            console.error(error)
+            process.exitCode = 1
+        }
+    )
+}
