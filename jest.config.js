@@ -7,10 +7,6 @@ module.exports = {
     testEnvironment: 'node',
     testMatch: ['<rootDir>/__tests__/**/*.test.ts'],
     testTimeout: 60000,
-    // After export-path.test.ts the process stays busy once every test has passed (seen with the outbox's
-    // storage-fault work; --detectOpenHandles names no handle). Until that is found, jest ends when the run does,
-    // so a run that passed reports it instead of waiting for CI's timeout.
-    forceExit: true,
     transform: {
         '^.+\\.ts$': 'ts-jest',
         [`/node_modules/(${ESM_PACKAGES.join('|')})/.+\\.js$`]: [

@@ -161,6 +161,15 @@ describe('meta.storage', () => {
             rmSync(dataDir, { recursive: true, force: true })
         }
     })
+
+    it('once closed, refuses a late call (a plugin still running when its host stopped) instead of reopening', async () => {
+        const store = new HostStore()
+        await store.call('storage.set', [1, 'k', '"v"'])
+        await store.close()
+        // Before, the call started a fresh in-memory database (a thread that kept Jest's process busy) and read null.
+        await expect(store.call('storage.get', [1, 'k'])).rejects.toThrow('Connection terminated: the host has stopped')
+        await expect(store.call('cache.incr', [1, 'n'])).rejects.toThrow('Connection terminated: the host has stopped')
+    })
 })
 
 describe('meta.cache', () => {

@@ -156,6 +156,8 @@ export class HostStore {
     private ready: Promise<void> | null = null
     private readonly pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>()
     private nextId = 1
+    /** Set by close(): a plugin call still running when its host stopped must not start a new database. */
+    private closed = false
     private faults: StorageFaults
     private readonly counts = {
         reads: 0,
@@ -268,6 +270,7 @@ export class HostStore {
 
     /** Closes the database (its files are complete on disk after this) and ends its thread. */
     async close(): Promise<void> {
+        this.closed = true
         const worker = this.worker
         if (!worker || !this.ready) {
             return
@@ -283,6 +286,10 @@ export class HostStore {
     }
 
     private async db(op: DbOp, args: unknown[]): Promise<unknown> {
+        if (this.closed) {
+            // What a plugin meets when its server shuts down under it: the connection is gone.
+            throw new StorageError('Connection terminated: the host has stopped', null)
+        }
         const worker = this.start()
         await this.ready
         const id = this.nextId++
