@@ -13,64 +13,26 @@ import {
     OUTBOX_LOCK_SAFE_MS,
     OUTBOX_SEQ_KEY,
     OUTBOX_STATE_KEY,
-    OutboxMetric,
-    OutboxState,
-    PluginCache,
-    PluginStorage,
     PROBE_INTERVAL_MS,
-    Sender,
 } from '../index'
-import { HostStore, metaCache, metaStorage } from '../tools/host/storage'
-import { makeEvent, makeSender, settle, TestEnv, testEnv } from './helpers/env'
+import { makeEvent, settle, TestEnv, testEnv } from './helpers/env'
 import { waitFor } from './helpers/io'
-import { eventsIn, perTestServers, ReceivedRequest, Reply } from './helpers/server'
+import {
+    contents,
+    OutboxHost,
+    outboxHosts,
+    outboxState as state,
+    switchable,
+    uuidsIn,
+    withOutbox,
+} from './helpers/outbox-host'
+import { perTestServers } from './helpers/server'
 
 const { start: serve } = perTestServers()
-
-const store = new HostStore()
-let nextConfigId = 1
-afterEach(() => store.setFaults({}))
-afterAll(() => store.close())
-
-interface Host {
-    configId: number
-    storage: PluginStorage
-    cache: PluginCache & { get: (key: string, defaultValue: unknown) => Promise<unknown> }
-    /** While true, every cache call fails as ioredis does when Redis is gone. */
-    cacheDown: { value: boolean }
-    counted: Partial<Record<OutboxMetric, number>>
-}
-
-function host(): Host {
-    const configId = nextConfigId++
-    const cache = metaCache(store.call, configId, 1)
-    const cacheDown = { value: false }
-    const guard =
-        <A extends unknown[], R>(fn: (...args: A) => Promise<R>) =>
-        (...args: A): Promise<R> =>
-            cacheDown.value ? Promise.reject(new Error('Connection is closed.')) : fn(...args)
-    return {
-        configId,
-        storage: metaStorage(store.call, configId),
-        cache: { get: guard(cache.get), set: guard(cache.set), incr: guard(cache.incr), expire: guard(cache.expire) },
-        cacheDown,
-        counted: {},
-    }
-}
-
-function withOutbox(url: string, h: Host, env: TestEnv, outboxMaxMb = '50'): Sender {
-    const sender = makeSender({ webhookUrl: url, outboxMaxMb }, env)
-    sender.useOutbox(h.storage, h.cache, (metric, value) => {
-        h.counted[metric] = (h.counted[metric] ?? 0) + value
-    })
-    return sender
-}
-
-const contents = (h: Host): Promise<Record<string, unknown>> => store.contents(h.configId)
-const state = async (h: Host): Promise<OutboxState> => (await contents(h))[OUTBOX_STATE_KEY] as OutboxState
+const { store, host } = outboxHosts()
 
 /** What the stored entries really hold: events and characters, from the first piece of each. */
-async function storedTotals(h: Host): Promise<{ events: number; bytes: number; entries: number }> {
+async function storedTotals(h: OutboxHost): Promise<{ events: number; bytes: number; entries: number }> {
     const rows = await contents(h)
     const totals = { events: 0, bytes: 0, entries: 0 }
     for (const [key, value] of Object.entries(rows)) {
@@ -86,21 +48,6 @@ async function storedTotals(h: Host): Promise<{ events: number; bytes: number; e
         }
     }
     return totals
-}
-
-/** A webhook that answers 503 while `down.value` is true, 200 otherwise; `accepted` gets each uuid it took. */
-function switchable(down: { value: boolean }, accepted: string[] = []): (request: ReceivedRequest) => Reply {
-    return (request) => {
-        if (down.value) {
-            return { status: 503, body: 'maintenance' }
-        }
-        accepted.push(...uuidsIn([request]))
-        return { status: 200 }
-    }
-}
-
-function uuidsIn(requests: readonly ReceivedRequest[]): string[] {
-    return requests.flatMap((request) => eventsIn(request).map((event) => String(event.uuid)))
 }
 
 const batch = (from: number, count: number) => Array.from({ length: count }, (_, i) => makeEvent(from + i))

@@ -5,72 +5,13 @@
  */
 import { RetryError } from '@posthog/plugin-scaffold'
 
-import {
-    OUTBOX_STATE_KEY,
-    OutboxMetric,
-    OutboxState,
-    PluginCache,
-    PluginStorage,
-    Sender,
-    WEBHOOK_ID_HEX_CHARS,
-} from '../index'
-import { HostStore, metaCache, metaStorage, StorageFaults } from '../tools/host/storage'
-import { makeEvent, makeSender, settle, TestEnv, testEnv } from './helpers/env'
-import { eventsIn, perTestServers, ReceivedRequest, Reply } from './helpers/server'
+import { OUTBOX_STATE_KEY, Sender, WEBHOOK_ID_HEX_CHARS } from '../index'
+import { makeEvent, settle, testEnv } from './helpers/env'
+import { contents, outboxHosts, outboxState as state, switchable, uuidsIn, withOutbox } from './helpers/outbox-host'
+import { eventsIn, perTestServers, ReceivedRequest } from './helpers/server'
 
 const { start: serve } = perTestServers()
-
-// One database for the file (it takes seconds to start); each test keeps to a plugin config of its own.
-const store = new HostStore()
-let nextConfigId = 1
-afterEach(() => store.setFaults({}))
-afterAll(() => store.close())
-
-interface Host {
-    store: HostStore
-    configId: number
-    storage: PluginStorage
-    cache: PluginCache
-    counted: Partial<Record<OutboxMetric, number>>
-}
-
-function host(faults: StorageFaults = {}): Host {
-    store.setFaults(faults)
-    const configId = nextConfigId++
-    return {
-        store,
-        configId,
-        storage: metaStorage(store.call, configId),
-        cache: metaCache(store.call, configId, 1),
-        counted: {},
-    }
-}
-
-function contents(h: Host): Promise<Record<string, unknown>> {
-    return h.store.contents(h.configId)
-}
-
-/** A sender with an outbox over the host's storage, as createSender builds it inside PostHog. */
-function withOutbox(url: string, h: Host, env: TestEnv, outboxMaxMb = '50'): Sender {
-    const sender = makeSender({ webhookUrl: url, outboxMaxMb }, env)
-    sender.useOutbox(h.storage, h.cache, (metric, value) => {
-        h.counted[metric] = (h.counted[metric] ?? 0) + value
-    })
-    return sender
-}
-
-async function state(h: Host): Promise<OutboxState> {
-    return (await contents(h))[OUTBOX_STATE_KEY] as OutboxState
-}
-
-function uuidsIn(requests: readonly ReceivedRequest[]): string[] {
-    return requests.flatMap((request) => eventsIn(request).map((event) => String(event.uuid)))
-}
-
-/** A webhook that answers 503 while `down.value` is true, 200 otherwise. */
-function switchable(down: { value: boolean }): (request: ReceivedRequest) => Reply {
-    return () => (down.value ? { status: 503, body: 'maintenance' } : { status: 200 })
-}
+const { host } = outboxHosts()
 
 function sendAll(sender: Sender, from: number, count: number): Promise<void>[] {
     return Array.from({ length: count }, (_, i) => sender.send(makeEvent(from + i)))
