@@ -329,6 +329,8 @@ describe('a busy sender', () => {
             }
             return { status: 200 }
         })
+        // The VM's own database, closed with the test: even with the outbox off, a first accepted request reads it.
+        const store = new HostStore()
         try {
             const { methods } = loadForEra(
                 {
@@ -337,6 +339,7 @@ describe('a busy sender', () => {
                     now: () => Date.now() + skewMs,
                     // The sender's own deadline is the point here, with nothing kept for later.
                     config: { webhookUrl: server.url, outboxMaxMb: '0' },
+                    store,
                 },
                 []
             )
@@ -356,6 +359,7 @@ describe('a busy sender', () => {
             expect(outcome).toMatch(/^RetryError: .*deadline ran out first/)
         } finally {
             await server.close()
+            await store.close()
         }
     })
 })

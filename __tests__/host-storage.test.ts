@@ -2,6 +2,7 @@
  * The emulator's meta.storage, meta.cache, runEveryMinute and plugin metrics: small plugins written inline, run by
  * the host in real vm2 sandboxes and worker threads, against a real Postgres (PGlite) database per install.
  */
+import { spawn } from 'node:child_process'
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -13,6 +14,11 @@ import { JobOptions, JobResult, runJob } from '../tools/host/run'
 import { sampleEvents } from '../tools/host/sample-events'
 import { HostStore, INJECTED_WRITE_ERROR, metaCache } from '../tools/host/storage'
 import { captureOutput } from './helpers/io'
+
+/** Far longer than a store needs to start, answer and let its process end (about 2 s). */
+const UNCLOSED_STORE_EXIT_BOUND_MS = 45_000
+
+const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms).unref())
 
 /** The plugins here never call the webhook: the URL is only a required config value. */
 const UNUSED_WEBHOOK = 'http://127.0.0.1:9/hook'
@@ -170,6 +176,30 @@ describe('meta.storage', () => {
         await expect(store.call('storage.get', [1, 'k'])).rejects.toThrow('Connection terminated: the host has stopped')
         await expect(store.call('cache.incr', [1, 'n'])).rejects.toThrow('Connection terminated: the host has stopped')
     })
+    it(
+        'left unclosed, does not keep its process alive once the work is done',
+        async () => {
+            // A plugin VM nobody tears down (a test's, or a host's at exit) leaves its store open.
+            const script = `
+            const { HostStore } = require(${JSON.stringify(join(__dirname, '..', 'tools', 'host', 'storage'))})
+            const store = new HostStore()
+            store.call('storage.set', [1, 'k', '"v"']).then(() => store.call('storage.get', [1, 'k']))
+                .then((value) => console.log('read ' + value))
+        `
+            const child = spawn(process.execPath, ['--require', 'tsx/cjs', '-e', script], {
+                stdio: ['ignore', 'pipe', 'pipe'],
+            })
+            let output = ''
+            child.stdout.on('data', (chunk: Buffer) => (output += chunk.toString()))
+            child.stderr.on('data', (chunk: Buffer) => (output += chunk.toString()))
+            const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
+            // Before, the store's thread held the process open for good: the bound only keeps a failure from hanging.
+            const code = await Promise.race([exited, sleep(UNCLOSED_STORE_EXIT_BOUND_MS).then(() => 'still running')])
+            child.kill('SIGKILL')
+            expect({ code, output: output.trim() }).toEqual({ code: 0, output: 'read "v"' })
+        },
+        UNCLOSED_STORE_EXIT_BOUND_MS + 10_000
+    )
 })
 
 describe('meta.cache', () => {

@@ -149,13 +149,16 @@ function sleep(ms: number): Promise<void> {
 
 /**
  * The install's database as the main thread holds it. The thread starts at the first call, so a plugin that never
- * touches storage or cache costs nothing; it is unref'd, so a store nobody closed does not keep the process alive.
+ * touches storage or cache costs nothing; it holds the process open only while a call waits on it, so a store
+ * nobody closed lets the process end.
  */
 export class HostStore {
     private worker: Worker | null = null
     private ready: Promise<void> | null = null
     private readonly pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>()
     private nextId = 1
+    /** Calls waiting on the database thread: while there are any, it holds the process open. */
+    private calls = 0
     /** Set by close(): a plugin call still running when its host stopped must not start a new database. */
     private closed = false
     private faults: StorageFaults
@@ -291,12 +294,22 @@ export class HostStore {
             throw new StorageError('Connection terminated: the host has stopped', null)
         }
         const worker = this.start()
-        await this.ready
-        const id = this.nextId++
-        return new Promise((resolve, reject) => {
-            this.pending.set(id, { resolve, reject })
-            worker.postMessage({ id, op, args })
-        })
+        // The thread holds the process open only while a call waits on it, so a store nobody closed lets it end.
+        if (this.calls++ === 0) {
+            worker.ref()
+        }
+        try {
+            await this.ready
+            const id = this.nextId++
+            return await new Promise((resolve, reject) => {
+                this.pending.set(id, { resolve, reject })
+                worker.postMessage({ id, op, args })
+            })
+        } finally {
+            if (--this.calls === 0 && this.worker === worker) {
+                worker.unref()
+            }
+        }
     }
 
     private start(): Worker {
@@ -305,7 +318,6 @@ export class HostStore {
         }
         const data: DbData = { dataDir: this.options.dataDir ?? null }
         const worker = new Worker(join(__dirname, 'storage-entry.js'), { workerData: data })
-        worker.unref()
         this.worker = worker
         this.ready = new Promise((resolve, reject) => {
             worker.once('error', reject)
@@ -324,6 +336,8 @@ export class HostStore {
             })
         })
         worker.on('error', (error) => this.failAll(error))
+        // After the listeners: adding a 'message' listener refs a worker again.
+        worker.unref()
         return worker
     }
 
