@@ -75,7 +75,6 @@ export async function runFaultMix(options: FaultMixOptions = DEFAULT_FAULT_MIX):
     const rx = await startReceiver({ dataDir: dir, faults: { p503: 1 }, seed: options.seed })
     const flapping = flap(rx, options)
     const events = [...sampleEvents(options.events, options.seed)]
-    const half = Math.floor(events.length / 2)
     const results: JobResult[] = []
     try {
         const run = (slice: typeof events, drain: boolean) =>
@@ -93,9 +92,11 @@ export async function runFaultMix(options: FaultMixOptions = DEFAULT_FAULT_MIX):
                     ? { until: () => isDone(store, rx, events.length), maxMinutes: options.maxDrainMinutes }
                     : undefined,
             })
-        results.push(await run(events.slice(0, half), false))
+        flapping.downFromNextRequest()
+        results.push(await run(events.slice(0, events.length / 2), false))
         // The host restarts: new VMs (new meta.global), the same plugin storage and cache.
-        results.push(await run(events.slice(half), true))
+        flapping.downFromNextRequest()
+        results.push(await run(events.slice(events.length / 2), true))
     } finally {
         flapping.stop()
     }
@@ -125,8 +126,22 @@ export async function runFaultMix(options: FaultMixOptions = DEFAULT_FAULT_MIX):
     }
 }
 
-/** The webhook down (503) for `downMs`, then up for `upMs`, over and over, starting down. */
-function flap(rx: Receiver, options: FaultMixOptions): { stop: () => void; flaps: () => number } {
+/** How often the flap looks for the request that starts its first down window. */
+const FLAP_POLL_MS = 10
+
+/**
+ * The webhook down (503) for `downMs`, then up for `upMs`, over and over. `downFromNextRequest` starts it down
+ * again, its window counted from the next request: each run's first batches meet the webhook down however long
+ * the plugin took to load, so how fast the machine is does not decide whether the outbox is used.
+ */
+function flap(
+    rx: Receiver,
+    options: FaultMixOptions
+): {
+    downFromNextRequest: () => void
+    stop: () => void
+    flaps: () => number
+} {
     let flaps = 0
     let down = true
     let timer: NodeJS.Timeout | null = null
@@ -136,15 +151,24 @@ function flap(rx: Receiver, options: FaultMixOptions): { stop: () => void; flaps
         rx.setFaults({ p503: down ? 1 : 0 })
         timer = setTimeout(toggle, down ? options.downMs : options.upMs)
     }
-    timer = setTimeout(toggle, options.downMs)
-    return {
-        stop: () => {
-            if (timer) {
-                clearTimeout(timer)
-            }
-        },
-        flaps: () => flaps,
+    const stop = (): void => {
+        if (timer) {
+            clearTimeout(timer)
+        }
+        timer = null
     }
+    const downFromNextRequest = (): void => {
+        stop()
+        down = true
+        rx.setFaults({ p503: 1 })
+        const seen = rx.summary().requests
+        const poll = (): void => {
+            const begun = rx.summary().requests > seen
+            timer = begun ? setTimeout(toggle, options.downMs) : setTimeout(poll, FLAP_POLL_MS)
+        }
+        poll()
+    }
+    return { downFromNextRequest, stop, flaps: () => flaps }
 }
 
 /** Every event arrived, and plugin storage holds nothing but an empty index. */
