@@ -294,7 +294,6 @@ export class HostStore {
             throw new StorageError('Connection terminated: the host has stopped', null)
         }
         const worker = this.start()
-        // The thread holds the process open only while a call waits on it, so a store nobody closed lets it end.
         if (this.calls++ === 0) {
             worker.ref()
         }
@@ -306,7 +305,8 @@ export class HostStore {
                 worker.postMessage({ id, op, args })
             })
         } finally {
-            if (--this.calls === 0 && this.worker === worker) {
+            // Once close() began, the thread stays held until it has written its files and ended.
+            if (--this.calls === 0 && !this.closed) {
                 worker.unref()
             }
         }
