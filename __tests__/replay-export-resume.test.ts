@@ -39,6 +39,9 @@ async function acceptingUpTo(limit: number) {
 
 const cli = (args: string[]) => runReplay(args)
 
+/** With more than one request in flight, batches may reach the receiver out of order. */
+const oneAtATime = ['--concurrency', '1']
+
 const sentUuids = (rx: TestServer): string[] => rx.accepted.map((e) => String(e.uuid))
 
 /** Hour 0: 100 events in gzip JSON Lines; hour 1: 100 events in Parquet (zstd), in row groups of 30. */
@@ -82,7 +85,15 @@ describe('resuming across files', () => {
             expect(readExportsCheckpoint(checkpoint)?.current).toMatchObject({ name: names[at.name], next: at.next })
 
             state.left = Infinity
-            const second = await cli([join(dir, 'in'), '--webhook-url', rx.url, '--checkpoint', checkpoint])
+            // One request at a time, so the receiver's order is the files' order.
+            const second = await cli([
+                join(dir, 'in'),
+                '--webhook-url',
+                rx.url,
+                '--checkpoint',
+                checkpoint,
+                ...oneAtATime,
+            ])
             expect(second.code).toBe(0)
             expect(second.stdout).toContain(`skipped (checkpoint)      ${at.next}`)
             expect(sentUuids(rx)).toEqual(uuids)
@@ -112,12 +123,7 @@ describe('resuming across files', () => {
         const args = [join(dir, 'in'), '--webhook-url', rx.url, '--checkpoint', checkpoint, '--batch-events', '10']
         const { stdout, stderr, text } = captureOutput()
         const stdin = Readable.from([])
-        const code = await runReplayCli(
-            [...args, '--concurrency', '1'],
-            {},
-            { stdout, stderr, stdin },
-            controller.signal
-        )
+        const code = await runReplayCli([...args, ...oneAtATime], {}, { stdout, stderr, stdin }, controller.signal)
         expect(code).toBe(1)
         expect(text.stdout).toContain('stopped early             interrupted')
         const saved = readExportsCheckpoint(checkpoint)
@@ -125,7 +131,7 @@ describe('resuming across files', () => {
         expect(saved?.current).toMatchObject({ name: names[1], next: rx.accepted.length - 100 })
         expect(saved?.current?.next).toBeGreaterThan(30)
         expect(saved?.current?.next).toBeLessThan(60)
-        const resumed = await cli(args)
+        const resumed = await cli([...args, ...oneAtATime])
         expect(resumed.code).toBe(0)
         expect(sentUuids(rx)).toEqual(uuids)
     }, 30_000)
@@ -135,7 +141,7 @@ describe('resuming across files', () => {
         const { names } = await twoFiles(dir)
         const checkpoint = join(tmpdir(), `ck-${process.pid}-${Date.now()}.json`)
         try {
-            expect((await run(rx, checkpoint, ['--concurrency', '1', '--retry-for', '2'])).code).toBe(1)
+            expect((await run(rx, checkpoint, ['--retry-for', '2'])).code).toBe(1)
             state.left = Infinity
             const requests = rx.received.length
             // The finished file, rewritten with other events; then the current one, cut short.
