@@ -2476,13 +2476,16 @@ export class Outbox {
         return true
     }
 
-    /** Frees the lock, only while it is surely still this holder's: else its TTL frees it. */
+    /**
+     * Frees the lock, only while it is surely still this holder's: else its TTL frees it. A failed release is
+     * tried again, as every other call is: left to its TTL, the lock would hold every drain off for a minute.
+     */
     private async unlock(lock: HeldLock): Promise<void> {
         if (!this.holds(lock)) {
             return
         }
         try {
-            await this.io.cache.set(OUTBOX_LOCK_KEY, 0)
+            await this.retried(() => this.io.cache.set(OUTBOX_LOCK_KEY, 0))
         } catch {
             // The TTL frees it.
         }

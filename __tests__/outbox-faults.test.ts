@@ -70,6 +70,35 @@ describe('a cache call that fails', () => {
     })
 })
 
+describe('a lock release that fails once', () => {
+    it('is tried again: the next drain, in another VM, finds the lock free and sends what waits', async () => {
+        const down = { value: true }
+        const accepted: string[] = []
+        const s = await serve(switchable(down, accepted))
+        const h = host()
+        const first = withOutbox(s.url, h, testEnv({ timers: false }))
+        await first.exportBatch(batch(1, 3))
+        // Every release of the lock is counted; the first one fails.
+        let releases = 0
+        store.setFaults({
+            failCache: (call) =>
+                call.pluginConfigId === h.configId &&
+                call.op === 'cache.set' &&
+                call.key === OUTBOX_LOCK_KEY &&
+                ++releases === 1,
+        })
+        // The webhook is still down: the drain fails, then lets go of the lock, whose first release fails.
+        expect(await first.outbox?.drain()).toMatchObject({ kind: 'drained', stillDown: true })
+        store.setFaults({})
+        expect(releases).toBeGreaterThan(0)
+        expect(Number(await h.cache.get(OUTBOX_LOCK_KEY, 0))).toBe(0)
+        down.value = false
+        const second = withOutbox(s.url, h, testEnv({ timers: false }))
+        expect(await second.outbox?.drain()).toMatchObject({ kind: 'drained', events: 3, left: 0 })
+        expect(accepted).toEqual(batch(1, 3).map((event) => event.uuid))
+    })
+})
+
 describe('a fresh VM over the same storage', () => {
     it('drains what an earlier VM kept, once its own first request gets through', async () => {
         const down = { value: true }

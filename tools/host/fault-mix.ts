@@ -2,9 +2,10 @@
  * The outbox's fault mix: the plugin in the emulated host while its storage and its cache each fail a share of
  * their calls, the webhook flaps between down and up, and the host is restarted halfway (fresh VMs over the same
  * storage). The run goes on after the events, runEveryMinute included, until the receiver holds every event and
- * the outbox is empty, or a bound passed. `npx tsx tools/host/fault-mix.ts [era] [events]` prints the figures.
+ * the outbox is empty, or a bound passed. `npx tsx tools/host/fault-mix.ts [era] [events]` prints the figures
+ * (with FAULT_MIX_LOG=file, the plugin's and the host's log lines go to that file).
  */
-import { mkdtempSync, rmSync } from 'node:fs'
+import { appendFileSync, mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
@@ -28,6 +29,8 @@ export interface FaultMixOptions {
     /** After the events, how many scaled minutes the host may go on draining. */
     maxDrainMinutes: number
     seed: number
+    /** Also hand each plugin and host log line to this. */
+    log?: (line: string) => void
 }
 
 export const DEFAULT_FAULT_MIX: FaultMixOptions = {
@@ -56,6 +59,8 @@ export interface FaultMixFigures {
     injectedStorageFaults: number
     injectedCacheFaults: number
     webhookFlaps: number
+    /** runEveryMinute over both runs: runs, failures, and minutes not run because the previous run still went. */
+    scheduled: { runs: number; failures: number; debounced: number }
     /** Every key left in plugin storage, and what the index says. */
     storageKeys: string[]
     index: { head: number; tail: number; events: number; bytes: number }
@@ -88,6 +93,7 @@ export async function runFaultMix(options: FaultMixOptions = DEFAULT_FAULT_MIX):
                 jobTimeScale: 0.001,
                 // Where the host buffers for exportEvents, small batches: many of them meet the webhook down.
                 config: { exportEventsBufferBytes: String(EXPORT_BUFFER_BYTES) },
+                log: options.log,
                 drain: drain
                     ? { until: () => isDone(store, rx, events.length), maxMinutes: options.maxDrainMinutes }
                     : undefined,
@@ -101,30 +107,60 @@ export async function runFaultMix(options: FaultMixOptions = DEFAULT_FAULT_MIX):
         flapping.stop()
     }
     try {
-        const contents = await store.contents(DEFAULT_PLUGIN_CONFIG_ID)
-        const figures = await store.figures()
-        const summary = rx.summary()
-        const index = readOutboxState(contents[OUTBOX_STATE_KEY])
-        return {
-            era: options.era,
+        return await figuresAfter({
+            options,
             events: events.length,
-            delivered: summary.uniqueUuids,
-            duplicateRows: summary.duplicateRows,
-            failedToHost: results.reduce((sum, result) => sum + result.failed, 0),
-            keptEvents: results.reduce((sum, result) => sum + (result.sender?.kept ?? 0), 0),
-            injectedStorageFaults: figures.injectedStorageFaults,
-            injectedCacheFaults: figures.injectedCacheFaults,
-            webhookFlaps: flapping.flaps(),
-            storageKeys: Object.keys(contents),
-            index: { head: index.head, tail: index.tail, events: index.events, bytes: index.bytes },
-            durationMs: Date.now() - started,
-        }
+            store,
+            rx,
+            results,
+            flaps: flapping.flaps(),
+            started,
+        })
     } finally {
         await store.close()
         await rx.close()
         rmSync(dir, { recursive: true, force: true })
     }
 }
+
+/** What the two runs left: the receiver's rows, the store's contents and faults, the runs' own figures. */
+async function figuresAfter(run: {
+    options: FaultMixOptions
+    events: number
+    store: HostStore
+    rx: Receiver
+    results: JobResult[]
+    flaps: number
+    started: number
+}): Promise<FaultMixFigures> {
+    const { store, results } = run
+    const contents = await store.contents(DEFAULT_PLUGIN_CONFIG_ID)
+    const figures = await store.figures()
+    const summary = run.rx.summary()
+    const index = readOutboxState(contents[OUTBOX_STATE_KEY])
+    return {
+        era: run.options.era,
+        events: run.events,
+        delivered: summary.uniqueUuids,
+        duplicateRows: summary.duplicateRows,
+        failedToHost: sum(results, (result) => result.failed),
+        keptEvents: sum(results, (result) => result.sender?.kept ?? 0),
+        injectedStorageFaults: figures.injectedStorageFaults,
+        injectedCacheFaults: figures.injectedCacheFaults,
+        webhookFlaps: run.flaps,
+        scheduled: {
+            runs: sum(results, (result) => result.scheduled?.runs ?? 0),
+            failures: sum(results, (result) => result.scheduled?.failures ?? 0),
+            debounced: sum(results, (result) => result.scheduled?.debounced ?? 0),
+        },
+        storageKeys: Object.keys(contents),
+        index: { head: index.head, tail: index.tail, events: index.events, bytes: index.bytes },
+        durationMs: Date.now() - run.started,
+    }
+}
+
+const sum = <T>(items: readonly T[], value: (item: T) => number): number =>
+    items.reduce((total, item) => total + value(item), 0)
 
 /** How often the flap looks for the request that starts its first down window. */
 const FLAP_POLL_MS = 10
@@ -193,6 +229,8 @@ export function faultMixLines(figures: FaultMixFigures, options: FaultMixOptions
         `  kept in the outbox          ${figures.keptEvents} events`,
         `  faults injected             ${figures.injectedStorageFaults} storage / ${figures.injectedCacheFaults} cache`,
         `  webhook flaps               ${figures.webhookFlaps}`,
+        `  runEveryMinute              ${figures.scheduled.runs} runs, ${figures.scheduled.failures} failed, ` +
+            `${figures.scheduled.debounced} minutes not run (the previous run still going)`,
         `  storage rows left           ${figures.storageKeys.length} (${figures.storageKeys.join(', ')})`,
         `  index                       head ${figures.index.head}, tail ${figures.index.tail}, ` +
             `${figures.index.events} events, ${figures.index.bytes} bytes`,
@@ -202,10 +240,12 @@ export function faultMixLines(figures: FaultMixFigures, options: FaultMixOptions
 
 if (require.main === module) {
     const [era, events] = process.argv.slice(2)
-    const options = {
+    const logFile = process.env.FAULT_MIX_LOG
+    const options: FaultMixOptions = {
         ...DEFAULT_FAULT_MIX,
         era: era ?? DEFAULT_FAULT_MIX.era,
         events: Number(events ?? DEFAULT_FAULT_MIX.events),
+        log: logFile ? (line) => appendFileSync(logFile, `${new Date().toISOString()} ${line}\n`) : undefined,
     }
     void runFaultMix(options).then(
         (figures) => console.log(faultMixLines(figures, options).join('\n')),
