@@ -176,6 +176,19 @@ describe('meta.storage', () => {
         await expect(store.call('storage.get', [1, 'k'])).rejects.toThrow('Connection terminated: the host has stopped')
         await expect(store.call('cache.incr', [1, 'n'])).rejects.toThrow('Connection terminated: the host has stopped')
     })
+    it('opens before the clock: the database is up, and no call was counted or met a fault', async () => {
+        const store = new HostStore({ faults: { failStorage: () => true, failCache: () => true } })
+        try {
+            await store.open()
+            expect(await store.figures()).toMatchObject({ reads: 0, injectedStorageFaults: 0, injectedCacheFaults: 0 })
+            expect(await store.contents(1)).toEqual({})
+            await expect(store.call('storage.get', [1, 'k'])).rejects.toThrow()
+            expect(await store.figures()).toMatchObject({ injectedStorageFaults: 1 })
+        } finally {
+            await store.close()
+        }
+        await expect(store.open()).rejects.toThrow('Connection terminated: the host has stopped')
+    })
     it(
         'left unclosed, does not keep its process alive once the work is done',
         async () => {
