@@ -352,8 +352,9 @@ async function feedDirect({ options, era, tally }: RunContext, instance: PluginI
 
 /**
  * PostHog's Postgres is up before its host loads a plugin: where the era offers plugin storage, the emulator's
- * database is started first, before the plugin's setup and the clock, so its start-up (a WASM engine) is not charged to the first plugin that
- * touches storage. Measured in Kafka runs of the bench, it cost the plugin about 1 s of CPU in every run.
+ * database is started first, before the plugin's setup and the clock, so its start-up (a WASM engine) is not
+ * charged to the first plugin that touches storage. In Kafka runs of the bench it cost the plugin about 1 s of
+ * CPU in every run.
  */
 async function openStorage(era: Era, install: Install): Promise<void> {
     if (era.services.storage) {
