@@ -395,6 +395,11 @@ export function metaStorage(send: StoreTransport, pluginConfigId: number) {
     }
 }
 
+/** The options PostHog's cache.get and cache.set take. */
+interface CacheOptions {
+    jsonSerialize?: boolean
+}
+
 /**
  * `meta.cache` with Redis semantics. TTLs run on the host's clock: `ttlScale` (minuteMs / 60 000) shortens them
  * as much as the scaled minute, so a lease taken in runEveryMinute lasts the same number of scaled minutes; but
@@ -403,12 +408,17 @@ export function metaStorage(send: StoreTransport, pluginConfigId: number) {
  */
 export function metaCache(send: StoreTransport, pluginConfigId: number, ttlScale: number, minTtlMs = 0) {
     const ms = (seconds: number): number => Math.max(seconds * 1000 * ttlScale, Math.min(seconds * 1000, minTtlMs))
+    // PostHog's options: `jsonSerialize: false` stores a string as it is, and reads the stored text unparsed.
+    const raw = (options?: CacheOptions): boolean => options?.jsonSerialize === false
     return {
-        get: async (key: string, defaultValue: unknown = null): Promise<unknown> =>
-            parsed(await send('cache.get', [pluginConfigId, key]), defaultValue),
-        set: async (key: string, value: unknown, ttlSeconds?: number): Promise<void> => {
+        get: async (key: string, defaultValue: unknown = null, options?: CacheOptions): Promise<unknown> => {
+            const text = await send('cache.get', [pluginConfigId, key])
+            return raw(options) ? (text ?? defaultValue) : parsed(text, defaultValue)
+        },
+        set: async (key: string, value: unknown, ttlSeconds?: number, options?: CacheOptions): Promise<void> => {
             const ttl = typeof ttlSeconds === 'number' && ttlSeconds > 0 ? ms(ttlSeconds) : null
-            await send('cache.set', [pluginConfigId, key, JSON.stringify(value) ?? 'null', ttl])
+            const text = raw(options) ? String(value) : (JSON.stringify(value) ?? 'null')
+            await send('cache.set', [pluginConfigId, key, text, ttl])
         },
         incr: async (key: string): Promise<number> => Number(await send('cache.incr', [pluginConfigId, key])),
         expire: async (key: string, ttlSeconds: number): Promise<boolean> =>
