@@ -6,7 +6,7 @@
  */
 import { HOST_JSON_KEY_PREFIX, hostJsonBody, SerialisingCache } from '../index'
 import { PROJECT_PLUGIN_DIR } from '../tools/host/loader'
-import { JobResult, runJob } from '../tools/host/run'
+import { HostPath, JobResult, runJob } from '../tools/host/run'
 import { sampleEvents } from '../tools/host/sample-events'
 import { HostCall, HostStore, metaCache } from '../tools/host/storage'
 import { makeEvent, makeSender, settle, testEnv } from './helpers/env'
@@ -65,10 +65,10 @@ describe('in the 2021 host', () => {
     })
     afterAll(() => store.close())
 
-    function drive(server: TestServer, pluginConfigId: number): Promise<JobResult> {
+    function drive(server: TestServer, pluginConfigId: number, path: HostPath = 'direct'): Promise<JobResult> {
         return runJob({
             era: 'vm2021',
-            path: 'direct',
+            path,
             webhookUrl: `${server.url}/api/v1/webhooks/${WEBHOOK_TOKEN}`,
             config: { exportEventsBufferBytes: BUFFER_BYTES },
             events: sampleEvents(EVENTS, 11),
@@ -80,27 +80,33 @@ describe('in the 2021 host', () => {
 
     const ops = (op: string): HostCall[] => calls.filter((call) => call.op === op)
 
-    test('lends each batch to the cache once, sends the text it gives back, and removes it', async () => {
-        const server = await servers.serve([])
-        const result = await drive(server, 101)
+    test.each([
+        ['direct', 101],
+        ['kafka', 104],
+    ] as const)(
+        '%s path: lends each batch to the cache once, sends the text it gives back, and removes it',
+        async (path, configId) => {
+            const server = await servers.serve([])
+            const result = await drive(server, configId, path)
 
-        expect(result.failed).toBe(0)
-        const uuids = server.accepted.map((event) => String(event.uuid))
-        expect(new Set(uuids).size).toBe(EVENTS)
-        expect(uuids).toHaveLength(EVENTS)
-        expect(server.received.length).toBeGreaterThan(2)
-        // One set, one raw get and one removal per request: every body went through the host's JSON.stringify.
-        expect(ops('cache.set')).toHaveLength(server.received.length)
-        expect(ops('cache.get')).toHaveLength(server.received.length)
-        expect(ops('cache.expire')).toHaveLength(server.received.length)
-        const cache = metaCache(store.call, 101, 1)
-        for (const call of ops('cache.set')) {
-            expect(await cache.get(call.key, 'gone')).toBe('gone')
+            expect(result.failed).toBe(0)
+            const uuids = server.accepted.map((event) => String(event.uuid))
+            expect(new Set(uuids).size).toBe(EVENTS)
+            expect(uuids).toHaveLength(EVENTS)
+            expect(server.received.length).toBeGreaterThan(2)
+            // One set, one raw get and one removal per request: every body went through the host's JSON.stringify.
+            expect(ops('cache.set')).toHaveLength(server.received.length)
+            expect(ops('cache.get')).toHaveLength(server.received.length)
+            expect(ops('cache.expire')).toHaveLength(server.received.length)
+            const cache = metaCache(store.call, configId, 1)
+            for (const call of ops('cache.set')) {
+                expect(await cache.get(call.key, 'gone')).toBe('gone')
+            }
+            for (const request of server.received) {
+                expect(request.body).toBe(JSON.stringify(JSON.parse(request.body)))
+            }
         }
-        for (const request of server.received) {
-            expect(request.body).toBe(JSON.stringify(JSON.parse(request.body)))
-        }
-    })
+    )
 
     test('with the cache failing, the sandbox serialises: the same bodies, every event once', async () => {
         const served = await servers.serve([])
