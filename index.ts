@@ -126,6 +126,11 @@ export const DOWN_AFTER_FAILED_REQUESTS = 10
 export const HOST_JSON_KEY_PREFIX = 'json/'
 /** Its TTL, only for when removing it fails: long enough that a busy host still reads it back first. */
 export const HOST_JSON_TTL_SECONDS = 60
+/**
+ * A batch lent this long ago and still unanswered means Redis is not answering (PostHog's client waits for it to
+ * come back): later batches are serialised in the sandbox, so only those already lent wait on it.
+ */
+export const HOST_JSON_STALL_MS = 2_000
 /** Headers the connector sets itself; a custom header may not replace them. */
 export const RESERVED_HEADERS = [
     'content-type',
@@ -1017,34 +1022,51 @@ export class HostJson {
     /** false once the host answered with something other than the text: its cache parses what it returns. */
     private works = true
     private lent = 0
+    /** When each batch still waiting on the cache was lent, by tag. */
+    private readonly unanswered = new Map<string, number>()
 
     constructor(
         private readonly cache: SerialisingCache,
-        private readonly random: () => number
+        private readonly env: Pick<SenderEnv, 'random' | 'now'>
     ) {}
 
     /** The batch as one JSON array, made by the host; resolves null when it was not (never rejects). */
     batchBody(events: readonly unknown[]): Promise<string | null> | null {
-        if (!this.works) {
+        const now = this.env.now()
+        if (!this.works || this.stalled(now)) {
             return null
         }
         // Unique per batch across the install: several VMs share the cache's key space (two draws: 104 bits).
-        const draw = (): string => Math.floor(this.random() * 2 ** 52).toString(36)
+        const draw = (): string => Math.floor(this.env.random() * 2 ** 52).toString(36)
         const tag = `${draw()}${draw()}.${(this.lent++).toString(36)}`
         const key = HOST_JSON_KEY_PREFIX + tag
+        this.unanswered.set(tag, now)
         return this.cache
             .set(key, [tag, events], HOST_JSON_TTL_SECONDS)
             .then(() => this.cache.get(key, null, { jsonSerialize: false }))
             .then(
                 (text) => {
+                    this.unanswered.delete(tag)
                     this.cache.expire(key, 0).then(undefined, () => undefined)
                     const body = hostJsonBody(text, tag)
                     // Missing (evicted, expired) says nothing about the host; any other answer does.
                     this.works = body !== null || text === null
                     return body
                 },
-                () => null
+                () => {
+                    this.unanswered.delete(tag)
+                    return null
+                }
             )
+    }
+
+    private stalled(now: number): boolean {
+        for (const since of this.unanswered.values()) {
+            if (now - since > HOST_JSON_STALL_MS) {
+                return true
+            }
+        }
+        return false
     }
 }
 
@@ -1511,7 +1533,7 @@ export class Sender {
 
     /** Serialises export batches through the host's cache from now on (see HostJson). */
     useHostJson(cache: SerialisingCache): void {
-        this.hostJson = new HostJson(cache, this.env.random)
+        this.hostJson = new HostJson(cache, this.env)
     }
 
     /** Gives this sender an outbox over the host's storage and cache. */

@@ -4,7 +4,7 @@
  * 2021 host (real vm2, its cache in a real Postgres engine, PGlite) and a real HTTP server on 127.0.0.1; and a
  * sender over the same cache, answering as hosts could.
  */
-import { HOST_JSON_KEY_PREFIX, hostJsonBody, SerialisingCache } from '../index'
+import { HOST_JSON_KEY_PREFIX, HOST_JSON_STALL_MS, hostJsonBody, SerialisingCache } from '../index'
 import { PROJECT_PLUGIN_DIR } from '../tools/host/loader'
 import { HostPath, JobResult, runJob } from '../tools/host/run'
 import { sampleEvents } from '../tools/host/sample-events'
@@ -187,6 +187,38 @@ describe('a sender over the host cache', () => {
         const { bodies, sent } = await sendThree(cache)
         expect(sets).toHaveLength(3)
         expect(bodies).toEqual(sent)
+    })
+
+    test('a cache that stops answering holds up only the batches already lent: later ones are serialised here', async () => {
+        const { cache } = cacheWith((real) => real)
+        const sets: string[] = []
+        // The first batch's set never answers, as PostHog's Redis client waits for a Redis that is gone.
+        const hanging: SerialisingCache = {
+            ...cache,
+            set: (key, value, ttl) =>
+                sets.push(key) === 1 ? new Promise(() => undefined) : cache.set(key, value, ttl),
+        }
+        const server = await servers.serve([])
+        const env = testEnv({ fakeClock: true, random: Math.random })
+        const sender = makeSender({ webhookUrl: `${server.url}/hook` }, env)
+        sender.useHostJson(hanging)
+        let firstSettled = false
+        void sender.exportBatch(batch(1)).finally(() => {
+            firstSettled = true
+        })
+
+        env.advance(HOST_JSON_STALL_MS)
+        expect((await settle(sender.exportBatch(batch(6)))).ok).toBe(true)
+        expect(sets).toHaveLength(2)
+        env.advance(1)
+        expect((await settle(sender.exportBatch(batch(11)))).ok).toBe(true)
+        expect(sets).toHaveLength(2)
+
+        expect(server.received.map((request) => request.body)).toEqual([
+            JSON.stringify(batch(6)),
+            JSON.stringify(batch(11)),
+        ])
+        expect(firstSettled).toBe(false)
     })
 
     test('a text of another batch is never sent in place of this one', async () => {
