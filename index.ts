@@ -1050,7 +1050,9 @@ export class HostJson {
                     this.cache.expire(key, 0).then(undefined, () => undefined)
                     const body = hostJsonBody(text, tag)
                     // Missing (evicted, expired) says nothing about the host; any other answer does.
-                    this.works = body !== null || text === null
+                    if (body === null && text !== null) {
+                        this.works = false
+                    }
                     return body
                 },
                 () => {
