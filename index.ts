@@ -989,13 +989,9 @@ export function wholeBatchBody(events: readonly unknown[]): string | null {
 
 /**
  * The part of `meta.cache` that can serialise in the host: PostHog's `set` runs JSON.stringify outside the sandbox,
- * and its `get` with `jsonSerialize: false` hands the stored text back unparsed (PostHog 1.30 onwards).
+ * and its `get` with `jsonSerialize: false` hands the stored text back unparsed (from March 2021 on).
  */
-export interface SerialisingCache {
-    set: (key: string, value: unknown, ttlSeconds?: number) => Promise<unknown>
-    get: (key: string, defaultValue: unknown, options?: { jsonSerialize?: boolean }) => Promise<unknown>
-    expire: (key: string, ttlSeconds: number) => Promise<unknown>
-}
+export type SerialisingCache = Pick<PluginCache, 'get' | 'set' | 'expire'>
 
 /**
  * The body inside the text the host's cache gave back for `[tag, events]`: null unless it is exactly that (a
@@ -1947,14 +1943,14 @@ export interface PluginStorage {
 }
 
 /**
- * The part of `meta.cache` (Redis) the outbox uses: an atomic counter hands out entry numbers, and another, with a
- * TTL, is the lock.
+ * The part of `meta.cache` (Redis) the plugin uses, with PostHog's signatures. The outbox: an atomic counter hands
+ * out entry numbers, and another, with a TTL, is the lock. HostJson: `set` with a TTL and `get` of the raw text.
  */
 export interface PluginCache {
-    get: (key: string, defaultValue: unknown) => Promise<unknown>
+    get: (key: string, defaultValue: unknown, options?: { jsonSerialize?: boolean }) => Promise<unknown>
     incr: (key: string) => Promise<number>
     expire: (key: string, ttlSeconds: number) => Promise<unknown>
-    set: (key: string, value: unknown) => Promise<unknown>
+    set: (key: string, value: unknown, ttlSeconds?: number) => Promise<unknown>
 }
 
 /** An entry number not yet counted into the index: first seen missing at `since`, when `below` were handed out. */
